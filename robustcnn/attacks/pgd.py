@@ -1,0 +1,141 @@
+"""PGD (Madry et al. 2018): iterated gradient steps projected onto the eps ball, with restarts.
+
+Options: L-inf or L2, uniform random start, restarts, the step-size rule (absolute ``step_size``
+or ``rel_step_size`` x eps / steps, Madry's 2.5 by default), cross-entropy or CW-margin loss,
+targeted or untargeted (from the threat model), EOT through ``eot_samples``.
+
+Every iterate is checked (the forward pass of its gradient step gives the logits for free): the
+first one that reaches the goal is the sample's result (as AutoAttack keeps its best point), so PGD
+never reports a sample robust because a later step wandered back; the final iterate is checked by
+the base class.
+With ``early_stop`` a fooled sample also leaves the batch, which saves work but changes no result:
+the per-sample computation and its random start do not depend on the other samples.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from robustcnn.attacks.base import PerturbContext, goal_reached
+from robustcnn.attacks.gradient import GradientAttack, step_direction
+from robustcnn.errors import ConfigError
+from robustcnn.threat import ThreatModel, project
+
+
+def random_start(x: Tensor, eps: float, norm: str, ctx: PerturbContext, stream: int) -> Tensor:
+    """A uniform point of the eps ball (linf: the cube; l2: direction x radius ~ U^(1/d))."""
+    shape = tuple(x.shape[1:])
+    if norm == "linf":
+        return (2 * ctx.random(shape, stream) - 1) * eps
+    direction = ctx.random(shape, stream, kind="normal")
+    direction = direction / direction.flatten(1).norm(dim=1).clamp_min(1e-12).view(-1, *([1] * len(shape)))
+    dims = math.prod(shape)
+    radius = ctx.random((1,) * len(shape), stream + 10_000) ** (1.0 / dims) * eps
+    return direction * radius
+
+
+class PGD(GradientAttack):
+    name = "pgd"
+
+    def __init__(
+        self,
+        *,
+        steps: int = 40,
+        step_size: float | None = None,
+        rel_step_size: float = 2.5,
+        random_start: bool = True,
+        restarts: int = 1,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(**kwargs)
+        if int(steps) < 1:
+            raise ConfigError(f"attack.steps={steps} must be >= 1")
+        if int(restarts) < 1:
+            raise ConfigError(f"attack.restarts={restarts} must be >= 1")
+        if step_size is not None and not step_size > 0:
+            raise ConfigError(f"attack.step_size={step_size} must be > 0 (or null to use rel_step_size)")
+        if not rel_step_size > 0:
+            raise ConfigError(f"attack.rel_step_size={rel_step_size} must be > 0")
+        self.steps = int(steps)
+        self.step_size = None if step_size is None else float(step_size)
+        self.rel_step_size = float(rel_step_size)
+        self.random_start = bool(random_start)
+        self.restarts = int(restarts)
+
+    def params(self) -> dict[str, Any]:
+        return {
+            **super().params(),
+            "steps": self.steps,
+            "step_size": self.step_size,
+            "rel_step_size": self.rel_step_size,
+            "random_start": self.random_start,
+            "restarts": self.restarts,
+        }
+
+    def alpha(self, eps: float) -> float:
+        """Step size for radius eps: absolute when given, else rel_step_size * eps / steps."""
+        return self.step_size if self.step_size is not None else self.rel_step_size * eps / self.steps
+
+    def perturb(
+        self,
+        model: nn.Module,
+        x: Tensor,
+        y: Tensor,
+        eps: float,
+        threat: ThreatModel,
+        targets: Tensor | None,
+        ctx: PerturbContext,
+    ) -> Tensor:
+        alpha = self.alpha(eps)
+        result = x.clone()
+        fooled = torch.zeros(x.shape[0], dtype=torch.bool, device=x.device)
+        for restart in range(self.restarts):
+            idx = (
+                (~fooled).nonzero().flatten()
+                if self.early_stop
+                else torch.arange(x.shape[0], device=x.device)
+            )
+            if idx.numel() == 0:
+                break
+            x0 = x.index_select(0, idx)
+            if self.random_start:
+                start = random_start(x, eps, threat.norm, ctx, stream=restart).index_select(0, idx)
+                current = project(x0 + start, x0, eps, threat.norm, ctx.bounds)
+            else:
+                current = x0.clone()
+            for _step in range(self.steps):
+                yi = y.index_select(0, idx)
+                ti = targets.index_select(0, idx) if targets is not None else None
+                grad, logits = self.gradient(model, current, yi, ti, ctx)
+                hit = goal_reached(logits, yi, ti)
+                newly = hit & ~fooled.index_select(0, idx)
+                result[idx[newly]] = current[newly]
+                fooled[idx[newly]] = True
+                if self.early_stop:
+                    keep = ~hit
+                    if not bool(keep.any()):
+                        idx, current = idx[:0], current[:0]
+                        break
+                    idx, current, grad, x0 = idx[keep], current[keep], grad[keep], x0[keep]
+                current = project(
+                    current + alpha * step_direction(grad, threat.norm), x0, eps, threat.norm, ctx.bounds
+                )
+            if restart < self.restarts - 1 and idx.numel():
+                # before the next restart overwrites it, the final iterate gets its check
+                hit = goal_reached(
+                    ctx.logits(model, current),
+                    y.index_select(0, idx),
+                    targets.index_select(0, idx) if targets is not None else None,
+                )
+                newly = hit & ~fooled.index_select(0, idx)
+                result[idx[newly]] = current[newly]
+                fooled[idx[newly]] = True
+            # the very last iterate is returned unchecked: the base measures success on every candidate
+            # it gets back, so a check here would be a second forward pass for the same answer
+            missed = ~fooled.index_select(0, idx)
+            result[idx[missed]] = current[missed]
+        return result

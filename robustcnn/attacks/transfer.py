@@ -1,0 +1,89 @@
+"""Transfer attack: PGD on a surrogate model (same data, trained independently), applied to the target.
+
+The black-box baseline of Carlini et al.'s checklist: if examples crafted on another network
+fool the target more than white-box PGD on the target itself, the target's gradients are masked.
+The runner trains (or loads from the cache) the surrogate and binds it with :meth:`bind`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch import Tensor, nn
+
+from robustcnn.attacks.base import PerturbContext, attack_mode
+from robustcnn.attacks.gradient import GradientAttack, step_direction
+from robustcnn.attacks.pgd import random_start
+from robustcnn.errors import ConfigError
+from robustcnn.threat import ThreatModel, project
+
+
+class Transfer(GradientAttack):
+    name = "transfer"
+    uses_gradients = False  # no gradient of the *target* is used
+
+    def __init__(
+        self,
+        *,
+        surrogate: str = "madry_cnn",
+        steps: int = 40,
+        rel_step_size: float = 2.5,
+        random_start: bool = True,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(**kwargs)
+        if int(steps) < 1:
+            raise ConfigError(f"attack.transfer.steps={steps} must be >= 1")
+        self.surrogate = str(surrogate)
+        self.steps = int(steps)
+        self.rel_step_size = float(rel_step_size)
+        self.random_start = bool(random_start)
+        self.surrogate_model: nn.Module | None = None
+
+    def params(self) -> dict[str, Any]:
+        return {
+            **super().params(),
+            "surrogate": self.surrogate,
+            "steps": self.steps,
+            "rel_step_size": self.rel_step_size,
+            "random_start": self.random_start,
+        }
+
+    def bind(self, surrogate_model: nn.Module) -> Transfer:
+        """Attach the trained surrogate (same input space and classes as the target)."""
+        self.surrogate_model = surrogate_model
+        return self
+
+    def perturb(
+        self,
+        model: nn.Module,
+        x: Tensor,
+        y: Tensor,
+        eps: float,
+        threat: ThreatModel,
+        targets: Tensor | None,
+        ctx: PerturbContext,
+    ) -> Tensor:
+        if self.surrogate_model is None:
+            raise ConfigError(
+                "the transfer attack has no surrogate model bound; run it through the battery "
+                "(robustcnn run attack=[pgd,transfer]) or call .bind(model) first"
+            )
+        surrogate = self.surrogate_model
+        alpha = self.rel_step_size * eps / self.steps
+        current = x.clone()
+        if self.random_start:
+            current = project(
+                x + random_start(x, eps, threat.norm, ctx, stream=0), x, eps, threat.norm, ctx.bounds
+            )
+        with attack_mode(surrogate):
+            # all steps on the surrogate (no early stop: fooling the surrogate is not the goal)
+            for _ in range(self.steps):
+                grad, _ = self.gradient(surrogate, current, y, targets, ctx)
+                current = project(
+                    current + alpha * step_direction(grad, threat.norm), x, eps, threat.norm, ctx.bounds
+                )
+        return current
+
+
+__all__ = ["Transfer"]

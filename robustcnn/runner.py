@@ -1,0 +1,353 @@
+"""One job: config -> data -> model -> (cached) training -> evaluation -> MLflow + results.json.
+
+Why this order: every check a user can fail (device, tracking store, cache folder, dataset files,
+model name) runs before any training, so a bad input costs seconds, not an epoch; the MLflow run
+is opened before training so that a job that dies is recorded as FAILED rather than missing.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import platform
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from robustcnn import __version__
+from robustcnn.attacks import Attack, Transfer, attack_specs, build_attack
+from robustcnn.battery import BatteryResult, BatterySettings, run_battery
+from robustcnn.cache import WeightCache
+from robustcnn.data import Dataset, load_dataset
+from robustcnn.device import resolve_device, seed_everything, set_threads
+from robustcnn.errors import ConfigError
+from robustcnn.evaluation import clean_accuracy
+from robustcnn.hashing import config_hash
+from robustcnn.models import Classifier, build_model, count_parameters
+from robustcnn.threat import ThreatModel
+from robustcnn.tracking import check_store_writable, flatten, resolve_tracking_uri, start_run
+from robustcnn.training import TrainConfig, TrainResult, fit
+
+log = logging.getLogger(__name__)
+
+#: Bump when a change to training code changes the weights a config produces (invalidates caches).
+TRAINING_CODE_VERSION = 1
+#: Training settings that do not change the learned weights, so they stay out of the cache key.
+_NOT_IN_KEY = ("use_cache",)
+
+
+def to_container(cfg: DictConfig) -> dict[str, Any]:
+    """Resolve interpolations into a plain dict; a missing mandatory value becomes a ConfigError."""
+    try:
+        return OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)  # type: ignore[return-value]
+    except OmegaConfBaseException as exc:
+        key = getattr(exc, "full_key", None) or "a value"
+        raise ConfigError(
+            f"config value {key} is missing or invalid ({exc.msg if hasattr(exc, 'msg') else exc}); "
+            f"set it on the command line, e.g. {key}=..."
+        ) from exc
+
+
+def _without_name(section: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+    rest = dict(section)
+    name = rest.pop("name", None)
+    if not name:
+        raise ConfigError("a config section is missing its 'name' key; pick a preset such as model=lenet5")
+    return str(name), rest
+
+
+def load_data(config: dict[str, Any]) -> Dataset:
+    name, kwargs = _without_name(config["data"])
+    return load_dataset(name, **kwargs)
+
+
+def make_model(config: dict[str, Any], data: Dataset) -> Classifier:
+    name, kwargs = _without_name(config["model"])
+    info = data.info
+    return build_model(
+        name,
+        input_shape=info.input_shape,
+        num_classes=info.num_classes,
+        mean=info.mean,
+        std=info.std,
+        **kwargs,
+    )
+
+
+def weights_key(config: dict[str, Any], data: Dataset) -> str:
+    """Hash of everything that determines the trained weights (and nothing else)."""
+    training = {k: v for k, v in config["training"].items() if k not in _NOT_IN_KEY}
+    return config_hash(
+        {
+            "code": TRAINING_CODE_VERSION,
+            # what fixes the training data; test-split fields (test_*) do not change the weights
+            "data": {k: v for k, v in data.info.identity.items() if not k.startswith("test_")},
+            "model": config["model"],
+            "training": training,
+            "defense": config["defense"],
+            "seed": config["seed"],
+        }
+    )
+
+
+@dataclass
+class TrainedModel:
+    model: Classifier
+    key: str
+    cache_hit: bool
+    train: TrainResult | None
+    meta: dict[str, Any]
+
+
+def obtain_model(
+    config: dict[str, Any], data: Dataset, device: torch.device, progress: bool = True
+) -> TrainedModel:
+    """Cached weights when they exist, else train and cache them."""
+    model = make_model(config, data)
+    key = weights_key(config, data)
+    training_cfg = config["training"]
+    train_config = TrainConfig.from_mapping(training_cfg)
+    cache = WeightCache(config["paths"]["cache_dir"])
+    use_cache = bool(training_cfg.get("use_cache", True))
+    if use_cache:
+        cache.ensure_writable()
+        meta = cache.load(key, model)
+        if meta is not None:
+            log.info("weights %s found in the cache (%s): training skipped", key, cache.weights_path(key))
+            return TrainedModel(model.to(device).eval(), key, True, None, meta)
+    log.info("training %s on %s (%d epochs)", config["model"]["name"], data.info.name, train_config.epochs)
+    result = fit(
+        model, data.x_train, data.y_train, train_config, device, seed=int(config["seed"]), progress=progress
+    )
+    meta = {
+        "model": config["model"],
+        "data": data.info.identity,
+        "training": training_cfg,
+        "defense": config["defense"],
+        "seed": config["seed"],
+        "device": str(device),
+        "train_seconds": result.seconds,
+        "train_images_per_s": result.images_per_s,
+        "history": result.history,
+        "robustcnn_version": __version__,
+    }
+    if use_cache:
+        cache.save(key, model, meta)
+    return TrainedModel(model.eval(), key, False, result, meta)
+
+
+def environment_info(device: torch.device) -> dict[str, Any]:
+    info = {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "robustcnn": __version__,
+        "device": str(device),
+    }
+    if device.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(device)
+    return info
+
+
+def plan_attacks(config: dict[str, Any]) -> tuple[ThreatModel | None, list[Attack]]:
+    """Validate the threat model and build every selected attack before any training starts."""
+    specs = attack_specs(config.get("attack"))
+    if not specs:
+        return None, []
+    threat = ThreatModel.from_mapping(config.get("threat") or {})
+    eval_cfg = config.get("eval") or {}
+    common = {
+        "seed": int(config.get("seed", 0)),
+        "batch_size": int(eval_cfg.get("attack_batch_size", 500)),
+        "amp": bool(eval_cfg.get("amp", False)),
+        "keep_examples": int(eval_cfg.get("keep_examples", 8)),
+    }
+    attacks = [build_attack(spec, common) for spec in specs]
+    if threat.knowledge == "black_box":
+        white = [a.name for a in attacks if a.uses_gradients]
+        if white:
+            raise ConfigError(
+                f"threat.knowledge=black_box excludes the gradient attacks {white}; "
+                "select query/transfer attacks, e.g. attack=[square,transfer]"
+            )
+    return threat, attacks
+
+
+def bind_surrogates(
+    attacks: list[Attack], config: dict[str, Any], data: Dataset, device: torch.device, progress: bool
+) -> None:
+    """Train (or load from the cache) each transfer attack's surrogate: same data, own seed."""
+    for attack in attacks:
+        if isinstance(attack, Transfer):
+            surrogate_config = {
+                **config,
+                "model": {"name": attack.surrogate, "dropout": 0.0},
+                "defense": {"name": "none"},
+                "seed": int(config.get("seed", 0)) + 1,
+            }
+            trained = obtain_model(surrogate_config, data, device, progress=progress)
+            attack.bind(trained.model)
+
+
+def log_battery(run: Any, battery: BatteryResult, out: Path | None, class_names: tuple[str, ...]) -> None:
+    """Metrics with the eps index as the step (and the eps value in the name), plots as artifacts."""
+    eps = battery.threat.eps
+    rows: dict[str, list[float]] = {
+        f"robust_accuracy/{k}": v for k, v in ((k, r.robust_accuracy()) for k, r in battery.attacks.items())
+    }
+    rows.update({f"attack_success_rate/{k}": r.success_rate() for k, r in battery.attacks.items()})
+    rows["worst_case_robust_accuracy"] = battery.worst_case_robust_accuracy()
+    for i, value in enumerate(eps):
+        run.log_metrics({name: curve[i] for name, curve in rows.items()}, step=i)
+        run.log_metrics({f"{name}/eps_{value:.4g}": curve[i] for name, curve in rows.items()})
+    run.log_metrics(
+        {
+            "reference_robust_accuracy": battery.reference_robust_accuracy(),
+            **{f"timing/{k}_images_per_s": r.images_per_s() for k, r in battery.attacks.items()},
+            **{f"check/{c.name}": (-1.0 if c.passed is None else float(c.passed)) for c in battery.checks},
+        }
+    )
+    run.set_tags({"verdict": battery.verdict, "stochastic": battery.stochastic})
+    if out is None:
+        return
+    from robustcnn import plots
+
+    curve = plots.robustness_curve(
+        out / "robustness_curve.png",
+        eps,
+        {k: r.robust_accuracy() for k, r in battery.attacks.items()},
+        worst_case=battery.worst_case_robust_accuracy(),
+        clean_accuracy=battery.clean_accuracy,
+        norm=battery.threat.norm,
+        title=f"robust accuracy ({battery.threat.norm})",
+    )
+    run.log_artifact(curve, "plots")
+    strongest = min(battery.attacks, key=lambda k: battery.attacks[k].robust_accuracy()[-1])
+    result = battery.attacks[strongest]
+    if result.adv_examples.numel():
+        grid = plots.example_grid(
+            out / "examples.png", result.clean_examples, result.adv_examples, eps, class_names=class_names
+        )
+        run.log_artifact(grid, "plots")
+
+
+def run_job(
+    cfg: DictConfig | dict[str, Any], output_dir: str | Path | None = None, progress: bool = True
+) -> dict[str, Any]:
+    """Run one job end to end and return its results (also written to ``output_dir/results.json``)."""
+    config = to_container(cfg) if isinstance(cfg, DictConfig) else dict(cfg)
+    if config["defense"].get("name", "none") != "none":
+        raise ConfigError(f"defense={config['defense']['name']} is not available yet; use defense=none")
+    set_threads(config.get("threads"))
+    seed = int(config.get("seed", 0))
+    seed_everything(seed)
+    device = resolve_device(config.get("device", "auto"))
+    tracking = config.get("tracking") or {}
+    uri = resolve_tracking_uri(tracking.get("uri"))
+    check_store_writable(uri)
+    if bool(config["training"].get("use_cache", True)):
+        WeightCache(config["paths"]["cache_dir"]).ensure_writable()
+    TrainConfig.from_mapping(config["training"])  # validated before any data is loaded
+    threat, attacks = plan_attacks(config)
+    data = load_data(config)
+    if threat is not None:
+        threat.check_input_size(data.info.input_shape)
+    out = Path(output_dir) if output_dir is not None else None
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
+
+    run_name = (
+        tracking.get("run_name") or f"{config['model']['name']}-{config['defense']['name']}-{data.info.name}"
+    )
+    tags = {
+        "robustcnn.version": __version__,
+        "model": config["model"]["name"],
+        "defense": config["defense"]["name"],
+        "data": data.info.name,
+    }
+    with start_run(uri, tracking.get("experiment") or "robustcnn", run_name, tags) as run:
+        params = flatten({k: v for k, v in config.items() if k != "hydra"})
+        params.update(flatten(data.info.identity, prefix="data_identity."))
+        run.log_params(params)
+        run.log_dict(config, "config.json")
+
+        trained = obtain_model(config, data, device, progress=progress)
+        if trained.train is not None:
+            for epoch, metrics in enumerate(trained.train.history, start=1):
+                run.log_metrics({f"train/{k}": v for k, v in metrics.items() if k != "epoch"}, step=epoch)
+
+        eval_cfg = config.get("eval") or {}
+        x_test, y_test = data.x_test, data.y_test
+        if eval_cfg.get("max_samples"):
+            x_test, y_test = x_test[: int(eval_cfg["max_samples"])], y_test[: int(eval_cfg["max_samples"])]
+        amp = bool(config["training"].get("amp", True))
+        clean = clean_accuracy(
+            trained.model, x_test, y_test, int(eval_cfg.get("batch_size", 1000)), device, amp
+        )
+
+        train_seconds = trained.train.seconds if trained.train else trained.meta.get("train_seconds")
+        results: dict[str, Any] = {
+            "clean_accuracy": clean.accuracy,
+            "model": config["model"]["name"],
+            "data": data.info.name,
+            "defense": config["defense"]["name"],
+            "seed": seed,
+            "device": str(device),
+            "n_test": int(y_test.shape[0]),
+            "parameters": count_parameters(trained.model),
+            "weights_key": trained.key,
+            "cache_hit": trained.cache_hit,
+            "train_seconds": train_seconds,
+            "train_images_per_s": trained.train.images_per_s
+            if trained.train
+            else trained.meta.get("train_images_per_s"),
+            "eval_images_per_s": clean.images_per_s,
+            "data_identity": data.info.identity,
+            "environment": environment_info(device),
+            "mlflow_run_id": run.run_id,
+            "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        }
+        run.log_metrics(
+            {
+                "clean_accuracy": clean.accuracy,
+                "eval_images_per_s": clean.images_per_s,
+                **({"train_seconds": train_seconds} if train_seconds is not None else {}),
+            }
+        )
+        run.set_tags({"cache_hit": trained.cache_hit, "weights_key": trained.key})
+        if threat is not None:
+            bind_surrogates(attacks, config, data, device, progress)
+            n_attack = int(eval_cfg.get("attack_samples") or y_test.shape[0])
+            battery = run_battery(
+                trained.model,
+                x_test[:n_attack],
+                y_test[:n_attack],
+                threat,
+                attacks,
+                undefended=config["defense"]["name"] == "none",
+                settings=BatterySettings.from_mapping(config.get("checks")),
+                clean_accuracy=None,
+                device=device,
+            )
+            results.update(battery.to_dict())
+            log_battery(run, battery, out, data.info.class_names)
+            log.info(
+                "verdict %s; worst-case robust accuracy %s",
+                battery.verdict,
+                [round(v, 3) for v in battery.worst_case_robust_accuracy()],
+            )
+        run.log_dict(results, "results.json")
+        if out is not None:
+            (out / "results.json").write_text(json.dumps(results, indent=2, sort_keys=True, default=str))
+    log.info(
+        "%s: clean accuracy %.4f on %d test images (%s)",
+        run_name,
+        clean.accuracy,
+        results["n_test"],
+        "cached weights" if trained.cache_hit else f"trained in {train_seconds:.1f}s",
+    )
+    return results

@@ -1,0 +1,76 @@
+"""Shared fixtures: every test gets its own MLflow store and weight cache (never the user's)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+
+@pytest.fixture(scope="session")
+def empty_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An MLflow sqlite store with its schema created once (mlflow's migrations take seconds)."""
+    from robustcnn.tracking import start_run
+
+    path = tmp_path_factory.mktemp("store") / "mlflow.db"
+    with start_run(f"sqlite:///{path}", "warmup"):
+        pass
+    return path
+
+
+@pytest.fixture()
+def isolated(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, empty_store: Path) -> dict[str, Path | str]:
+    """A private tracking store, cache and working directory for one test."""
+    shutil.copy(empty_store, tmp_path / "mlflow.db")
+    store = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", store)
+    monkeypatch.setenv("ROBUSTCNN_CACHE_DIR", str(cache))
+    monkeypatch.setenv("GIT_PYTHON_REFRESH", "quiet")
+    monkeypatch.chdir(tmp_path)
+    return {"root": tmp_path, "store": store, "cache": cache}
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """GPU-marked tests skip cleanly on machines without CUDA (CI has none)."""
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def mnist_small():
+    """mnist5k (real digits, offline) — the whole 4,000/1,000 split."""
+    from robustcnn.data import load_dataset
+
+    return load_dataset("mnist5k")
+
+
+@pytest.fixture(scope="session")
+def trained_lenet(mnist_small):
+    """An undefended lenet5 trained briefly on mnist5k (~97% clean): the standard attack target."""
+    from robustcnn.models import build_model
+    from robustcnn.training import TrainConfig, fit
+
+    info = mnist_small.info
+    torch.manual_seed(0)
+    model = build_model(
+        "lenet5", input_shape=info.input_shape, num_classes=info.num_classes, mean=info.mean, std=info.std
+    )
+    fit(
+        model,
+        mnist_small.x_train,
+        mnist_small.y_train,
+        TrainConfig(epochs=4, batch_size=64, shift=2),
+        torch.device("cpu"),
+        progress=False,
+    )
+    return model.eval()

@@ -1,0 +1,200 @@
+"""Every attack honours the contract; PGD is strong; shortcuts never change a number; bad input is refused."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from robustcnn.attacks import FGSM, PGD, AttackResult, RandomNoise, Transfer, build_attack
+from robustcnn.attacks.base import AttackInvariantError, PerturbContext
+from robustcnn.errors import ConfigError
+from robustcnn.models import build_model
+from robustcnn.threat import ThreatModel
+
+LINF = ThreatModel(norm="linf", eps=(0.0, 0.1, 0.3))
+L2 = ThreatModel(norm="l2", eps=(0.0, 1.0, 3.0))
+
+
+def _surrogate(mnist_small) -> nn.Module:
+    info = mnist_small.info
+    torch.manual_seed(1)
+    return build_model(
+        "lenet5", input_shape=info.input_shape, num_classes=10, mean=info.mean, std=info.std
+    ).eval()
+
+
+def _attacks(mnist_small) -> dict[str, object]:
+    attacks = {
+        "fgsm": FGSM(),
+        "pgd": PGD(steps=10),
+        "pgd_margin_restarts": PGD(steps=5, restarts=2, loss="margin"),
+        "noise": RandomNoise(samples=2),
+        "noise_uniform": RandomNoise(kind="uniform", samples=2),
+        "transfer": Transfer(steps=5).bind(_surrogate(mnist_small)),
+        "eot": build_attack({"name": "eot", "attack": "pgd", "samples": 2, "steps": 3}),
+    }
+    try:
+        attacks["square"] = build_attack({"name": "square", "queries": 30})
+    except ConfigError:
+        pass
+    return attacks
+
+
+def _check_invariants(result: AttackResult, threat: ThreatModel, n: int) -> None:
+    e = len(threat.eps)
+    assert result.success.shape == result.correct.shape == result.norms.shape == (e, n)
+    assert result.clean_correct.shape == (n,)
+    eps = torch.tensor(threat.eps).view(-1, 1)
+    assert bool((result.norms <= eps * (1 + 1e-5) + 1e-6).all()), "perturbation outside the eps ball"
+    assert float(result.adv_examples.min()) >= 0.0 and float(result.adv_examples.max()) <= 1.0
+    # eps 0 is the clean model; a sample fooled at a smaller eps stays fooled (monotone)
+    assert torch.equal(result.correct[0], result.clean_correct)
+    assert bool((result.success[1:] >= result.success[:-1]).all())
+    assert bool((result.correct[1:] <= result.correct[:-1]).all())
+
+
+@pytest.mark.parametrize("threat", [LINF, L2], ids=["linf", "l2"])
+def test_every_attack_keeps_the_invariants(trained_lenet, mnist_small, threat: ThreatModel) -> None:
+    x, y = mnist_small.x_test[:48], mnist_small.y_test[:48]
+    for name, attack in _attacks(mnist_small).items():
+        trained_lenet.train()  # the attack must set eval mode and restore this
+        result = attack.run(trained_lenet, x, y, threat)
+        assert trained_lenet.training, f"{name} did not restore train mode"
+        trained_lenet.eval()
+        assert all(p.grad is None for p in trained_lenet.parameters()), f"{name} left parameter gradients"
+        assert all(p.requires_grad for p in trained_lenet.parameters()), f"{name} left parameters frozen"
+        _check_invariants(result, threat, 48)
+
+
+def test_base_refuses_an_attack_that_leaves_the_ball(trained_lenet, mnist_small) -> None:
+    class Cheat(PGD):
+        def perturb(self, model, x, y, eps, threat, targets, ctx: PerturbContext):  # type: ignore[no-untyped-def]
+            return (x + 2 * eps).clamp(0, 1)
+
+    with pytest.raises(AttackInvariantError, match="left the linf ball"):
+        Cheat().run(trained_lenet, mnist_small.x_test[:8], mnist_small.y_test[:8], LINF)
+
+
+def test_base_refuses_an_attack_that_touches_parameters(trained_lenet, mnist_small) -> None:
+    class Leaky(FGSM):
+        def perturb(self, model, x, y, eps, threat, targets, ctx):  # type: ignore[no-untyped-def]
+            p = next(model.parameters())
+            p.grad = torch.ones_like(p)
+            return x
+
+    with pytest.raises(AttackInvariantError, match="gradients"):
+        Leaky().run(trained_lenet, mnist_small.x_test[:8], mnist_small.y_test[:8], LINF)
+    for p in trained_lenet.parameters():
+        p.grad = None
+
+
+def test_pgd_breaks_an_undefended_model(trained_lenet, mnist_small) -> None:
+    """Strength, not just that it ran: PGD-40 at eps 0.3 leaves ~0%; FGSM >= PGD; noise far above."""
+    x, y = mnist_small.x_test[:500], mnist_small.y_test[:500]
+    threat = ThreatModel(norm="linf", eps=(0.0, 0.05, 0.1, 0.2, 0.3))
+    pgd = PGD(steps=40).run(trained_lenet, x, y, threat).robust_accuracy()
+    fgsm = FGSM().run(trained_lenet, x, y, threat).robust_accuracy()
+    noise = RandomNoise().run(trained_lenet, x, y, threat).robust_accuracy()
+    assert pgd[0] > 0.95, f"clean accuracy {pgd[0]}"
+    assert pgd[-1] <= 0.01, f"PGD-40 at eps 0.3 leaves {pgd[-1]:.3f}"
+    assert all(f >= p for f, p in zip(fgsm, pgd, strict=True)), (fgsm, pgd)
+    # 8 draws of +-0.3 sign noise do hurt (~50% on this model) but stay far above PGD's ~0%
+    assert noise[-1] >= pgd[-1] + 0.3, f"the noise floor should stay far above PGD: {noise} vs {pgd}"
+    assert all(n >= p for n, p in zip(noise, pgd, strict=True))
+
+
+def test_l2_and_targeted_pgd(trained_lenet, mnist_small) -> None:
+    x, y = mnist_small.x_test[:200], mnist_small.y_test[:200]
+    l2 = PGD(steps=40).run(trained_lenet, x, y, ThreatModel(norm="l2", eps=(0.0, 3.0)))
+    assert l2.robust_accuracy()[-1] <= 0.05
+    for target, floor in (("random", 0.9), ("least_likely", 0.7)):
+        targeted = ThreatModel(norm="linf", eps=(0.0, 0.3), targeted=True, target=target)
+        result = PGD(steps=40).run(trained_lenet, x, y, targeted)
+        assert result.success_rate()[-1] >= floor, f"targeted PGD ({target}) reaches its target too rarely"
+        assert result.robust_accuracy()[-1] <= 0.1
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda e: PGD(steps=20, restarts=2, early_stop=e),
+        lambda e: RandomNoise(samples=4, early_stop=e),
+        lambda e: FGSM(early_stop=e),
+    ],
+    ids=["pgd", "noise", "fgsm"],
+)
+def test_shortcuts_change_no_number(trained_lenet, mnist_small, make) -> None:
+    x, y = mnist_small.x_test[:120], mnist_small.y_test[:120]
+    threat = ThreatModel(norm="linf", eps=(0.0, 0.05, 0.1, 0.15, 0.3))
+    fast, plain = make(True).run(trained_lenet, x, y, threat), make(False).run(trained_lenet, x, y, threat)
+    assert torch.equal(fast.success, plain.success)
+    assert torch.equal(fast.correct, plain.correct)
+    assert torch.allclose(fast.norms, plain.norms, atol=1e-6)
+    assert fast.gradient_passes <= plain.gradient_passes
+
+
+def test_same_seed_same_result(trained_lenet, mnist_small) -> None:
+    x, y = mnist_small.x_test[:64], mnist_small.y_test[:64]
+    a = PGD(steps=5, seed=3).run(trained_lenet, x, y, LINF)
+    b = PGD(steps=5, seed=3).run(trained_lenet, x, y, LINF)
+    assert torch.equal(a.success, b.success) and torch.equal(a.norms, b.norms)
+
+
+def test_batching_does_not_change_results(trained_lenet, mnist_small) -> None:
+    x, y = mnist_small.x_test[:64], mnist_small.y_test[:64]
+    whole = FGSM(batch_size=64).run(trained_lenet, x, y, LINF)
+    split = FGSM(batch_size=16).run(trained_lenet, x, y, LINF)
+    assert torch.equal(whole.success, split.success)
+
+
+@pytest.mark.parametrize(
+    ("threat_kwargs", "message"),
+    [
+        ({"eps": (0.0, 1.5)}, "eps"),
+        ({"eps": (-0.1,)}, ">= 0"),
+        ({"norm": "l1"}, "norm"),
+        ({"eps": (0.3, 0.1)}, "ascending"),
+        ({"eps": ()}, "empty"),
+        ({"eps": (float("nan"),)}, "finite"),
+        ({"target": "best"}, "target"),
+        ({"targeted": True, "target": "fixed"}, "target_class"),
+        ({"eps": (0.0, 0.3), "reference_eps": 0.2}, "reference_eps"),
+    ],
+)
+def test_bad_threat_models_are_refused(threat_kwargs: dict, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        ThreatModel(**threat_kwargs)
+
+
+def test_bad_attack_settings_are_refused() -> None:
+    with pytest.raises(ConfigError, match="steps"):
+        PGD(steps=0)
+    with pytest.raises(ConfigError, match="loss"):
+        PGD(loss="hinge")
+    with pytest.raises(ConfigError, match="unknown attack"):
+        build_attack({"name": "deepfool"})
+    with pytest.raises(ConfigError, match="no setting"):
+        build_attack({"name": "pgd", "stepz": 3})
+    with pytest.raises(ConfigError, match="backend"):
+        build_attack({"name": "pgd", "backend": "foolbox"})
+
+
+def test_bad_inputs_are_refused_before_work(trained_lenet, mnist_small) -> None:
+    x, y = mnist_small.x_test[:8], mnist_small.y_test[:8]
+    cases = [
+        (x * 255, y, "bounds"),
+        (x.clone().index_fill_(0, torch.tensor([0]), float("nan")), y, "NaN"),
+        (x, y + 10, "labels"),
+        (x, y[:4], "do not match"),
+        ((x * 255).to(torch.uint8), y, "floating point"),
+        (x[:0], y[:0], "no images"),
+    ]
+    for xs, ys, message in cases:
+        with pytest.raises(ConfigError, match=message):
+            FGSM().run(trained_lenet, xs, ys, LINF)
+    flat = nn.Sequential(nn.Flatten(), nn.Linear(784, 10), nn.Unflatten(1, (2, 5)))
+    with pytest.raises(ConfigError, match="logits"):
+        FGSM().run(flat, x, y, LINF)
+    with pytest.raises(ConfigError, match="diameter"):
+        FGSM().run(trained_lenet, x, y, ThreatModel(norm="l2", eps=(0.0, 50.0)))

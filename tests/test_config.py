@@ -1,0 +1,104 @@
+"""Every config composes, every experiment preset runs in a tiny mode, and the wheel ships conf/."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
+
+from robustcnn.config import compose, conf_dir, config_groups
+from robustcnn.runner import run_job, to_container
+from robustcnn.tracking import read_run
+
+#: Overrides that shrink any job to seconds: a sliver of data, a couple of batches, one epoch.
+TINY = [
+    "data.max_train=128",
+    "data.max_test=64",
+    "training.epochs=1",
+    "training.max_batches=2",
+    "training.batch_size=32",
+]
+#: Datasets that need files the machine does not have (their loaders are unit-tested on fixtures).
+NEEDS_FILES = {"mnist", "fashion_mnist", "cifar10", "image_folder"}
+
+
+def test_conf_dir_is_the_checkout_conf() -> None:
+    assert (conf_dir() / "config.yaml").is_file()
+    groups = config_groups()
+    for group in ("data", "model", "training", "defense", "paths", "experiment"):
+        assert groups.get(group), f"config group {group} is empty"
+
+
+@pytest.mark.parametrize(
+    "override",
+    [
+        f"{group}={choice}"
+        for group, choices in config_groups().items()
+        if group not in ("hydra",)
+        for choice in choices
+    ],
+)
+def test_every_config_composes(override: str) -> None:
+    extra = ["data.root=/nonexistent"] if override == "data=image_folder" else []
+    cfg = compose([override, *extra])
+    resolved = to_container(cfg)
+    for section in ("data", "model", "training", "defense", "paths", "tracking", "eval"):
+        assert section in resolved
+    assert resolved["data"]["name"] and resolved["model"]["name"] and resolved["defense"]["name"]
+
+
+@pytest.mark.parametrize("experiment", config_groups()["experiment"])
+def test_every_experiment_runs_tiny(experiment: str, isolated: dict) -> None:
+    cfg = compose([f"experiment={experiment}", *TINY])
+    if cfg.data.name in NEEDS_FILES:
+        pytest.skip(f"{experiment} needs dataset files that are not on this machine")
+    results = run_job(cfg, output_dir=isolated["root"] / "out", progress=False)
+    assert 0.0 <= results["clean_accuracy"] <= 1.0
+    assert (isolated["root"] / "out" / "results.json").is_file()
+    assert read_run(isolated["store"], results["mlflow_run_id"])["status"] == "FINISHED"
+
+
+def test_missing_mandatory_value_is_a_config_error() -> None:
+    from robustcnn.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="data.root"):
+        to_container(compose(["data=image_folder"]))
+
+
+@pytest.mark.slow
+def test_wheel_ships_the_configs(tmp_path: Path) -> None:
+    root = Path(__file__).resolve().parent.parent
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "--no-deps",
+            "--no-build-isolation",
+            "-q",
+            "-w",
+            str(tmp_path),
+            str(root),
+        ],
+        check=True,
+    )
+    wheel = next(tmp_path.glob("robustcnn-*.whl"))
+    names = zipfile.ZipFile(wheel).namelist()
+    shipped = {n for n in names if n.startswith("robustcnn/conf/") and n.endswith(".yaml")}
+    expected = {f"robustcnn/conf/{p.relative_to(conf_dir()).as_posix()}" for p in conf_dir().rglob("*.yaml")}
+    assert expected <= shipped, f"configs missing from the wheel: {sorted(expected - shipped)}"
+    for package in ("robustcnn/cli.py", "robustcnn/data/__init__.py", "robustcnn/models/__init__.py"):
+        assert package in names
+
+
+def test_pyproject_lists_every_package() -> None:
+    import tomllib
+
+    root = Path(__file__).resolve().parent.parent
+    listed = set(tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    on_disk = {".".join(p.parent.relative_to(root).parts) for p in (root / "robustcnn").rglob("__init__.py")}
+    assert on_disk | {"robustcnn.conf"} == listed, "update [tool.setuptools] packages in pyproject.toml"

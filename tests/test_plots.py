@@ -1,0 +1,187 @@
+"""The PNG figures: valid files for the odd inputs sweeps produce, and no leaked figures or pyplot state."""
+
+from __future__ import annotations
+
+import gc
+import math
+import sys
+import weakref
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import matplotlib._pylab_helpers
+import pytest
+import torch
+from matplotlib.figure import Figure
+from PIL import Image
+
+from robustcnn import plots
+from robustcnn.plots import example_grid, robustness_curve
+
+
+def _png_size(path: Path) -> tuple[int, int]:
+    """Open and fully decode the file: a truncated or non-PNG file fails here."""
+    assert path.is_file() and path.stat().st_size > 0
+    with Image.open(path) as img:
+        assert img.format == "PNG"
+        img.load()
+        assert img.width > 0 and img.height > 0
+        return img.size
+
+
+def _open_figures() -> int:
+    return len(matplotlib._pylab_helpers.Gcf.figs)
+
+
+def _attack(
+    eps: list[float], k: int = 5, channels: int = 1, size: int = 12
+) -> tuple[torch.Tensor, torch.Tensor]:
+    gen = torch.Generator().manual_seed(0)
+    clean = torch.rand(k, channels, size, size, generator=gen)
+    signs = torch.randint(0, 2, (len(eps), k, channels, size, size), generator=gen).float() * 2 - 1
+    radii = torch.tensor(eps).view(-1, 1, 1, 1, 1)
+    adv = (clean.unsqueeze(0) + radii * signs).clamp(0, 1)
+    return clean, adv
+
+
+def test_robustness_curve_writes_png_and_creates_folders(tmp_path: Path) -> None:
+    eps = [0.0, 1 / 255, 2 / 255, 4 / 255, 8 / 255]
+    out = robustness_curve(
+        tmp_path / "a" / "b" / "curve.png",
+        eps,
+        {"fgsm": [0.98, 0.9, 0.8, 0.6, 0.3], "pgd": [0.98, 0.85, 0.7, 0.4, 0.1]},
+        worst_case=[0.98, 0.85, 0.7, 0.4, 0.1],
+        clean_accuracy=0.98,
+        title="MNIST CNN",
+    )
+    assert out == tmp_path / "a" / "b" / "curve.png"
+    width, height = _png_size(out)
+    assert 500 < width < 1200 and 300 < height < 800  # about 6x4 in at 120 dpi
+    assert list(out.parent.iterdir()) == [out]  # the temporary file was renamed, not left behind
+
+
+def test_robustness_curve_nan_single_eps_and_all_nan(tmp_path: Path) -> None:
+    nan = math.nan
+    _png_size(
+        robustness_curve(
+            tmp_path / "nan.png",
+            [0, 0.1, 0.2],
+            {"a": [1.0, nan, 0.5], "b": [nan] * 3},
+            worst_case=[1.0, nan, 0.5],
+            clean_accuracy=nan,
+            norm="l2",
+        )
+    )
+    _png_size(
+        robustness_curve(
+            str(tmp_path / "one.png"), [0.3], {"pgd": [0.2]}, worst_case=[0.2], clean_accuracy=0.99
+        )
+    )
+    _png_size(robustness_curve(tmp_path / "empty.png", [0.0, 0.1], {}))
+
+
+def test_robustness_curve_many_attacks_and_unsorted_eps(tmp_path: Path) -> None:
+    eps = [0.3, 0.0, 0.1, 0.2]
+    curves = {f"attack_{i:02d}": [max(0.0, 0.9 - 0.1 * i - e) for e in eps] for i in range(12)}
+    width, _ = _png_size(robustness_curve(tmp_path / "many.png", eps, curves, clean_accuracy=0.9))
+    assert width > 6 * 120  # the legend went outside and widened the image
+
+
+def test_robustness_curve_rejects_bad_input(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="fractions"):
+        robustness_curve(tmp_path / "pct.png", [0, 0.1], {"pgd": [98.0, 40.0]})
+    with pytest.raises(ValueError, match="2 eps values"):
+        robustness_curve(tmp_path / "len.png", [0, 0.1], {"pgd": [0.9]})
+    with pytest.raises(ValueError, match="non-empty"):
+        robustness_curve(tmp_path / "none.png", [], {})
+    assert not any(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("channels", [1, 3])
+def test_example_grid_grey_and_rgb_with_zero_eps(tmp_path: Path, channels: int) -> None:
+    eps = [0.0, 0.1, 0.3]
+    clean, adv = _attack(eps, k=5, channels=channels)
+    preds = torch.tensor([[0, 1, 2, 3, 4], [0, 1, 2, 3, 4], [0, 7, 2, 9, 4], [1, 7, 8, 9, 4]])
+    names = [f"c{i}" for i in range(10)]
+    out = example_grid(
+        tmp_path / "g" / f"grid{channels}.png",
+        clean,
+        adv,
+        eps,
+        labels=list("01234"),
+        predictions=preds,
+        class_names=names,
+    )
+    size = _png_size(out)
+    # The eps=0 block draws nothing: the same grid without it has exactly the same size.
+    without_zero = example_grid(
+        tmp_path / "nz.png",
+        clean,
+        adv[1:],
+        eps[1:],
+        labels=list("01234"),
+        predictions=preds[[0, 2, 3]],
+        class_names=names,
+    )
+    assert _png_size(without_zero) == size
+    assert size[1] > size[0] * 0.8  # 5 rows of 5 roughly square cells
+
+
+def test_example_grid_single_eps_max_examples_and_uint8(tmp_path: Path) -> None:
+    clean, adv = _attack([8 / 255], k=20, channels=3, size=8)
+    wide = _png_size(example_grid(tmp_path / "w.png", clean, adv, [8 / 255], max_examples=8))
+    narrow = _png_size(example_grid(tmp_path / "n.png", clean, adv, [8 / 255], max_examples=3))
+    assert narrow[0] < wide[0]
+    as_bytes = (clean * 255).round().to(torch.uint8)
+    _png_size(example_grid(tmp_path / "u8.png", as_bytes, as_bytes.unsqueeze(0), [0.1]))  # zero delta
+    _png_size(example_grid(tmp_path / "zero.png", clean, clean.unsqueeze(0), [0.0]))  # clean row only
+
+
+def test_example_grid_rejects_mismatched_shapes(tmp_path: Path) -> None:
+    clean, adv = _attack([0.1, 0.2], k=3)
+    with pytest.raises(ValueError, match="one block per eps"):
+        example_grid(tmp_path / "x.png", clean, adv, [0.1])
+    with pytest.raises(ValueError, match=r"\[E\+1, k\]"):
+        example_grid(tmp_path / "x.png", clean, adv, [0.1, 0.2], predictions=torch.zeros(2, 3))
+    with pytest.raises(ValueError, match="C = 1 or 3"):
+        example_grid(tmp_path / "x.png", clean[:, :, :, :].repeat(1, 2, 1, 1), adv, [0.1, 0.2])
+
+
+def test_no_figures_left_open_or_alive_and_pyplot_untouched(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Repeated calls (one per sweep cell) must not accumulate figures in pyplot or in memory."""
+    pyplot_was_loaded = "matplotlib.pyplot" in sys.modules
+    made: list[weakref.ref[Figure]] = []
+
+    class TrackedFigure(Figure):
+        def __init__(self, *args: object, **kwargs: object) -> None:
+            super().__init__(*args, **kwargs)
+            made.append(weakref.ref(self))
+
+    monkeypatch.setattr(plots, "Figure", TrackedFigure)
+    clean, adv = _attack([0.1], k=2, size=6)
+    for i in range(6):
+        robustness_curve(tmp_path / "c.png", [0, 0.1], {"pgd": [0.9, 0.5]}, clean_accuracy=0.9)
+        example_grid(tmp_path / "g.png", clean, adv, [0.1], predictions=torch.tensor([[i, 1], [2, 3]]))
+    assert len(made) == 12
+    assert _open_figures() == 0
+    gc.collect()
+    assert [ref for ref in made if ref() is not None] == []
+    if not pyplot_was_loaded:  # run alone, this proves the module and its calls never import pyplot
+        assert "matplotlib.pyplot" not in sys.modules
+
+
+def test_parallel_threads(tmp_path: Path) -> None:
+    """Sweep workers may draw at the same time: no shared pyplot state to race on."""
+    clean, adv = _attack([0.1], k=3, channels=3, size=8)
+
+    def job(i: int) -> Path:
+        robustness_curve(tmp_path / f"c{i}.png", [0, 0.1, 0.2], {"pgd": [0.9, 0.5, 0.1]})
+        return example_grid(tmp_path / f"g{i}.png", clean, adv, [0.1])
+
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        paths = list(pool.map(job, range(4)))
+    for path in paths:
+        _png_size(path)
+    assert _open_figures() == 0
