@@ -71,6 +71,10 @@ def cmd_run(hydra_args: Sequence[str]) -> None:
     sys.argv = [f"{PROG} run", *hydra_args]
     try:
         _job()
+    except SystemExit as exc:
+        # Hydra reports a config it cannot compose (unknown choice, bad override syntax) with the
+        # valid options and exit code 1; in robustcnn's codes that is bad input: 2
+        raise SystemExit(2 if exc.code == 1 else exc.code) from None
     finally:
         sys.argv = saved_argv
 

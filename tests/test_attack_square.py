@@ -7,6 +7,7 @@ attack runs on at most 100 test digits with a few hundred queries so the file st
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 
 import pytest
 import torch
@@ -19,6 +20,20 @@ from robustcnn.errors import ConfigError
 from robustcnn.models.classifier import Classifier
 from robustcnn.threat import ThreatModel
 from robustcnn.training import TrainConfig, fit
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread() -> Iterator[None]:
+    """One intra-op thread for this module, restored afterwards.
+
+    The search runs many small tensor ops per query, which a second thread cannot speed up; on a
+    shared 2-core runner the two threads' spin-waits made each op up to 100x slower (a 17 s file took
+    4-5 minutes), while one thread is as fast on an idle machine and unaffected by a busy one.
+    """
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

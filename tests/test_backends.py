@@ -270,20 +270,9 @@ AGREEMENT_TOLERANCE = 0.02
 
 
 @pytest.fixture(scope="module")
-def trained_lenet() -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
-    from robustcnn.data import load_dataset
-    from robustcnn.models import build_model
-    from robustcnn.training import TrainConfig, fit
-
-    data = load_dataset("mnist5k")
-    info = data.info
-    torch.manual_seed(0)
-    model = build_model(
-        "lenet5", input_shape=info.input_shape, num_classes=info.num_classes, mean=info.mean, std=info.std
-    )
-    fit(model, data.x_train, data.y_train, TrainConfig(epochs=2), torch.device("cpu"), progress=False)
-    model.eval()
-    return model, data.x_test[:512], data.y_test[:512]
+def trained(trained_lenet, mnist_small) -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
+    """The shared undefended lenet5 (conftest) and 512 test images."""
+    return trained_lenet, mnist_small.x_test[:512], mnist_small.y_test[:512]
 
 
 def _assert_agreement(
@@ -309,13 +298,13 @@ def _assert_agreement(
 
 
 @pytest.mark.slow
-def test_backends_agree_linf(trained_lenet: tuple[nn.Module, torch.Tensor, torch.Tensor]) -> None:
+def test_backends_agree_linf(trained: tuple[nn.Module, torch.Tensor, torch.Tensor]) -> None:
     threat = ThreatModel(norm="linf", eps=AGREEMENT_EPS)
-    _assert_agreement("fgsm", threat, {"batch_size": 512}, trained_lenet)
-    _assert_agreement("pgd", threat, {"steps": 10, "random_start": True, "batch_size": 512}, trained_lenet)
+    _assert_agreement("fgsm", threat, {"batch_size": 512}, trained)
+    _assert_agreement("pgd", threat, {"steps": 10, "random_start": True, "batch_size": 512}, trained)
 
 
 @pytest.mark.slow
-def test_backends_agree_pgd_l2(trained_lenet: tuple[nn.Module, torch.Tensor, torch.Tensor]) -> None:
+def test_backends_agree_pgd_l2(trained: tuple[nn.Module, torch.Tensor, torch.Tensor]) -> None:
     threat = ThreatModel(norm="l2", eps=(0.0, 1.0, 2.0))
-    _assert_agreement("pgd", threat, {"steps": 10, "random_start": True, "batch_size": 512}, trained_lenet)
+    _assert_agreement("pgd", threat, {"steps": 10, "random_start": True, "batch_size": 512}, trained)

@@ -35,18 +35,36 @@ def _run_id(stdout: str) -> str:
 @pytest.mark.slow
 def test_smoke_experiment_logs_a_run_and_second_run_hits_the_cache(isolated: dict) -> None:
     root: Path = isolated["root"]
-    first = robustcnn("run", "experiment=smoke", cwd=root)
+    first = robustcnn("run", "experiment=smoke", "attack=pgd", cwd=root)
     assert first.returncode == 0, first.stderr
-    assert "cache_hit=False" in first.stdout
+    assert "cache_hit=False" in first.stdout and "verdict=not_robust" in first.stdout
     results = download_json_artifact(isolated["store"], _run_id(first.stdout), "results.json")
-    for key in ("clean_accuracy", "model", "data", "defense", "seed", "device"):
+    for key in (
+        "clean_accuracy",
+        "model",
+        "data",
+        "defense",
+        "seed",
+        "device",
+        "eps",
+        "robust_accuracy",
+        "worst_case_robust_accuracy",
+        "attack_success_rate",
+        "checks",
+        "verdict",
+        "timing",
+    ):
         assert key in results
+    assert set(results["robust_accuracy"]) == {"pgd", "noise"}
+    assert not [c for c in results["checks"] if c["passed"] is False], results["checks"]
+    assert results["worst_case_robust_accuracy"][-1] <= 0.01  # eps 0.3 on an undefended model
     assert results["clean_accuracy"] > 0.8, results  # 1,000 images, one epoch: a real model, not chance
     assert results["model"] == "lenet5" and results["data"] == "mnist5k" and results["defense"] == "none"
+    assert list(root.glob("outputs/*/*/robustness_curve.png")) and list(root.glob("outputs/*/*/examples.png"))
     written = list(root.glob("outputs/*/*/results.json"))
     assert written and json.loads(written[0].read_text())["clean_accuracy"] == results["clean_accuracy"]
 
-    second = robustcnn("run", "experiment=smoke", cwd=root)
+    second = robustcnn("run", "experiment=smoke", "attack=pgd", cwd=root)
     assert second.returncode == 0, second.stderr
     assert "cache_hit=True" in second.stdout
     again = download_json_artifact(isolated["store"], _run_id(second.stdout), "results.json")
@@ -70,7 +88,7 @@ def test_multirun_runs_every_job(isolated: dict) -> None:
 
 def test_unknown_choice_lists_the_valid_ones(isolated: dict) -> None:
     out = robustcnn("run", "model=nope", cwd=isolated["root"])
-    assert out.returncode != 0
+    assert out.returncode == 2
     assert "lenet5" in out.stderr and "madry_cnn" in out.stderr
     assert "Traceback" not in out.stderr + out.stdout
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import zipfile
@@ -93,6 +94,28 @@ def test_wheel_ships_the_configs(tmp_path: Path) -> None:
     assert expected <= shipped, f"configs missing from the wheel: {sorted(expected - shipped)}"
     for package in ("robustcnn/cli.py", "robustcnn/data/__init__.py", "robustcnn/models/__init__.py"):
         assert package in names
+    # the installed layout (no checkout next to it) finds its configs and composes a job
+    site = tmp_path / "site"
+    zipfile.ZipFile(wheel).extractall(site)
+    env = {**os.environ, "PYTHONPATH": str(site)}
+    out = subprocess.run(
+        [sys.executable, "-m", "robustcnn.cli", "run", "--cfg", "job", "model=madry_cnn"],
+        cwd=tmp_path,
+        env=env,
+        text=True,
+        capture_output=True,
+        check=True,
+    )
+    assert "name: madry_cnn" in out.stdout
+    where = subprocess.run(
+        [sys.executable, "-c", "from robustcnn.config import conf_dir; print(conf_dir())"],
+        cwd=tmp_path,
+        env=env,
+        text=True,
+        capture_output=True,
+        check=True,
+    )
+    assert Path(where.stdout.strip()) == site / "robustcnn" / "conf"
 
 
 def test_pyproject_lists_every_package() -> None:
