@@ -9,6 +9,7 @@ implementation serves every gradient attack. Gradients are taken w.r.t. the inpu
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -60,17 +61,35 @@ class GradientAttack(Attack):
     def gradient(
         self, model: nn.Module, x: Tensor, y: Tensor, targets: Tensor | None, ctx: PerturbContext
     ) -> tuple[Tensor, Tensor]:
-        """(input gradient of the objective, logits of the last draw), averaged over EOT draws."""
+        """(input gradient of the objective, logits), both averaged over the EOT draws.
+
+        With EOT each draw is one random forward pass: a model that averages several draws at
+        inference (``inference_samples``) is attacked through single draws, so the expectation of
+        the gradient is estimated from ``eot_samples`` draws at ``eot_samples`` passes' cost. The
+        logits returned are the log of the draws' mean probability (the in-loop success signal;
+        the base re-checks every result on the deployed model).
+        """
         x = x.detach().requires_grad_(True)
         total = torch.zeros_like(x)
-        logits = None
-        for _ in range(self.eot_samples):
-            with ctx.autocast():
-                logits = model(x).float()
-            value = objective(logits, y, targets, self.loss).sum()
-            (grad,) = torch.autograd.grad(value, x)
-            total += grad
+        single_draw = self.eot_samples > 1 and getattr(model, "inference_samples", 1) > 1
+        saved = getattr(model, "inference_samples", 1)
+        log_probs = []
+        try:
+            if single_draw:
+                model.inference_samples = 1  # type: ignore[assignment]
+            for _ in range(self.eot_samples):
+                with ctx.autocast():
+                    logits = model(x).float()
+                value = objective(logits, y, targets, self.loss).sum()
+                (grad,) = torch.autograd.grad(value, x)
+                total += grad
+                log_probs.append(logits.detach().log_softmax(1))
+        finally:
+            if single_draw:
+                model.inference_samples = saved  # type: ignore[assignment]
         ctx.counters["gradient"] += x.shape[0] * self.eot_samples
         ctx.counters["forward"] += x.shape[0] * self.eot_samples
-        assert logits is not None
-        return total / self.eot_samples, logits.detach()
+        if len(log_probs) == 1:
+            return total, log_probs[0]
+        mean_log_prob = torch.logsumexp(torch.stack(log_probs), 0) - math.log(len(log_probs))
+        return total / self.eot_samples, mean_log_prob

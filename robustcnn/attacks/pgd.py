@@ -49,6 +49,7 @@ class PGD(GradientAttack):
         rel_step_size: float = 2.5,
         random_start: bool = True,
         restarts: int = 1,
+        return_last: bool = False,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
@@ -65,6 +66,7 @@ class PGD(GradientAttack):
         self.rel_step_size = float(rel_step_size)
         self.random_start = bool(random_start)
         self.restarts = int(restarts)
+        self.return_last = bool(return_last)
 
     def params(self) -> dict[str, Any]:
         return {
@@ -74,11 +76,104 @@ class PGD(GradientAttack):
             "rel_step_size": self.rel_step_size,
             "random_start": self.random_start,
             "restarts": self.restarts,
+            "return_last": self.return_last,
         }
 
     def alpha(self, eps: float) -> float:
         """Step size for radius eps: absolute when given, else rel_step_size * eps / steps."""
         return self.step_size if self.step_size is not None else self.rel_step_size * eps / self.steps
+
+    def ascend(
+        self,
+        model: nn.Module,
+        x: Tensor,
+        y: Tensor,
+        eps: float,
+        norm: str,
+        targets: Tensor | None,
+        ctx: PerturbContext,
+        alpha: float,
+        stream: int = 0,
+    ) -> Tensor:
+        """All steps on every sample, the last iterate returned: the maximiser adversarial training needs.
+
+        (An evaluation wants the first iterate that fools the model; training wants the point of
+        highest loss, which usually lies beyond it.) One restart: training draws a fresh start per batch.
+        """
+        current = x.clone()
+        if self.random_start:
+            current = project(x + random_start(x, eps, norm, ctx, stream=stream), x, eps, norm, ctx.bounds)
+        for _ in range(self.steps):
+            grad, _ = self.gradient(model, current, y, targets, ctx)
+            current = project(current + alpha * step_direction(grad, norm), x, eps, norm, ctx.bounds)
+        return current
+
+    def perturb_stochastic(
+        self,
+        model: nn.Module,
+        x: Tensor,
+        y: Tensor,
+        eps: float,
+        norm: str,
+        targets: Tensor | None,
+        ctx: PerturbContext,
+        alpha: float,
+    ) -> Tensor:
+        """A randomised model: every step of every restart runs, the last iterate is the candidate.
+
+        An in-loop "success" is one random draw: stopping on it would hand back a point that the
+        next draw classifies correctly (measured: PGD then looked weaker than FGSM). So no early
+        stop inside a restart; a restart's end point is judged by one forward pass of the deployed
+        model, and only the samples it did not fool get the next restart.
+        """
+        result = x.clone()
+        fooled = torch.zeros(x.shape[0], dtype=torch.bool, device=x.device)
+        for restart in range(self.restarts):
+            idx = (
+                (~fooled).nonzero().flatten()
+                if self.early_stop
+                else torch.arange(x.shape[0], device=x.device)
+            )
+            if idx.numel() == 0:
+                break
+            yi = y.index_select(0, idx)
+            ti = targets.index_select(0, idx) if targets is not None else None
+            current = self._ascend_on(idx, model, x, y, eps, norm, targets, ctx, alpha, restart)
+            hit = goal_reached(ctx.logits(model, current), yi, ti)
+            take = ~fooled.index_select(0, idx)
+            result[idx[take]] = current[take]
+            fooled[idx[hit & take]] = True
+        return result
+
+    def _ascend_on(
+        self,
+        idx: Tensor,
+        model: nn.Module,
+        x: Tensor,
+        y: Tensor,
+        eps: float,
+        norm: str,
+        targets: Tensor | None,
+        ctx: PerturbContext,
+        alpha: float,
+        restart: int,
+    ) -> Tensor:
+        """``ascend`` on the samples ``idx`` with the random start they would get in the full batch."""
+        sub = PerturbContext(
+            device=ctx.device,
+            eps_index=ctx.eps_index,
+            batch_index=ctx.batch_index,
+            full_batch=ctx.full_batch,
+            active=ctx.active.index_select(0, idx),
+            seed=ctx.seed,
+            bounds=ctx.bounds,
+            amp=ctx.amp,
+            counters=ctx.counters,
+        )
+        ti = targets.index_select(0, idx) if targets is not None else None
+        return self.ascend(
+            model, x.index_select(0, idx), y.index_select(0, idx), eps, norm, ti, sub, alpha, stream=restart
+        )
 
     def perturb(
         self,
@@ -91,6 +186,10 @@ class PGD(GradientAttack):
         ctx: PerturbContext,
     ) -> Tensor:
         alpha = self.alpha(eps)
+        if self.return_last:
+            return self.ascend(model, x, y, eps, threat.norm, targets, ctx, alpha)
+        if getattr(model, "stochastic", False):
+            return self.perturb_stochastic(model, x, y, eps, threat.norm, targets, ctx, alpha)
         result = x.clone()
         fooled = torch.zeros(x.shape[0], dtype=torch.bool, device=x.device)
         for restart in range(self.restarts):

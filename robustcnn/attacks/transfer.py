@@ -12,10 +12,10 @@ from typing import Any
 from torch import Tensor, nn
 
 from robustcnn.attacks.base import PerturbContext, attack_mode
-from robustcnn.attacks.gradient import GradientAttack, step_direction
-from robustcnn.attacks.pgd import random_start
+from robustcnn.attacks.gradient import GradientAttack
+from robustcnn.attacks.pgd import PGD
 from robustcnn.errors import ConfigError
-from robustcnn.threat import ThreatModel, project
+from robustcnn.threat import ThreatModel
 
 
 class Transfer(GradientAttack):
@@ -69,21 +69,16 @@ class Transfer(GradientAttack):
                 "the transfer attack has no surrogate model bound; run it through the battery "
                 "(robustcnn run attack=[pgd,transfer]) or call .bind(model) first"
             )
-        surrogate = self.surrogate_model
-        alpha = self.rel_step_size * eps / self.steps
-        current = x.clone()
-        if self.random_start:
-            current = project(
-                x + random_start(x, eps, threat.norm, ctx, stream=0), x, eps, threat.norm, ctx.bounds
-            )
-        with attack_mode(surrogate):
+        pgd = PGD(
+            steps=self.steps,
+            rel_step_size=self.rel_step_size,
+            random_start=self.random_start,
+            loss=self.loss,
+            return_last=True,
+        )
+        with attack_mode(self.surrogate_model):
             # all steps on the surrogate (no early stop: fooling the surrogate is not the goal)
-            for _ in range(self.steps):
-                grad, _ = self.gradient(surrogate, current, y, targets, ctx)
-                current = project(
-                    current + alpha * step_direction(grad, threat.norm), x, eps, threat.norm, ctx.bounds
-                )
-        return current
+            return pgd.ascend(self.surrogate_model, x, y, eps, threat.norm, targets, ctx, pgd.alpha(eps))
 
 
 __all__ = ["Transfer"]
