@@ -38,8 +38,11 @@ test-fast: $(STAMP)
 lint: $(STAMP)
 	$(BIN)/ruff check robustcnn tests benchmarks
 
+## Speed benchmarks (JSON under reports/benchmarks/): training, attacks, defenses.
 bench: $(STAMP)
 	$(BIN)/python benchmarks/train_throughput.py
+	$(BIN)/python benchmarks/attacks.py
+	$(BIN)/python benchmarks/defenses.py
 
 clean:
 	rm -rf $(VENV) outputs multirun .pytest_cache .ruff_cache

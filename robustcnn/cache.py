@@ -64,6 +64,13 @@ class WeightCache:
     def meta_path(self, key: str) -> Path:
         return self.root / f"{key}.json"
 
+    def read_meta(self, key: str) -> dict[str, Any] | None:
+        """The sidecar of entry ``key`` (unverified: :meth:`load` checks the weights against it)."""
+        try:
+            return json.loads(self.meta_path(key).read_text())
+        except (OSError, json.JSONDecodeError):
+            return None
+
     def load(self, key: str, model: torch.nn.Module) -> dict[str, Any] | None:
         """Load entry ``key`` into ``model``; ``None`` on a miss or a damaged entry (which is removed)."""
         weights, meta_file = self.weights_path(key), self.meta_path(key)

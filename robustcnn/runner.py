@@ -11,7 +11,6 @@ import json
 import logging
 import platform
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -24,21 +23,17 @@ from robustcnn.attacks import Attack, Transfer, attack_specs, build_attack
 from robustcnn.battery import BatteryResult, BatterySettings, run_battery
 from robustcnn.cache import WeightCache
 from robustcnn.data import Dataset, load_dataset
+from robustcnn.defenses import build_defense
 from robustcnn.device import resolve_device, seed_everything, set_threads
 from robustcnn.errors import ConfigError
 from robustcnn.evaluation import clean_accuracy
-from robustcnn.hashing import config_hash
-from robustcnn.models import Classifier, build_model, count_parameters
+from robustcnn.models import count_parameters
 from robustcnn.threat import ThreatModel
 from robustcnn.tracking import check_store_writable, flatten, resolve_tracking_uri, start_run
-from robustcnn.training import TrainConfig, TrainResult, fit
+from robustcnn.trained import obtain_model, resolve_defense
+from robustcnn.training import TrainConfig
 
 log = logging.getLogger(__name__)
-
-#: Bump when a change to training code changes the weights a config produces (invalidates caches).
-TRAINING_CODE_VERSION = 1
-#: Training settings that do not change the learned weights, so they stay out of the cache key.
-_NOT_IN_KEY = ("use_cache",)
 
 
 def to_container(cfg: DictConfig) -> dict[str, Any]:
@@ -53,92 +48,12 @@ def to_container(cfg: DictConfig) -> dict[str, Any]:
         ) from exc
 
 
-def _without_name(section: dict[str, Any]) -> tuple[str, dict[str, Any]]:
-    rest = dict(section)
-    name = rest.pop("name", None)
-    if not name:
-        raise ConfigError("a config section is missing its 'name' key; pick a preset such as model=lenet5")
-    return str(name), rest
-
-
 def load_data(config: dict[str, Any]) -> Dataset:
-    name, kwargs = _without_name(config["data"])
-    return load_dataset(name, **kwargs)
-
-
-def make_model(config: dict[str, Any], data: Dataset) -> Classifier:
-    name, kwargs = _without_name(config["model"])
-    info = data.info
-    return build_model(
-        name,
-        input_shape=info.input_shape,
-        num_classes=info.num_classes,
-        mean=info.mean,
-        std=info.std,
-        **kwargs,
-    )
-
-
-def weights_key(config: dict[str, Any], data: Dataset) -> str:
-    """Hash of everything that determines the trained weights (and nothing else)."""
-    training = {k: v for k, v in config["training"].items() if k not in _NOT_IN_KEY}
-    return config_hash(
-        {
-            "code": TRAINING_CODE_VERSION,
-            # what fixes the training data; test-split fields (test_*) do not change the weights
-            "data": {k: v for k, v in data.info.identity.items() if not k.startswith("test_")},
-            "model": config["model"],
-            "training": training,
-            "defense": config["defense"],
-            "seed": config["seed"],
-        }
-    )
-
-
-@dataclass
-class TrainedModel:
-    model: Classifier
-    key: str
-    cache_hit: bool
-    train: TrainResult | None
-    meta: dict[str, Any]
-
-
-def obtain_model(
-    config: dict[str, Any], data: Dataset, device: torch.device, progress: bool = True
-) -> TrainedModel:
-    """Cached weights when they exist, else train and cache them."""
-    model = make_model(config, data)
-    key = weights_key(config, data)
-    training_cfg = config["training"]
-    train_config = TrainConfig.from_mapping(training_cfg)
-    cache = WeightCache(config["paths"]["cache_dir"])
-    use_cache = bool(training_cfg.get("use_cache", True))
-    if use_cache:
-        cache.ensure_writable()
-        meta = cache.load(key, model)
-        if meta is not None:
-            log.info("weights %s found in the cache (%s): training skipped", key, cache.weights_path(key))
-            return TrainedModel(model.to(device).eval(), key, True, None, meta)
-    log.info("training %s on %s (%d epochs)", config["model"]["name"], data.info.name, train_config.epochs)
-    result = fit(
-        model, data.x_train, data.y_train, train_config, device, seed=int(config["seed"]), progress=progress
-    )
-    meta = {
-        "model": config["model"],
-        "data": data.info.identity,
-        "training": training_cfg,
-        "defense": config["defense"],
-        "seed": config["seed"],
-        "device": str(device),
-        "train_seconds": result.seconds,
-        "train_images_per_s": result.images_per_s,
-        "history": result.history,
-        "robustcnn_version": __version__,
-    }
-    if use_cache:
-        cache.save(key, model, meta)
-    return TrainedModel(model.eval(), key, False, result, meta)
+    section = dict(config["data"])
+    name = section.pop("name", None)
+    if not name:
+        raise ConfigError("the data config has no 'name'; pick a preset such as data=mnist5k")
+    return load_dataset(name, **section)
 
 
 def environment_info(device: torch.device) -> dict[str, Any]:
@@ -240,8 +155,7 @@ def run_job(
 ) -> dict[str, Any]:
     """Run one job end to end and return its results (also written to ``output_dir/results.json``)."""
     config = to_container(cfg) if isinstance(cfg, DictConfig) else dict(cfg)
-    if config["defense"].get("name", "none") != "none":
-        raise ConfigError(f"defense={config['defense']['name']} is not available yet; use defense=none")
+    build_defense(resolve_defense(config["defense"]))  # bad defense settings fail before any work
     set_threads(config.get("threads"))
     seed = int(config.get("seed", 0))
     seed_everything(seed)
@@ -300,6 +214,8 @@ def run_job(
             "n_test": int(y_test.shape[0]),
             "parameters": count_parameters(trained.model),
             "weights_key": trained.key,
+            "defense_params": trained.defense.params(),
+            "defense_report": trained.meta.get("defense_report", {}),
             "cache_hit": trained.cache_hit,
             "train_seconds": train_seconds,
             "train_images_per_s": trained.train.images_per_s
@@ -319,6 +235,14 @@ def run_job(
             }
         )
         run.set_tags({"cache_hit": trained.cache_hit, "weights_key": trained.key})
+        report = results["defense_report"]
+        run.log_metrics(
+            {
+                f"defense/{k}": v
+                for k, v in report.items()
+                if isinstance(v, (int, float)) and not isinstance(v, bool)
+            }
+        )
         if threat is not None:
             bind_surrogates(attacks, config, data, device, progress)
             n_attack = int(eval_cfg.get("attack_samples") or y_test.shape[0])

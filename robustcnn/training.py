@@ -102,6 +102,9 @@ class TrainContext:
     device: torch.device
     config: TrainConfig
     epoch: int = 0
+    #: Global batch counter (0-based) and batches per epoch: for per-batch schedules (eps warm-up).
+    step: int = 0
+    steps_per_epoch: int = 1
     history: list[dict[str, float]] = field(default_factory=list)
     #: A hook sets this to end training after the current epoch (e.g. collapse detected).
     stop: bool = False
@@ -225,7 +228,7 @@ def fit(
         steps = min(steps, config.max_batches)
     optimizer = build_optimizer(model, config)
     scheduler = build_scheduler(optimizer, config, steps)
-    ctx = TrainContext(model=model, optimizer=optimizer, device=device, config=config)
+    ctx = TrainContext(model=model, optimizer=optimizer, device=device, config=config, steps_per_epoch=steps)
     generator = torch.Generator(device="cpu").manual_seed(seed)
 
     for hook in hooks:
@@ -260,6 +263,7 @@ def fit(
             optimizer.step()
             if scheduler is not None:
                 scheduler.step()
+            ctx.step += 1
             loss_sum += loss.detach() * y.shape[0]
             seen += y.shape[0]
             if bar is not None:

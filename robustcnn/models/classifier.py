@@ -103,6 +103,9 @@ class Classifier(nn.Module):
         self.num_classes = num_classes
         self.bounds: tuple[float, float] = (lo, hi)
         self.name = name
+        #: With dropout kept on at inference, average the prediction over this many draws
+        #: (the randomised-defense setting); 1 = a single draw.
+        self.inference_samples = 1
 
     def forward(self, x: Tensor) -> Tensor:
         """Normalize raw images ``x`` [N, C, H, W] and return logits [N, num_classes]."""
@@ -113,7 +116,15 @@ class Classifier(nn.Module):
                 f"{list(x.shape)}; add a batch dimension or resize the inputs, or build the model "
                 "with the matching input_shape"
             )
-        logits = self.net((x - self.mean) / self.std)
+        normalized = (x - self.mean) / self.std
+        draws = self.inference_samples if not self.training and self.inference_samples > 1 else 1
+        if draws > 1 and self.stochastic:
+            # one batched pass over `draws` copies; log of the mean probability is a valid logit
+            out = self.net(normalized.repeat(draws, 1, 1, 1))
+            log_probs = out.log_softmax(1).view(draws, x.shape[0], -1)
+            logits = torch.logsumexp(log_probs, 0) - math.log(draws)
+        else:
+            logits = self.net(normalized)
         if logits.dim() != 2 or logits.shape[1] != self.num_classes:
             raise ModelError(
                 f"network of model {self.name!r} returned shape {list(logits.shape)} instead of "

@@ -1,0 +1,648 @@
+"""Adversarial training: PGD-AT (Madry et al. 2018), fast FGSM-AT (Wong et al. 2020) and TRADES.
+
+All three are train-time hooks on the one training loop (:func:`robustcnn.training.fit`): each
+batch is replaced by (or augmented with) adversarial examples crafted on the fly against the
+current weights. Why they live together: they share everything but the inner maximisation and
+the loss, i.e. the settings (eps, norm, steps, step rule), their validation, the per-batch eps
+warm-up and the bookkeeping, which :class:`AdversarialSettings` and :class:`AdversarialHook`
+hold once.
+
+The inner maximisation always runs inside :func:`~robustcnn.attacks.base.attack_mode` (eval mode,
+frozen parameters, verified), so the only backward pass that reaches the parameters is the one
+the loop runs on the returned loss. The examples come from the attack code itself
+(:meth:`PGD.ascend <robustcnn.attacks.pgd.PGD.ascend>`; FGSM with a random start is PGD with one
+step of ``1.25 eps``), so training and evaluation cannot drift apart. TRADES maximises a KL
+divergence rather than a classification loss; its ascent loop reuses ``project`` and
+``step_direction`` and is the one piece of attack code defined here.
+
+Catastrophic overfitting (Wong et al. 2020, section 2.3 of the literature notes) is watched by
+:class:`CollapseGuard`: PGD accuracy of a fixed training batch at every epoch end, the best
+checkpoint kept and restored.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from robustcnn.attacks.base import PerturbContext, attack_mode
+from robustcnn.attacks.fgsm import FGSM
+from robustcnn.attacks.gradient import step_direction
+from robustcnn.attacks.pgd import PGD
+from robustcnn.defenses.base import Defense, register_defense
+from robustcnn.errors import ConfigError
+from robustcnn.threat import NORMS, ThreatModel, project
+from robustcnn.training import TrainContext, TrainHook
+
+#: TRADES starts its inner maximisation at x + TRADES_INIT_STD * N(0, 1), as the paper's code does
+#: (at x itself the KL term has a zero gradient).
+TRADES_INIT_STD = 0.001
+ON_COLLAPSE = ("stop", "restore", "continue")
+#: Relative slack under which the warm-up counts as finished (float round-off of epochs x steps).
+_WARMUP_TOLERANCE = 1e-9
+
+
+def _number(name: str, value: Any, kind: type = float) -> Any:
+    """Convert a config value, or fail with the key's name (``float('abc')`` would not name it)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ConfigError(f"defense.{name}={value!r} must be a number")
+    if kind is int and float(value) != int(value):
+        raise ConfigError(f"defense.{name}={value!r} must be a whole number")
+    if not math.isfinite(float(value)):
+        raise ConfigError(f"defense.{name}={value!r} must be finite")
+    return kind(value)
+
+
+@dataclass(frozen=True)
+class AdversarialSettings:
+    """The inner-maximisation settings every adversarial-training variant shares, validated once."""
+
+    eps: float = 0.3
+    norm: str = "linf"
+    steps: int = 10
+    #: Absolute step in pixel units; None = ``rel_step_size * eps / steps`` (Madry's rule).
+    step_size: float | None = None
+    rel_step_size: float = 2.5
+    random_start: bool = True
+    #: Epochs (may be fractional) over which eps rises linearly from ~0 to ``eps``, per batch.
+    warmup_epochs: float = 0.0
+
+    @classmethod
+    def create(
+        cls,
+        *,
+        eps: Any,
+        norm: Any,
+        steps: Any,
+        step_size: Any,
+        rel_step_size: Any,
+        random_start: Any,
+        warmup_epochs: Any,
+    ) -> AdversarialSettings:
+        """Coerce raw config values (ints from YAML, strings) and validate them."""
+        return cls(
+            eps=_number("eps", eps),
+            norm=str(norm).lower(),
+            steps=_number("steps", steps, int),
+            step_size=None if step_size is None else _number("step_size", step_size),
+            rel_step_size=_number("rel_step_size", rel_step_size),
+            random_start=bool(random_start),
+            warmup_epochs=_number("warmup_epochs", warmup_epochs),
+        )
+
+    def __post_init__(self) -> None:
+        if self.norm not in NORMS:
+            raise ConfigError(f"defense.norm={self.norm!r} is unknown; choose one of {', '.join(NORMS)}")
+        if self.eps < 0:
+            raise ConfigError(f"defense.eps={self.eps} must be >= 0 (a radius in [0,1] pixel units)")
+        if self.norm == "linf" and self.eps > 1:
+            raise ConfigError(
+                f"defense.eps={self.eps} is outside [0,1] for the linf norm; eps is in pixel units "
+                "(MNIST 0.3, CIFAR-10 8/255 = 0.0314)"
+            )
+        if self.steps < 1:
+            raise ConfigError(f"defense.steps={self.steps} must be >= 1")
+        if self.step_size is not None and not self.step_size > 0:
+            raise ConfigError(
+                f"defense.step_size={self.step_size} must be > 0 (or null to use rel_step_size)"
+            )
+        if not self.rel_step_size > 0:
+            raise ConfigError(f"defense.rel_step_size={self.rel_step_size} must be > 0")
+        if self.warmup_epochs < 0:
+            raise ConfigError(f"defense.warmup_epochs={self.warmup_epochs} must be >= 0 (0 = no warm-up)")
+
+    def warmup_fraction(self, step: int, steps_per_epoch: int) -> float:
+        """Share of ``eps`` used at global batch ``step`` (0-based): linear, 1.0 once warmed up.
+
+        Batch ``step`` uses ``(step + 1) / (warmup_epochs * steps_per_epoch)``, so the first batch
+        already sees a small eps and the last batch of the warm-up reaches the full one.
+        """
+        if self.warmup_epochs <= 0:
+            return 1.0
+        progress = (step + 1) / (self.warmup_epochs * max(steps_per_epoch, 1))
+        return 1.0 if progress >= 1.0 - _WARMUP_TOLERANCE else progress
+
+    def eps_at(self, step: int, steps_per_epoch: int) -> float:
+        """The radius used at global batch ``step``."""
+        return self.eps * self.warmup_fraction(step, steps_per_epoch)
+
+    def alpha(self, eps: float) -> float:
+        """Step size for radius ``eps`` (the same rule as :meth:`PGD.alpha`)."""
+        return self.step_size if self.step_size is not None else self.rel_step_size * eps / self.steps
+
+    def pgd(self, seed: int) -> PGD:
+        """The PGD attack whose :meth:`~PGD.ascend` crafts the training examples."""
+        return PGD(
+            steps=self.steps,
+            step_size=self.step_size,
+            rel_step_size=self.rel_step_size,
+            random_start=self.random_start,
+            seed=seed,
+        )
+
+    def params(self) -> dict[str, Any]:
+        return {
+            "eps": self.eps,
+            "norm": self.norm,
+            "steps": self.steps,
+            "step_size": self.step_size,
+            "rel_step_size": self.rel_step_size,
+            "random_start": self.random_start,
+            "warmup_epochs": self.warmup_epochs,
+        }
+
+
+class AdversarialHook(TrainHook):
+    """A training hook that trains on examples crafted per batch; subclasses say how and on what loss.
+
+    Shared here: the warm-up eps of the batch, a deterministic :class:`PerturbContext` per batch
+    (noise seeded by the global step), the inner maximisation wrapped in ``attack_mode``, and the
+    adversarial train accuracy (counted on the device, read once per epoch).
+    """
+
+    def __init__(self, settings: AdversarialSettings, seed: int) -> None:
+        self.settings = settings
+        self.seed = int(seed)
+        self.history: list[dict[str, float]] = []
+        self._correct: Tensor | None = None
+        self._counted = 0
+        self._clean_correct: Tensor | None = None
+
+    # -- what subclasses write -------------------------------------------------------------------
+    def craft(self, ctx: TrainContext, x: Tensor, y: Tensor, eps: float, pctx: PerturbContext) -> Tensor:
+        """The inner maximisation (runs in ``attack_mode``): adversarial examples inside the ball."""
+        raise NotImplementedError
+
+    def loss(self, ctx: TrainContext, x: Tensor, x_adv: Tensor, y: Tensor) -> Tensor:
+        """The outer loss of the batch (train mode, parameters live)."""
+        raise NotImplementedError
+
+    # -- shared ----------------------------------------------------------------------------------
+    def perturb_context(self, ctx: TrainContext, x: Tensor) -> PerturbContext:
+        n = x.shape[0]
+        return PerturbContext(
+            device=x.device,
+            eps_index=0,
+            batch_index=ctx.step,
+            full_batch=n,
+            active=torch.arange(n, device=x.device),
+            seed=self.seed,
+            bounds=tuple(getattr(ctx.model, "bounds", (0.0, 1.0))),  # type: ignore[arg-type]
+            amp=ctx.config.amp,
+        )
+
+    def adversarial_batch(self, ctx: TrainContext, x: Tensor, y: Tensor) -> Tensor:
+        """The batch's adversarial examples at this step's (warm-up) eps, detached."""
+        eps = self.settings.eps_at(ctx.step, ctx.steps_per_epoch)
+        if eps <= 0:
+            return x
+        # Stale gradients of the previous step would be cloned by attack_mode's check (a copy of
+        # every parameter's gradient per batch); the loop zeroes them before backward anyway.
+        ctx.optimizer.zero_grad(set_to_none=True)
+        with attack_mode(ctx.model):
+            x_adv = self.craft(ctx, x, y, eps, self.perturb_context(ctx, x))
+        return x_adv.detach()
+
+    def compute_loss(self, ctx: TrainContext, x: Tensor, y: Tensor) -> Tensor | None:
+        return self.loss(ctx, x, self.adversarial_batch(ctx, x, y), y)
+
+    def record(self, logits_adv: Tensor, y: Tensor, logits_clean: Tensor | None = None) -> None:
+        """Count correct predictions on device tensors (no host sync per batch)."""
+        hits = (logits_adv.detach().argmax(1) == y).sum()
+        self._correct = hits if self._correct is None else self._correct + hits
+        self._counted += y.shape[0]
+        if logits_clean is not None:
+            clean = (logits_clean.detach().argmax(1) == y).sum()
+            self._clean_correct = clean if self._clean_correct is None else self._clean_correct + clean
+
+    def on_fit_start(self, ctx: TrainContext) -> None:
+        self.history = []
+        self._correct, self._counted, self._clean_correct = None, 0, None
+
+    def on_epoch_end(self, ctx: TrainContext, metrics: dict[str, float]) -> None:
+        row = {
+            "epoch": float(ctx.epoch + 1),
+            "train_eps": self.settings.eps_at(max(ctx.step - 1, 0), ctx.steps_per_epoch),
+        }
+        if self._counted and self._correct is not None:
+            row["adv_train_accuracy"] = float(self._correct.item()) / self._counted
+            if self._clean_correct is not None:
+                row["train_accuracy"] = float(self._clean_correct.item()) / self._counted
+        self._correct, self._counted, self._clean_correct = None, 0, None
+        self.history.append(row)
+        metrics.update({k: v for k, v in row.items() if k != "epoch"})
+
+    def summary(self) -> dict[str, Any]:
+        """What the defense reports about this fit."""
+        if not self.history:
+            return {}
+        last = self.history[-1]
+        out: dict[str, Any] = {"final_train_eps": last["train_eps"]}
+        for key in ("adv_train_accuracy", "train_accuracy"):
+            if key in last:
+                out[f"final_{key}"] = last[key]
+        return out
+
+
+class PGDTrainingHook(AdversarialHook):
+    """Madry et al.: cross-entropy on the last PGD iterate (FGSM-AT: PGD with one step)."""
+
+    def __init__(self, settings: AdversarialSettings, seed: int) -> None:
+        super().__init__(settings, seed)
+        self.attack = settings.pgd(seed)
+
+    def craft(self, ctx: TrainContext, x: Tensor, y: Tensor, eps: float, pctx: PerturbContext) -> Tensor:
+        return self.attack.ascend(
+            ctx.model, x, y, eps, self.settings.norm, None, pctx, self.settings.alpha(eps)
+        )
+
+    def loss(self, ctx: TrainContext, x: Tensor, x_adv: Tensor, y: Tensor) -> Tensor:
+        with ctx.autocast():
+            logits = ctx.model(x_adv).float()
+        self.record(logits, y)
+        return F.cross_entropy(logits, y)
+
+
+def trades_ascent(
+    model: nn.Module, x: Tensor, eps: float, norm: str, alpha: float, steps: int, pctx: PerturbContext
+) -> Tensor:
+    """TRADES' inner maximisation: projected steepest ascent on KL(f(x) || f(x')) over x' in the ball.
+
+    Not :class:`PGD`: the objective compares two output distributions and needs no label. The
+    clean distribution is computed once (the model is frozen and in eval mode, so it cannot change).
+    Call inside ``attack_mode``.
+    """
+    with torch.no_grad(), pctx.autocast():
+        target = F.softmax(model(x).float(), dim=1)
+    noise = pctx.random(tuple(x.shape[1:]), kind="normal")
+    current = project(x + TRADES_INIT_STD * noise, x, eps, norm, pctx.bounds)
+    for _ in range(steps):
+        current = current.detach().requires_grad_(True)
+        with pctx.autocast():
+            log_probs = F.log_softmax(model(current).float(), dim=1)
+        value = F.kl_div(log_probs, target, reduction="sum")
+        (grad,) = torch.autograd.grad(value, current)
+        current = project(current.detach() + alpha * step_direction(grad, norm), x, eps, norm, pctx.bounds)
+    pctx.counters["gradient"] += x.shape[0] * steps
+    pctx.counters["forward"] += x.shape[0] * (steps + 1)
+    return current.detach()
+
+
+class TradesHook(AdversarialHook):
+    """Zhang et al. 2019: ``CE(f(x), y) + beta * KL(f(x) || f(x_adv))`` (batch mean)."""
+
+    def __init__(self, settings: AdversarialSettings, beta: float, seed: int) -> None:
+        super().__init__(settings, seed)
+        self.beta = beta
+
+    def craft(self, ctx: TrainContext, x: Tensor, y: Tensor, eps: float, pctx: PerturbContext) -> Tensor:
+        alpha = self.settings.alpha(eps)
+        return trades_ascent(ctx.model, x, eps, self.settings.norm, alpha, self.settings.steps, pctx)
+
+    def loss(self, ctx: TrainContext, x: Tensor, x_adv: Tensor, y: Tensor) -> Tensor:
+        # two forward passes, as the reference code does (BatchNorm sees each batch on its own)
+        with ctx.autocast():
+            logits = ctx.model(x).float()
+            logits_adv = ctx.model(x_adv).float()
+        self.record(logits_adv, y, logits)
+        natural = F.cross_entropy(logits, y)
+        robust = F.kl_div(F.log_softmax(logits_adv, dim=1), F.softmax(logits, dim=1), reduction="batchmean")
+        return natural + self.beta * robust
+
+
+class CollapseGuard(TrainHook):
+    """Catastrophic-overfitting guard (Wong et al. 2020): PGD accuracy on a fixed training batch.
+
+    At every epoch end it measures PGD and FGSM accuracy of ``x_hold`` at the full training eps
+    (also during the warm-up, so the curve is comparable from epoch to epoch and the best
+    checkpoint is judged against the threat the model is trained for), adds them to the metrics and
+    keeps the best checkpoint by PGD accuracy. A collapse is PGD accuracy more than ``drop`` below
+    the best so far, or, once the warm-up is over, below ``ratio`` x FGSM accuracy (the model
+    resists the single step it trains on but not the attack; during the warm-up a model trained at
+    a smaller eps fails this test without having collapsed). ``on_collapse``: ``stop`` ends
+    training; ``restore`` reloads the best checkpoint (weights and optimizer state) and trains on;
+    ``continue`` only logs. In every mode the best checkpoint is restored at the end of the fit.
+    """
+
+    def __init__(
+        self,
+        settings: AdversarialSettings,
+        x_hold: Tensor,
+        y_hold: Tensor,
+        *,
+        steps: int,
+        drop: float,
+        ratio: float,
+        on_collapse: str,
+        seed: int,
+    ) -> None:
+        self.settings = settings
+        self.x_hold, self.y_hold = x_hold, y_hold
+        self.steps, self.drop, self.ratio, self.on_collapse = steps, drop, ratio, on_collapse
+        self.seed = int(seed)
+        self.history: list[dict[str, float]] = []
+        self.collapses: list[dict[str, Any]] = []
+        self.best_accuracy: float | None = None
+        self.best_epoch: int | None = None
+        self.kept_epoch: int | None = None
+        self.restored = False
+        self._best_model: dict[str, Tensor] | None = None
+        self._best_optimizer: dict[str, Any] | None = None
+
+    def evaluate(self, model: nn.Module, eps: float) -> tuple[float, float]:
+        """(PGD accuracy, FGSM accuracy) of the fixed batch at ``eps``; same random start every epoch."""
+        threat = ThreatModel(self.settings.norm, eps=(eps,))
+        n = self.x_hold.shape[0]
+        pgd = PGD(steps=self.steps, rel_step_size=2.5, random_start=True, seed=self.seed, batch_size=n)
+        fgsm = FGSM(seed=self.seed, batch_size=n)
+        pgd_accuracy = pgd.run(model, self.x_hold, self.y_hold, threat).robust_accuracy()[0]
+        fgsm_accuracy = fgsm.run(model, self.x_hold, self.y_hold, threat).robust_accuracy()[0]
+        return pgd_accuracy, fgsm_accuracy
+
+    def on_fit_start(self, ctx: TrainContext) -> None:
+        self.history, self.collapses = [], []
+        self.best_accuracy = self.best_epoch = self.kept_epoch = None
+        self.restored = False
+        self._best_model = self._best_optimizer = None
+
+    def on_epoch_end(self, ctx: TrainContext, metrics: dict[str, float]) -> None:
+        eps = self.settings.eps
+        if eps <= 0:
+            return
+        epoch = ctx.epoch + 1
+        pgd_accuracy, fgsm_accuracy = self.evaluate(ctx.model, eps)
+        previous = self.history[-1]["guard_robust_accuracy"] if self.history else None
+        row = {"epoch": epoch, "guard_eps": eps, "guard_robust_accuracy": pgd_accuracy}
+        row["guard_fgsm_accuracy"] = fgsm_accuracy
+        self.history.append(row)
+        metrics.update({k: float(v) for k, v in row.items() if k != "epoch"})
+        warmed_up = self.settings.warmup_fraction(max(ctx.step - 1, 0), ctx.steps_per_epoch) >= 1.0
+        best_before, best_epoch_before = self.best_accuracy, self.best_epoch
+        reason = None
+        if best_before is not None and pgd_accuracy < best_before - self.drop:
+            reason = f"PGD accuracy fell more than {self.drop} below the best ({best_before:.3f})"
+        elif warmed_up and pgd_accuracy < self.ratio * fgsm_accuracy:
+            reason = f"PGD accuracy below {self.ratio} x FGSM accuracy ({fgsm_accuracy:.3f})"
+        # best by PGD accuracy even on a flagged epoch: a ratio-test collapse may still beat every
+        # earlier checkpoint (e.g. the first epoch after the warm-up); restoring a worse one helps no one
+        if self.best_accuracy is None or pgd_accuracy >= self.best_accuracy:
+            self._snapshot(ctx, epoch, pgd_accuracy)
+        if reason is None:
+            return
+        event = {
+            "epoch": epoch,
+            "reason": reason,
+            "before": previous,
+            "after": pgd_accuracy,
+            "best_before": best_before,
+            "best_epoch": best_epoch_before,
+            "fgsm_accuracy": fgsm_accuracy,
+            "action": self.on_collapse,
+        }
+        self.collapses.append(event)
+        ctx.notes.setdefault("collapses", []).append(event)
+        metrics["guard_collapse"] = 1.0
+        if self.on_collapse == "stop":
+            ctx.stop = True
+        elif self.on_collapse == "restore" and self.best_epoch != epoch:
+            self._load(ctx)
+
+    def on_fit_end(self, ctx: TrainContext) -> None:
+        last = int(self.history[-1]["epoch"]) if self.history else len(ctx.history)
+        if self._best_model is not None and self.best_epoch != last:
+            self._load(ctx)
+            self.restored = True
+        self.kept_epoch = self.best_epoch if self._best_model is not None else last
+        ctx.notes["kept_epoch"] = self.kept_epoch
+        ctx.notes["kept_guard_robust_accuracy"] = self.best_accuracy
+        ctx.notes["checkpoint_restored"] = self.restored
+        # the copies are no longer needed (they hold a model's and an optimizer's worth of memory)
+        self._best_model = self._best_optimizer = None
+
+    def _snapshot(self, ctx: TrainContext, epoch: int, accuracy: float) -> None:
+        self.best_accuracy, self.best_epoch = accuracy, epoch
+        self._best_model = {k: v.detach().clone() for k, v in ctx.model.state_dict().items()}
+        self._best_optimizer = copy.deepcopy(ctx.optimizer.state_dict())
+
+    def _load(self, ctx: TrainContext) -> None:
+        assert self._best_model is not None and self._best_optimizer is not None
+        ctx.model.load_state_dict(self._best_model)
+        ctx.optimizer.load_state_dict(copy.deepcopy(self._best_optimizer))
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "collapsed": bool(self.collapses),
+            "collapse_epochs": [int(e["epoch"]) for e in self.collapses],
+            "collapses": list(self.collapses),
+            "kept_epoch": self.kept_epoch,
+            "kept_guard_robust_accuracy": self.best_accuracy,
+            "checkpoint_restored": self.restored,
+            "guard_robust_accuracy": [float(r["guard_robust_accuracy"]) for r in self.history],
+        }
+
+
+class _AdversarialDefense(Defense):
+    """What the three variants share: settings, hook creation, report, adversarial fine-tuning.
+
+    With ``base`` set the runner hands over the base defense's trained model and :meth:`post_train`
+    fine-tunes it adversarially for ``finetune_epochs``; otherwise the hooks train from scratch and
+    :meth:`post_train` only returns the report (stored with the cached weights).
+    """
+
+    def __init__(self, *, settings: AdversarialSettings, finetune_epochs: Any, base: Any) -> None:
+        super().__init__(base=base)
+        self.settings = settings
+        self.finetune_epochs = _number("finetune_epochs", finetune_epochs, int)
+        if self.finetune_epochs < 1:
+            raise ConfigError(f"defense.finetune_epochs={self.finetune_epochs} must be >= 1")
+        self._hooks: list[TrainHook] = []
+
+    def make_hooks(self, seed: int, x_train: Tensor, y_train: Tensor) -> list[TrainHook]:
+        raise NotImplementedError
+
+    def hooks(self, seed: int, x_train: Tensor, y_train: Tensor) -> list[TrainHook]:
+        self._hooks = self.make_hooks(seed, x_train, y_train)
+        return list(self._hooks)
+
+    def params(self) -> dict[str, Any]:
+        return {**super().params(), **self.settings.params(), "finetune_epochs": self.finetune_epochs}
+
+    def post_train(
+        self,
+        model: nn.Module,
+        x_train: Tensor,
+        y_train: Tensor,
+        device: torch.device,
+        fit: Callable[..., Any],
+        seed: int,
+    ) -> dict[str, Any]:
+        if self.base is not None:
+            fit(model, hooks=self.hooks(seed, x_train, y_train), epochs=self.finetune_epochs)
+        return self.report()
+
+    def report(self) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for hook in self._hooks:
+            summary = getattr(hook, "summary", None)
+            if summary is not None:
+                out.update(summary())
+        return out
+
+
+@register_defense("pgd_at")
+class PGDAdversarialTraining(_AdversarialDefense):
+    """Madry et al. 2018: train on the last iterate of PGD-k from a random start."""
+
+    def __init__(
+        self,
+        *,
+        eps: float = 0.3,
+        norm: str = "linf",
+        steps: int = 10,
+        step_size: float | None = None,
+        rel_step_size: float = 2.5,
+        random_start: bool = True,
+        warmup_epochs: float = 0.0,
+        finetune_epochs: int = 1,
+        base: str | Mapping[str, Any] | None = None,
+    ) -> None:
+        settings = AdversarialSettings.create(
+            eps=eps,
+            norm=norm,
+            steps=steps,
+            step_size=step_size,
+            rel_step_size=rel_step_size,
+            random_start=random_start,
+            warmup_epochs=warmup_epochs,
+        )
+        super().__init__(settings=settings, finetune_epochs=finetune_epochs, base=base)
+
+    def make_hooks(self, seed: int, x_train: Tensor, y_train: Tensor) -> list[TrainHook]:
+        return [PGDTrainingHook(self.settings, seed)]
+
+
+@register_defense("fgsm_at")
+class FastAdversarialTraining(_AdversarialDefense):
+    """Wong, Rice, Kolter 2020: FGSM from a uniform random start, step 1.25 eps, with a collapse guard."""
+
+    def __init__(
+        self,
+        *,
+        eps: float = 0.3,
+        norm: str = "linf",
+        step_size: float | None = None,
+        rel_step_size: float = 1.25,
+        warmup_epochs: float = 0.0,
+        guard_samples: int = 256,
+        guard_steps: int = 10,
+        collapse_drop: float = 0.2,
+        collapse_ratio: float = 0.5,
+        on_collapse: str = "stop",
+        finetune_epochs: int = 1,
+        base: str | Mapping[str, Any] | None = None,
+    ) -> None:
+        # one step from a random start: PGD-1, whose step rule gives alpha = rel_step_size * eps
+        settings = AdversarialSettings.create(
+            eps=eps,
+            norm=norm,
+            steps=1,
+            step_size=step_size,
+            rel_step_size=rel_step_size,
+            random_start=True,
+            warmup_epochs=warmup_epochs,
+        )
+        super().__init__(settings=settings, finetune_epochs=finetune_epochs, base=base)
+        self.guard_samples = _number("guard_samples", guard_samples, int)
+        self.guard_steps = _number("guard_steps", guard_steps, int)
+        self.collapse_drop = _number("collapse_drop", collapse_drop)
+        self.collapse_ratio = _number("collapse_ratio", collapse_ratio)
+        self.on_collapse = str(on_collapse).lower()
+        if self.guard_samples < 1:
+            raise ConfigError(f"defense.guard_samples={self.guard_samples} must be >= 1")
+        if self.guard_steps < 1:
+            raise ConfigError(f"defense.guard_steps={self.guard_steps} must be >= 1")
+        if not 0 < self.collapse_drop <= 1:
+            raise ConfigError(
+                f"defense.collapse_drop={self.collapse_drop} must be in (0, 1] (accuracy points)"
+            )
+        if not 0 <= self.collapse_ratio <= 1:
+            raise ConfigError(f"defense.collapse_ratio={self.collapse_ratio} must be in [0, 1] (0 = off)")
+        if self.on_collapse not in ON_COLLAPSE:
+            raise ConfigError(
+                f"defense.on_collapse={on_collapse!r} is unknown; choose one of {', '.join(ON_COLLAPSE)}"
+            )
+
+    def params(self) -> dict[str, Any]:
+        out = super().params()
+        for key in ("steps", "random_start"):  # fixed by the method, not settings
+            out.pop(key)
+        return {
+            **out,
+            "guard_samples": self.guard_samples,
+            "guard_steps": self.guard_steps,
+            "collapse_drop": self.collapse_drop,
+            "collapse_ratio": self.collapse_ratio,
+            "on_collapse": self.on_collapse,
+        }
+
+    def make_hooks(self, seed: int, x_train: Tensor, y_train: Tensor) -> list[TrainHook]:
+        generator = torch.Generator().manual_seed(int(seed) + 1)
+        pick = torch.randperm(x_train.shape[0], generator=generator)[: self.guard_samples].to(x_train.device)
+        guard = CollapseGuard(
+            self.settings,
+            x_train.index_select(0, pick),
+            y_train.index_select(0, pick),
+            steps=self.guard_steps,
+            drop=self.collapse_drop,
+            ratio=self.collapse_ratio,
+            on_collapse=self.on_collapse,
+            seed=seed,
+        )
+        return [PGDTrainingHook(self.settings, seed), guard]
+
+
+@register_defense("trades")
+class Trades(_AdversarialDefense):
+    """Zhang et al. 2019: natural CE plus beta x the KL between clean and adversarial predictions."""
+
+    def __init__(
+        self,
+        *,
+        eps: float = 0.3,
+        norm: str = "linf",
+        steps: int = 10,
+        step_size: float | None = None,
+        rel_step_size: float = 2.5,
+        beta: float = 6.0,
+        warmup_epochs: float = 0.0,
+        finetune_epochs: int = 1,
+        base: str | Mapping[str, Any] | None = None,
+    ) -> None:
+        settings = AdversarialSettings.create(
+            eps=eps,
+            norm=norm,
+            steps=steps,
+            step_size=step_size,
+            rel_step_size=rel_step_size,
+            random_start=False,  # TRADES starts at x + 0.001 N(0, 1), not uniformly in the ball
+            warmup_epochs=warmup_epochs,
+        )
+        super().__init__(settings=settings, finetune_epochs=finetune_epochs, base=base)
+        self.beta = _number("beta", beta)
+        if self.beta < 0:
+            raise ConfigError(f"defense.beta={self.beta} must be >= 0 (0 = standard training; paper: 1-10)")
+
+    def params(self) -> dict[str, Any]:
+        out = super().params()
+        out.pop("random_start")
+        return {**out, "beta": self.beta}
+
+    def make_hooks(self, seed: int, x_train: Tensor, y_train: Tensor) -> list[TrainHook]:
+        return [TradesHook(self.settings, self.beta, seed)]

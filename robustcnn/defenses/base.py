@@ -1,0 +1,121 @@
+"""The Defense interface: how a defense changes a model, in the places the runner offers.
+
+A defense may do any of four things, each optional, and the runner calls them in this order:
+
+1. ``model_overrides``: change the model config before it is built (dropout rate);
+2. ``hooks``: plug into the one training loop (adversarial examples, TRADES' loss, collapse guard);
+3. ``post_train``: transform a trained model (pruning, then (adversarial) fine-tuning);
+4. ``finalize``: set inference-time behaviour that is not in the weights (dropout kept on).
+
+``base`` names the defense whose trained model this one starts from (``defense=prune
+defense.base=pgd_at``); the runner obtains that model through the weight cache first, so it is
+trained once however many defenses build on it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from robustcnn.errors import ConfigError
+from robustcnn.training import TrainHook
+
+_REGISTRY: dict[str, type[Defense]] = {}
+
+
+class Defense:
+    """No defense: standard training. Subclasses override what they change."""
+
+    name: ClassVar[str] = "none"
+    #: Settings that act only at inference (not on the weights): left out of the cache key.
+    inference_settings: ClassVar[tuple[str, ...]] = ()
+
+    def __init__(self, *, base: str | Mapping[str, Any] | None = None) -> None:
+        self.base = base
+
+    def params(self) -> dict[str, Any]:
+        """The settings that define the defense (logged with the run)."""
+        return {"base": self.base if not isinstance(self.base, Mapping) else dict(self.base)}
+
+    def model_overrides(self) -> dict[str, Any]:
+        return {}
+
+    def hooks(self, seed: int, x_train: torch.Tensor, y_train: torch.Tensor) -> list[TrainHook]:
+        """Training-loop hooks; ``x_train``/``y_train`` (on the training device) for held-out checks."""
+        return []
+
+    def post_train(
+        self,
+        model: nn.Module,
+        x_train: torch.Tensor,
+        y_train: torch.Tensor,
+        device: torch.device,
+        fit: Callable[..., Any],
+        seed: int,
+    ) -> dict[str, Any]:
+        """Transform the trained model in place; returns what to report (e.g. measured sparsity).
+
+        ``fit(model, hooks=[...], epochs=N)`` runs the job's training loop (for fine-tuning).
+        """
+        return {}
+
+    def prepare_for_load(self, model: nn.Module, report: Mapping[str, Any]) -> nn.Module:
+        """Reshape a freshly built model to what ``post_train`` produced (e.g. pruned channels).
+
+        ``report`` is what ``post_train`` returned when the cached weights were made; the runner
+        calls this before loading them, so a physically smaller model loads into the right shapes.
+        """
+        return model
+
+    def finalize(self, model: nn.Module) -> None:
+        """Inference-time settings that are not stored in the weights."""
+
+    def report(self) -> dict[str, Any]:
+        """Figures and events collected while training (logged as metrics/params)."""
+        return {}
+
+
+def register_defense(name: str) -> Callable[[type[Defense]], type[Defense]]:
+    def decorate(cls: type[Defense]) -> type[Defense]:
+        if name in _REGISTRY:
+            raise ValueError(f"defense {name!r} is already registered")
+        cls.name = name  # type: ignore[misc]
+        _REGISTRY[name] = cls
+        return cls
+
+    return decorate
+
+
+register_defense("none")(Defense)
+
+
+def available_defenses() -> list[str]:
+    return sorted(_REGISTRY)
+
+
+def build_defense(spec: Mapping[str, Any]) -> Defense:
+    """Build a defense from its config node (``name`` plus settings); bad values fail before training."""
+    params = dict(spec)
+    name = params.pop("name", None)
+    if name not in _REGISTRY:
+        raise ConfigError(f"unknown defense {name!r}; choose from {', '.join(available_defenses())}")
+    try:
+        return _REGISTRY[name](**params)
+    except TypeError as exc:
+        raise ConfigError(f"defense {name}: {exc}") from exc
+
+
+def weights_identity(spec: Mapping[str, Any]) -> dict[str, Any]:
+    """A resolved defense spec without its inference-only settings (recursively through ``base``).
+
+    Two configs that differ only in how the model behaves at test time share trained weights.
+    """
+    cls = _REGISTRY.get(spec.get("name"))  # type: ignore[arg-type]
+    skip = set(cls.inference_settings) if cls else set()
+    identity = {k: v for k, v in spec.items() if k not in skip}
+    if isinstance(identity.get("base"), Mapping):
+        identity["base"] = weights_identity(identity["base"])
+    return identity
