@@ -306,5 +306,8 @@ def test_backends_agree_linf(trained: tuple[nn.Module, torch.Tensor, torch.Tenso
 
 @pytest.mark.slow
 def test_backends_agree_pgd_l2(trained: tuple[nn.Module, torch.Tensor, torch.Tensor]) -> None:
+    """L2 steps and projection agree. Without a random start: torchattacks' PGDL2 draws its start
+    radius uniformly in (0, eps) where native and ART draw points uniformly in the ball, a
+    documented difference of the library that moved robust accuracy by 2.5 points at eps 2.0."""
     threat = ThreatModel(norm="l2", eps=(0.0, 1.0, 2.0))
-    _assert_agreement("pgd", threat, {"steps": 10, "random_start": True, "batch_size": 512}, trained)
+    _assert_agreement("pgd", threat, {"steps": 10, "random_start": False, "batch_size": 512}, trained)

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import copy
 import math
+from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -159,7 +160,7 @@ class AdversarialSettings:
         }
 
 
-class AdversarialHook(TrainHook):
+class AdversarialHook(TrainHook, ABC):
     """A training hook that trains on examples crafted per batch; subclasses say how and on what loss.
 
     Shared here: the warm-up eps of the batch, a deterministic :class:`PerturbContext` per batch
@@ -176,13 +177,13 @@ class AdversarialHook(TrainHook):
         self._clean_correct: Tensor | None = None
 
     # -- what subclasses write -------------------------------------------------------------------
+    @abstractmethod
     def craft(self, ctx: TrainContext, x: Tensor, y: Tensor, eps: float, pctx: PerturbContext) -> Tensor:
         """The inner maximisation (runs in ``attack_mode``): adversarial examples inside the ball."""
-        raise NotImplementedError
 
+    @abstractmethod
     def loss(self, ctx: TrainContext, x: Tensor, x_adv: Tensor, y: Tensor) -> Tensor:
         """The outer loss of the batch (train mode, parameters live)."""
-        raise NotImplementedError
 
     # -- shared ----------------------------------------------------------------------------------
     def perturb_context(self, ctx: TrainContext, x: Tensor) -> PerturbContext:
@@ -448,7 +449,7 @@ class CollapseGuard(TrainHook):
         }
 
 
-class _AdversarialDefense(Defense):
+class _AdversarialDefense(Defense, ABC):
     """What the three variants share: settings, hook creation, report, adversarial fine-tuning.
 
     With ``base`` set the runner hands over the base defense's trained model and :meth:`post_train`
@@ -464,8 +465,9 @@ class _AdversarialDefense(Defense):
             raise ConfigError(f"defense.finetune_epochs={self.finetune_epochs} must be >= 1")
         self._hooks: list[TrainHook] = []
 
+    @abstractmethod
     def make_hooks(self, seed: int, x_train: Tensor, y_train: Tensor) -> list[TrainHook]:
-        raise NotImplementedError
+        """The training hooks of this kind of adversarial training."""
 
     def hooks(self, seed: int, x_train: Tensor, y_train: Tensor) -> list[TrainHook]:
         self._hooks = self.make_hooks(seed, x_train, y_train)

@@ -1,7 +1,7 @@
 """Dropout that can stay on at inference time.
 
 Some defenses (and the attacks that must see through them, e.g. EOT) rely on a network whose
-dropout keeps sampling masks in ``eval()`` mode. ``model.train()`` is the wrong switch for that
+dropout keeps sampling masks in eval mode. ``model.train()`` is the wrong switch for that
 because it also changes batch-norm statistics, so the zoo uses :class:`InferenceDropout`, whose
 ``always_on`` flag keeps only the dropout active.
 """
