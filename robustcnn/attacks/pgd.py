@@ -108,6 +108,12 @@ class PGD(GradientAttack):
             current = project(current + alpha * step_direction(grad, norm), x, eps, norm, ctx.bounds)
         return current
 
+    def restart_indices(self, fooled: Tensor) -> Tensor:
+        """Samples a restart attacks: those not fooled yet (early stop) or all of them."""
+        if self.early_stop:
+            return (~fooled).nonzero().flatten()
+        return torch.arange(fooled.shape[0], device=fooled.device)
+
     def perturb_stochastic(
         self,
         model: nn.Module,
@@ -129,11 +135,7 @@ class PGD(GradientAttack):
         result = x.clone()
         fooled = torch.zeros(x.shape[0], dtype=torch.bool, device=x.device)
         for restart in range(self.restarts):
-            idx = (
-                (~fooled).nonzero().flatten()
-                if self.early_stop
-                else torch.arange(x.shape[0], device=x.device)
-            )
+            idx = self.restart_indices(fooled)
             if idx.numel() == 0:
                 break
             yi = y.index_select(0, idx)
@@ -193,11 +195,7 @@ class PGD(GradientAttack):
         result = x.clone()
         fooled = torch.zeros(x.shape[0], dtype=torch.bool, device=x.device)
         for restart in range(self.restarts):
-            idx = (
-                (~fooled).nonzero().flatten()
-                if self.early_stop
-                else torch.arange(x.shape[0], device=x.device)
-            )
+            idx = self.restart_indices(fooled)
             if idx.numel() == 0:
                 break
             x0 = x.index_select(0, idx)
