@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from robustcnn.errors import ConfigError
+from robustcnn.evaluation import autocast_for
 
 OPTIMIZERS = ("adam", "sgd")
 SCHEDULERS = ("none", "cosine", "step", "onecycle")
@@ -113,9 +114,7 @@ class TrainContext:
 
     def autocast(self) -> contextlib.AbstractContextManager[Any]:
         """bf16 autocast on CUDA when enabled, a no-op elsewhere."""
-        if self.config.amp and self.device.type == "cuda":
-            return torch.autocast("cuda", dtype=torch.bfloat16)
-        return contextlib.nullcontext()
+        return autocast_for(self.device, self.config.amp)
 
 
 class TrainHook:

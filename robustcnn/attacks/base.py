@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from robustcnn.errors import ConfigError, RobustCNNError
+from robustcnn.evaluation import autocast_for
 from robustcnn.threat import ThreatModel, perturbation_norms, project
 
 #: Slack allowed between an attack's raw output and the eps ball / bounds before projection.
@@ -131,9 +132,7 @@ class PerturbContext:
         return full.index_select(0, self.active)
 
     def autocast(self) -> contextlib.AbstractContextManager[Any]:
-        if self.amp and self.device.type == "cuda":
-            return torch.autocast("cuda", dtype=torch.bfloat16)
-        return contextlib.nullcontext()
+        return autocast_for(self.device, self.amp)
 
     def logits(self, model: nn.Module, x: Tensor) -> Tensor:
         """Forward pass without gradients (counted)."""
