@@ -172,6 +172,7 @@ def run_battery(
     settings: BatterySettings | None = None,
     clean_accuracy: float | None = None,
     device: torch.device | None = None,
+    progress: bool = False,
 ) -> BatteryResult:
     """Run ``attacks`` (+ noise floor, EOT variants, probes) on ``model`` and judge the evaluation."""
     settings = settings or BatterySettings()
@@ -194,6 +195,7 @@ def run_battery(
     results: dict[str, AttackResult] = {}
     for name, attack in named.items():
         log.info("attack %s: %r", name, attack)
+        attack.progress = progress
         results[name] = attack.run(model, x, y, threat)
 
     probes: dict[str, AttackResult] = {}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 from pathlib import Path
@@ -21,3 +22,28 @@ def file_sha256(path: str | Path, chunk: int = 1 << 20) -> str:
         while block := handle.read(chunk):
             digest.update(block)
     return digest.hexdigest()
+
+
+@functools.lru_cache(maxsize=1)
+def code_version() -> str:
+    """A hash of robustcnn's own source: a result computed by other code is not reused.
+
+    Why the source rather than the version string: between releases (and in editable installs)
+    the code changes while ``__version__`` does not.
+    """
+    package = Path(__file__).resolve().parent
+    digest = hashlib.sha256()
+    for path in sorted(package.rglob("*.py")):
+        digest.update(path.relative_to(package).as_posix().encode())
+        digest.update(path.read_bytes())
+    return digest.hexdigest()[:12]
+
+
+#: Config keys that do not change a job's results (where it logs, how many threads, force).
+NON_RESULT_KEYS = ("hydra", "tracking", "force", "threads")
+
+
+def job_key(config: dict[str, Any]) -> str:
+    """The identity of a job's results: its resolved config (less bookkeeping) plus the code version."""
+    payload = {k: v for k, v in config.items() if k not in NON_RESULT_KEYS}
+    return config_hash({"config": payload, "code": code_version()})

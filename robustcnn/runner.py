@@ -27,9 +27,18 @@ from robustcnn.defenses import build_defense
 from robustcnn.device import resolve_device, seed_everything, set_threads
 from robustcnn.errors import ConfigError
 from robustcnn.evaluation import clean_accuracy
+from robustcnn.hashing import code_version, job_key
 from robustcnn.models import count_parameters
+from robustcnn.resume import JOB_KEY_TAG, find_finished
+from robustcnn.sweep import SweepLink
 from robustcnn.threat import ThreatModel
-from robustcnn.tracking import check_store_writable, flatten, resolve_tracking_uri, start_run
+from robustcnn.tracking import (
+    check_store_writable,
+    ensure_experiment,
+    flatten,
+    resolve_tracking_uri,
+    start_run,
+)
 from robustcnn.trained import obtain_model, resolve_defense
 from robustcnn.training import TrainConfig
 
@@ -62,6 +71,7 @@ def environment_info(device: torch.device) -> dict[str, Any]:
         "torch": torch.__version__,
         "robustcnn": __version__,
         "device": str(device),
+        "threads": torch.get_num_threads(),  # what the launcher / `threads` left torch (see README)
     }
     if device.type == "cuda":
         info["gpu"] = torch.cuda.get_device_name(device)
@@ -116,16 +126,16 @@ def log_battery(run: Any, battery: BatteryResult, out: Path | None, class_names:
     }
     rows.update({f"attack_success_rate/{k}": r.success_rate() for k, r in battery.attacks.items()})
     rows["worst_case_robust_accuracy"] = battery.worst_case_robust_accuracy()
-    for i, value in enumerate(eps):
-        run.log_metrics({name: curve[i] for name, curve in rows.items()}, step=i)
-        run.log_metrics({f"{name}/eps_{value:.4g}": curve[i] for name, curve in rows.items()})
-    run.log_metrics(
-        {
-            "reference_robust_accuracy": battery.reference_robust_accuracy(),
-            **{f"timing/{k}_images_per_s": r.images_per_s() for k, r in battery.attacks.items()},
-            **{f"check/{c.name}": (-1.0 if c.passed is None else float(c.passed)) for c in battery.checks},
-        }
-    )
+    scalars = {
+        "reference_robust_accuracy": battery.reference_robust_accuracy(),
+        **{f"timing/{k}_images_per_s": r.images_per_s() for k, r in battery.attacks.items()},
+        **{f"check/{c.name}": (-1.0 if c.passed is None else float(c.passed)) for c in battery.checks},
+    }
+    metrics = [(name, value, 0) for name, value in scalars.items()]
+    for name, curve in rows.items():
+        metrics += [(name, curve[i], i) for i in range(len(eps))]
+        metrics += [(f"{name}/eps_{value:.4g}", curve[i], 0) for i, value in enumerate(eps)]
+    run.log_metric_rows(metrics)
     run.set_tags({"verdict": battery.verdict, "stochastic": battery.stochastic})
     if out is None:
         return
@@ -150,10 +160,26 @@ def log_battery(run: Any, battery: BatteryResult, out: Path | None, class_names:
         run.log_artifact(grid, "plots")
 
 
+def write_results(out: Path | None, results: dict[str, Any]) -> None:
+    """results.json next to the job's output: kept even when the tracking store is gone."""
+    if out is not None:
+        (out / "results.json").write_text(json.dumps(results, indent=2, sort_keys=True, default=str))
+
+
 def run_job(
-    cfg: DictConfig | dict[str, Any], output_dir: str | Path | None = None, progress: bool = True
+    cfg: DictConfig | dict[str, Any],
+    output_dir: str | Path | None = None,
+    progress: bool = True,
+    sweep: SweepLink | None = None,
+    job_tags: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Run one job end to end and return its results (also written to ``output_dir/results.json``)."""
+    """Run one job end to end and return its results (also written to ``output_dir/results.json``).
+
+    A job whose identical config (and code) already finished in the same experiment is not run
+    again unless ``force=true``: its results are linked (``reused_from``) and returned.
+    ``sweep`` puts the run under a sweep's parent run; ``job_tags`` (Hydra's job number and
+    overrides) make the sweep's cells tell apart in the MLflow UI.
+    """
     config = to_container(cfg) if isinstance(cfg, DictConfig) else dict(cfg)
     build_defense(resolve_defense(config["defense"]))  # bad defense settings fail before any work
     set_threads(config.get("threads"))
@@ -161,18 +187,30 @@ def run_job(
     seed_everything(seed)
     device = resolve_device(config.get("device", "auto"))
     tracking = config.get("tracking") or {}
-    uri = resolve_tracking_uri(tracking.get("uri"))
+    experiment = tracking.get("experiment") or "robustcnn"
+    uri = sweep.tracking_uri if sweep else resolve_tracking_uri(tracking.get("uri"))
     check_store_writable(uri)
     if bool(config["training"].get("use_cache", True)):
         WeightCache(config["paths"]["cache_dir"]).ensure_writable()
     TrainConfig.from_mapping(config["training"])  # validated before any data is loaded
     threat, attacks = plan_attacks(config)
-    data = load_data(config)
-    if threat is not None:
-        threat.check_input_size(data.info.input_shape)
     out = Path(output_dir) if output_dir is not None else None
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
+    key = job_key(config)
+    experiment_id = sweep.experiment_id if sweep else ensure_experiment(uri, experiment)
+    if not config.get("force", False):
+        previous = find_finished(uri, experiment_id, key)
+        if previous is not None:
+            log.info(
+                "identical job already finished in run %s: reused (force=true runs it again)",
+                previous["reused_from"],
+            )
+            write_results(out, previous)
+            return previous
+    data = load_data(config)
+    if threat is not None:
+        threat.check_input_size(data.info.input_shape)
 
     run_name = (
         tracking.get("run_name") or f"{config['model']['name']}-{config['defense']['name']}-{data.info.name}"
@@ -182,8 +220,18 @@ def run_job(
         "model": config["model"]["name"],
         "defense": config["defense"]["name"],
         "data": data.info.name,
+        JOB_KEY_TAG: key,
+        "robustcnn.code_version": code_version(),
+        **(job_tags or {}),
     }
-    with start_run(uri, tracking.get("experiment") or "robustcnn", run_name, tags) as run:
+    with start_run(
+        uri,
+        experiment,
+        run_name,
+        tags,
+        experiment_id=experiment_id,
+        parent_run_id=sweep.parent_run_id if sweep else None,
+    ) as run:
         params = flatten({k: v for k, v in config.items() if k != "hydra"})
         params.update(flatten(data.info.identity, prefix="data_identity."))
         run.log_params(params)
@@ -256,6 +304,7 @@ def run_job(
                 settings=BatterySettings.from_mapping(config.get("checks")),
                 clean_accuracy=None,
                 device=device,
+                progress=progress,
             )
             results.update(battery.to_dict())
             log_battery(run, battery, out, data.info.class_names)
@@ -264,9 +313,8 @@ def run_job(
                 battery.verdict,
                 [round(v, 3) for v in battery.worst_case_robust_accuracy()],
             )
+        write_results(out, results)
         run.log_dict(results, "results.json")
-        if out is not None:
-            (out / "results.json").write_text(json.dumps(results, indent=2, sort_keys=True, default=str))
     log.info(
         "%s: clean accuracy %.4f on %d test images (%s)",
         run_name,

@@ -12,8 +12,10 @@ import contextlib
 import json
 import logging
 import os
+import socket
 import tempfile
-from collections.abc import Iterator, Mapping
+import time
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
@@ -26,6 +28,8 @@ log = logging.getLogger(__name__)
 MAX_PARAM_LENGTH = 6000
 #: mlflow.log_params accepts at most 100 params per call.
 PARAM_BATCH = 100
+#: MLflow's log_batch accepts at most 1000 metrics per call.
+METRIC_BATCH = 1000
 
 
 def resolve_tracking_uri(configured: str | None = None, workdir: str | os.PathLike[str] | None = None) -> str:
@@ -114,6 +118,21 @@ class RunLogger:
         if clean:
             _mlflow().log_metrics(clean, step=step)
 
+    def log_metric_rows(self, rows: Sequence[tuple[str, float, int]]) -> None:
+        """Many ``(key, value, step)`` metrics in one store round-trip (curves: step = eps index).
+
+        Why: one call per eps costs a store transaction each (~30 ms on sqlite), which adds up to
+        a second per job in a sweep; a batch is one.
+        """
+        mlflow = _mlflow()
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        metrics = [Metric(k, float(v), now, int(step)) for k, v, step in rows if v is not None]
+        client = mlflow.tracking.MlflowClient()
+        for start in range(0, len(metrics), METRIC_BATCH):
+            client.log_batch(self.run_id, metrics=metrics[start : start + METRIC_BATCH])
+
     def set_tags(self, tags: Mapping[str, Any]) -> None:
         _mlflow().set_tags({k: _param_value(v) for k, v in tags.items()})
 
@@ -128,26 +147,159 @@ class RunLogger:
         _mlflow().log_artifact(str(path), artifact_path=artifact_path)
 
 
+def mlflow_module() -> Any:
+    """The mlflow module, imported on first use (for the report's store reader)."""
+    return _mlflow()
+
+
+def owner_tags() -> dict[str, str]:
+    """Which process owns a run: lets a later sweep tell a crashed run from one still running."""
+    return {"robustcnn.host": socket.gethostname(), "robustcnn.pid": str(os.getpid())}
+
+
+def _unreachable(uri: str, what: str, exc: Exception) -> TrackingError:
+    return TrackingError(
+        f"cannot use MLflow store {uri!r} ({what}): {exc}. "
+        "Check MLFLOW_TRACKING_URI / tracking.uri, or that the tracking server is running"
+    )
+
+
+def _client(uri: str) -> Any:
+    return _mlflow().tracking.MlflowClient(tracking_uri=uri)
+
+
+def ensure_experiment(uri: str, experiment: str) -> str:
+    """Create the store (schema) and the experiment if needed; return the experiment id.
+
+    A sweep calls this in its parent process before any worker starts: a sqlite store first
+    touched by several processes at once can break during its schema migration.
+    """
+    check_store_writable(uri)
+    logging.getLogger("alembic").setLevel(logging.WARNING)
+    try:
+        client = _client(uri)
+        found = client.get_experiment_by_name(experiment)
+        if found is not None:
+            if found.lifecycle_stage == "deleted":
+                client.restore_experiment(found.experiment_id)
+            return str(found.experiment_id)
+        return str(client.create_experiment(experiment))
+    except Exception as exc:  # mlflow raises many types (MlflowException, OperationalError, ...)
+        raise _unreachable(uri, f"experiment {experiment!r}", exc) from exc
+
+
+def create_run(uri: str, experiment_id: str, run_name: str, tags: Mapping[str, Any]) -> str:
+    """Open a run that outlives this call (a sweep's parent); end it with :func:`end_run`."""
+    try:
+        run = _client(uri).create_run(
+            experiment_id,
+            run_name=run_name,
+            tags={**owner_tags(), **{k: _param_value(v) for k, v in tags.items()}},
+        )
+    except Exception as exc:
+        raise _unreachable(uri, "creating a run", exc) from exc
+    return str(run.info.run_id)
+
+
+def end_run(uri: str, run_id: str, status: str) -> None:
+    """Mark a run FINISHED / FAILED / KILLED."""
+    try:
+        _client(uri).set_terminated(run_id, status=status)
+    except Exception as exc:
+        raise _unreachable(uri, f"ending run {run_id}", exc) from exc
+
+
+def delete_run(uri: str, run_id: str) -> None:
+    """Delete a run (a sweep's parent that never got a job)."""
+    try:
+        _client(uri).delete_run(run_id)
+    except Exception as exc:
+        raise _unreachable(uri, f"deleting run {run_id}", exc) from exc
+
+
+def log_run_text(uri: str, run_id: str, text: str, artifact_file: str) -> None:
+    """Attach a text artifact to a run that is not the active one (the sweep summary)."""
+    try:
+        _client(uri).log_text(run_id, text, artifact_file)
+    except Exception as exc:
+        raise _unreachable(uri, f"writing {artifact_file} to run {run_id}", exc) from exc
+
+
+def search_runs(uri: str, experiment_id: str, filter_string: str = "") -> list[dict[str, Any]]:
+    """Runs of an experiment matching an MLflow filter: id, status, tags, metrics."""
+    try:
+        runs = _client(uri).search_runs([experiment_id], filter_string=filter_string, max_results=5000)
+    except Exception as exc:
+        raise _unreachable(uri, "searching runs", exc) from exc
+    return [
+        {
+            "run_id": r.info.run_id,
+            "status": r.info.status,
+            "tags": dict(r.data.tags),
+            "metrics": dict(r.data.metrics),
+            "start_time": r.info.start_time,
+        }
+        for r in runs
+    ]
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def reap_orphaned_runs(uri: str, experiment_id: str) -> list[str]:
+    """Mark RUNNING runs whose owning process on this host is gone as KILLED; return their ids.
+
+    A job killed with SIGKILL cannot end its own run; the next sweep on the same store does it,
+    so an interrupted run never looks finished (or still running) in the UI. Runs owned by other
+    hosts are left alone: their process cannot be checked from here.
+    """
+    host = socket.gethostname()
+    reaped = []
+    for run in search_runs(uri, experiment_id, "attributes.status = 'RUNNING'"):
+        tags = run["tags"]
+        pid = tags.get("robustcnn.pid", "")
+        if tags.get("robustcnn.host") == host and pid.isdigit() and not _process_alive(int(pid)):
+            end_run(uri, run["run_id"], "KILLED")
+            reaped.append(run["run_id"])
+    if reaped:
+        log.warning("marked %d interrupted run(s) as KILLED: %s", len(reaped), ", ".join(reaped))
+    return reaped
+
+
 @contextlib.contextmanager
 def start_run(
     uri: str,
     experiment: str,
     run_name: str | None = None,
     tags: Mapping[str, Any] | None = None,
+    experiment_id: str | None = None,
+    parent_run_id: str | None = None,
 ) -> Iterator[RunLogger]:
-    """Open a run in ``experiment`` on the store at ``uri``; a failure inside marks the run FAILED."""
+    """Open a run on the store at ``uri``; a failure inside marks the run FAILED, Ctrl-C KILLED.
+
+    In a sweep the parent process has created the experiment and passes its id (workers never
+    create experiments, see :func:`ensure_experiment`) and the parent run's id.
+    """
     check_store_writable(uri)
     mlflow = _mlflow()
     logging.getLogger("alembic").setLevel(logging.WARNING)
+    all_tags = {**owner_tags(), **{k: _param_value(v) for k, v in (tags or {}).items()}}
+    if parent_run_id:
+        all_tags["mlflow.parentRunId"] = parent_run_id
     try:
         mlflow.set_tracking_uri(uri)
-        mlflow.set_experiment(experiment)
-        run = mlflow.start_run(run_name=run_name, tags=dict(tags or {}))
+        if experiment_id is None:
+            experiment_id = mlflow.set_experiment(experiment).experiment_id
+        run = mlflow.start_run(experiment_id=experiment_id, run_name=run_name, tags=all_tags)
     except Exception as exc:  # mlflow raises many types (MlflowException, OperationalError, ...)
-        raise TrackingError(
-            f"cannot open MLflow store {uri!r} (experiment {experiment!r}): {exc}. "
-            "Check MLFLOW_TRACKING_URI / tracking.uri, or that the tracking server is running"
-        ) from exc
+        raise _unreachable(uri, f"experiment {experiment!r}", exc) from exc
     status = "FAILED"
     try:
         yield RunLogger(run)

@@ -23,6 +23,7 @@ from torch import Tensor, nn
 
 from robustcnn.errors import ConfigError
 from robustcnn.evaluation import autocast_for
+from robustcnn.progress import progress_bar
 
 OPTIMIZERS = ("adam", "sgd")
 SCHEDULERS = ("none", "cosine", "step", "onecycle")
@@ -192,14 +193,6 @@ def default_loss(model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
     return F.cross_entropy(model(x), y)
 
 
-def _progress(total: int, desc: str, enabled: bool) -> Any:
-    if not enabled:
-        return None
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, desc=desc, leave=False, unit="batch", dynamic_ncols=True)
-
-
 def fit(
     model: nn.Module,
     x_train: Tensor,
@@ -242,7 +235,7 @@ def fit(
         correct = torch.zeros((), device=device, dtype=torch.long)
         seen = counted = 0
         epoch_start = time.perf_counter()
-        bar = _progress(steps, f"epoch {epoch + 1}/{config.epochs}", progress)
+        bar = progress_bar(steps, f"epoch {epoch + 1}/{config.epochs}", progress)
         for step in range(steps):
             idx = order[step * config.batch_size : (step + 1) * config.batch_size]
             x, y = random_shift(x_all[idx], config.shift, generator), y_all[idx]

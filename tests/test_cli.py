@@ -64,11 +64,15 @@ def test_smoke_experiment_logs_a_run_and_second_run_hits_the_cache(isolated: dic
     written = list(root.glob("outputs/*/*/results.json"))
     assert written and json.loads(written[0].read_text())["clean_accuracy"] == results["clean_accuracy"]
 
-    second = robustcnn("run", "experiment=smoke", "attack=pgd", cwd=root)
+    second = robustcnn("run", "experiment=smoke", "attack=pgd", "force=true", cwd=root)
     assert second.returncode == 0, second.stderr
-    assert "cache_hit=True" in second.stdout
+    assert "cache_hit=True" in second.stdout and "reused_from" not in second.stdout
     again = download_json_artifact(isolated["store"], _run_id(second.stdout), "results.json")
     assert again["clean_accuracy"] == results["clean_accuracy"], "cached weights must give the same model"
+
+    third = robustcnn("run", "experiment=smoke", "attack=pgd", cwd=root)  # the same job: linked, not rerun
+    assert third.returncode == 0, third.stderr
+    assert f"reused_from={_run_id(second.stdout)}" in third.stdout
 
 
 @pytest.mark.slow

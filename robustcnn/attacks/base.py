@@ -31,6 +31,7 @@ from torch import Tensor, nn
 
 from robustcnn.errors import ConfigError, RobustCNNError
 from robustcnn.evaluation import autocast_for
+from robustcnn.progress import progress_bar
 from robustcnn.threat import ThreatModel, perturbation_norms, project
 
 #: Slack allowed between an attack's raw output and the eps ball / bounds before projection.
@@ -213,6 +214,8 @@ class Attack(ABC):
     norms: ClassVar[tuple[str, ...]] = ("linf", "l2")
     #: The library that computes the attack (native = our own torch code).
     backend: ClassVar[str] = "native"
+    #: Show a bar over the attack's batches (the battery turns it on when a person watches).
+    progress: bool = False
 
     def __init__(
         self,
@@ -276,11 +279,17 @@ class Attack(ABC):
         parts: list[dict[str, Tensor]] = []
         counters = {"forward": 0, "gradient": 0}
         start = time.perf_counter()
+        starts = range(0, x.shape[0], self.batch_size)
+        bar = progress_bar(len(starts), f"attack {self.name}", self.progress and len(starts) > 1)
         with attack_mode(model):
-            for batch_index, begin in enumerate(range(0, x.shape[0], self.batch_size)):
+            for batch_index, begin in enumerate(starts):
                 xb = x[begin : begin + self.batch_size].to(device)
                 yb = y[begin : begin + self.batch_size].to(device)
                 parts.append(self._run_batch(model, xb, yb, threat, bounds, batch_index, device, counters))
+                if bar is not None:
+                    bar.update()
+        if bar is not None:
+            bar.close()
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         seconds = time.perf_counter() - start

@@ -1,0 +1,24 @@
+"""Progress bars for long loops (training epochs, attack batches, sweeps), shown only on a terminal.
+
+Why one helper: every loop that can take minutes shows the same kind of bar, and none of them
+writes bar noise into CI logs or files (``enabled`` is false unless stderr is a terminal).
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+
+def progress_enabled() -> bool:
+    """Bars only when a person watches: stderr is a terminal."""
+    return sys.stderr.isatty()
+
+
+def progress_bar(total: int, desc: str, enabled: bool, unit: str = "batch") -> Any:
+    """A tqdm bar, or None when disabled (callers write ``if bar: bar.update()``)."""
+    if not enabled:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, leave=False, unit=unit, dynamic_ncols=True)
