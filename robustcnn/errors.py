@@ -31,3 +31,7 @@ class CacheError(RobustCNNError):
 
 class TrackingError(RobustCNNError):
     """The MLflow tracking store cannot be reached or written."""
+
+
+class ReportError(RobustCNNError):
+    """A dashboard cannot be built: the store or the experiment does not exist, or has no runs."""

@@ -1,0 +1,360 @@
+"""The HTML dashboard without a browser: tables and numbers from hand-made runs, escaping, errors.
+
+Hand-made ``results.json`` dicts keep these fast; tests/test_report_browser.py renders a report of
+real jobs in Chromium.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from robustcnn.errors import ReportError, RobustCNNError
+from robustcnn.report import build_report
+from robustcnn.report.build import folder_name
+from robustcnn.report.charts import robustness_curves, tradeoff
+from robustcnn.report.page import render, script_json
+from robustcnn.report.records import RunRecord, split_runs
+from robustcnn.report.tables import attack_breakdown, curve_auc, leaderboard, pareto_front, sanity_checks
+
+EPS = [0.0, 0.1, 0.2, 0.3]
+EVIL = "<script>alert(1)</script>"
+
+
+def results(
+    defense: str,
+    clean: float,
+    worst: list[float],
+    verdict: str = "not robust",
+    failed: tuple[str, ...] = (),
+    **extra: Any,
+) -> dict[str, Any]:
+    """A results.json as run_job writes it (the keys the page reads)."""
+    checks = [{"name": "monotone_in_eps", "passed": True, "detail": "ok"}]
+    checks += [{"name": name, "passed": False, "detail": f"{name} failed"} for name in failed]
+    checks.append({"name": "eot_for_stochastic", "passed": None, "detail": "deterministic model"})
+    return {
+        "clean_accuracy": clean,
+        "model": "lenet5",
+        "defense": defense,
+        "data": "mnist5k",
+        "threat": {"norm": "linf"},
+        "eps": EPS,
+        "robust_accuracy": {"fgsm": [clean, *[min(1.0, w + 0.1) for w in worst[1:]]], "pgd": worst},
+        "worst_case_robust_accuracy": worst,
+        "reference_eps": 0.3,
+        "reference_robust_accuracy": worst[-1],
+        "verdict": verdict,
+        "checks": checks,
+        "train_seconds": 12.5,
+        "cache_hit": False,
+        "timing": {"pgd": {"images_per_s": 900.0}, "fgsm": {"images_per_s": 9000.0}},
+        "environment": {"python": "3.11.2", "torch": "2.13.0", "robustcnn": "0.1.0", "device": "cpu"},
+        **extra,
+    }
+
+
+def run(name: str, res: dict[str, Any] | None, status: str = "FINISHED", **tags: str) -> RunRecord:
+    return RunRecord(
+        run_id=f"id-{name}",
+        name=name,
+        status=status,
+        start_time=1_700_000_000_000,
+        tags=dict(tags),
+        results=res,
+        config={"run_name": name, "model": {"name": "lenet5"}},
+    )
+
+
+@pytest.fixture()
+def mixed_runs() -> list[RunRecord]:
+    return [
+        run("plain", results("none", 0.98, [0.98, 0.5, 0.1, 0.0])),
+        run("at", results("pgd_at", 0.90, [0.90, 0.8, 0.7, 0.6], verdict="robust")),
+        run(
+            "masked",
+            results("dropout", 0.95, [0.95, 0.9, 0.9, 0.9], "unreliable", ("white_box_beats_noise",)),
+        ),
+        run("sweep", None, **{"robustcnn.sweep": "true"}),
+        run("crashed", None, status="FAILED", model="lenet5", defense="trades"),
+        run("no-results", None),
+    ]
+
+
+def test_curve_auc_is_the_trapezoid_mean_over_the_eps_range() -> None:
+    assert curve_auc(EPS, [0.98, 0.5, 0.1, 0.0]) == pytest.approx((0.074 + 0.03 + 0.005) / 0.3)
+    assert curve_auc([0.1, 0.3], [1.0, 0.0]) == pytest.approx(0.5)  # normalised by 0.2, not 0.3
+    assert curve_auc([0.3, 0.1], [0.0, 1.0]) == pytest.approx(0.5)  # order of the points is irrelevant
+    assert curve_auc([0.3], [0.4]) == pytest.approx(0.4)
+    assert curve_auc([], []) is None
+
+
+def test_pareto_front_keeps_only_undominated_points() -> None:
+    points = [(0.99, 0.0), (0.90, 0.4), (0.80, 0.3), (0.70, 0.6), (0.60, 0.6), (0.90, 0.4)]
+    # (0.80, 0.3) is beaten by (0.90, 0.4); (0.60, 0.6) by (0.70, 0.6); equal points both stay
+    assert pareto_front(points) == [3, 1, 5, 0]
+    assert pareto_front([(0.5, 0.5)]) == [0]
+    assert pareto_front([]) == []
+
+
+def test_runs_are_split_into_sections(mixed_runs: list[RunRecord]) -> None:
+    runs = split_runs("exp", mixed_runs)
+    assert [r.name for r in runs.finished] == ["plain", "at", "masked"]
+    assert [r.name for r in runs.incomplete] == ["crashed"]
+    assert runs.skipped == 2 and runs.face_patch == []
+
+
+def test_leaderboard_rows_order_auc_and_flags(mixed_runs: list[RunRecord]) -> None:
+    table = leaderboard(split_runs("exp", mixed_runs).finished)
+    assert len(table.rows) == 3
+    assert [c for c in table.columns if c.startswith("robust @ ε=")] == [
+        "robust @ ε=0", "robust @ ε=0.1", "robust @ ε=0.2", "robust @ ε=0.3"
+    ]
+    # sorted by robust accuracy at the reference eps: masked (0.9), at (0.6), plain (0.0)
+    assert [row.cells[0].text for row in table.rows] == ["masked", "at", "plain"]
+    auc = table.columns.index("AUC (robust vs ε)")
+    assert table.rows[2].cells[auc].sort == pytest.approx((0.074 + 0.03 + 0.005) / 0.3)
+    verdict = table.columns.index("verdict")
+    assert [row.flagged for row in table.rows] == [True, False, False]
+    assert table.rows[0].cells[verdict].text == "⚠ unreliable"
+    assert table.rows[0].cells[verdict].title == "white_box_beats_noise"
+
+
+def test_attack_breakdown_and_sanity_checks(mixed_runs: list[RunRecord]) -> None:
+    done = split_runs("exp", mixed_runs).finished
+    breakdown = attack_breakdown(done)
+    assert len(breakdown.rows) == 6  # 3 runs x (fgsm, pgd)
+    assert {row.cells[1].text for row in breakdown.rows} == {"fgsm", "pgd"}
+    checks = sanity_checks(done)
+    # columns in the order the checks first appear; a run without a check shows a dash
+    names = ["monotone_in_eps", "eot_for_stochastic", "white_box_beats_noise"]
+    assert checks.columns == ["run", "verdict", *names]
+    masked = next(row for row in checks.rows if row.cells[0].text == "masked")
+    assert masked.flagged and masked.cells[4].text == "FAIL" and masked.cells[4].css == "fail"
+    assert masked.cells[4].title == "white_box_beats_noise failed"
+    plain = next(row for row in checks.rows if row.cells[0].text == "plain")
+    assert not plain.flagged and plain.cells[4].text == "–" and plain.cells[3].text == "skipped"
+
+
+def test_charts_one_per_defense_and_pareto_trace(mixed_runs: list[RunRecord]) -> None:
+    done = split_runs("exp", mixed_runs).finished
+    curves = robustness_curves(done)
+    assert [c.title for c in curves] == ["defense: dropout", "defense: none", "defense: pgd_at"]
+    assert curves[1].figure["data"][0]["y"] == [0.98, 0.5, 0.1, 0.0]
+    chart = tradeoff(done)
+    assert chart is not None
+    front = next(t for t in chart.figure["data"] if t["name"] == "Pareto front")
+    # plain (0.98, 0.0), masked (0.95, 0.9) are on the front; at (0.90, 0.6) is beaten by masked
+    assert list(zip(front["x"], front["y"], strict=True)) == [(0.95, 0.9), (0.98, 0.0)]
+
+
+def _page(runs: list[RunRecord]) -> str:
+    split = split_runs("exp", runs)
+    charts = robustness_curves(split.finished)
+    trade = tradeoff(split.finished)
+    charts += [trade] if trade else []
+    return render(split, charts, "/* plotly.js */", store="sqlite:///x.db", generated="now")
+
+
+def test_page_escapes_user_strings(mixed_runs: list[RunRecord]) -> None:
+    evil_res = results("none", 0.9, [0.9, 0.2, 0.1, 0.0])
+    evil_res["defense"] = '"><img src=x onerror=alert(2)>'
+    evil_res["checks"][0]["detail"] = '" onmouseover="alert(3)'
+    evil = run(EVIL, evil_res)
+    evil.config = {"note": "</script><script>alert(4)</script>"}
+    evil.run_id = '"><b>id'
+    page = _page([*mixed_runs, evil])
+    assert EVIL not in page and "<img src=x" not in page and "alert(4)</script>" not in page
+    assert "&lt;script&gt;alert(1)&lt;/script&gt;" in page
+    assert 'onmouseover="alert' not in page and "<b>id" not in page
+    # exactly our three script elements: plotly.js, the chart data, the drawing code
+    assert len(re.findall(r"<script\b", page)) == 3
+    specs = re.search(r'<script type="application/json" id="chart-specs">(.*?)</script>', page, re.S)
+    assert specs is not None
+    names = [t.get("name") for c in json.loads(specs.group(1)) for t in c["figure"]["data"]]
+    assert "&lt;script&gt;alert(1)&lt;/script&gt;" in names  # plotly shows entities as text
+    leaderboard_rows = re.search(r'<table id="leaderboard-table".*?<tbody>(.*?)</tbody>', page, re.S)
+    assert leaderboard_rows is not None and leaderboard_rows.group(1).count("<tr") == 4
+
+
+def test_script_json_cannot_close_the_script_element() -> None:
+    text = script_json({"a": "</script><!-- & >"})
+    assert "<" not in text and ">" not in text and "&" not in text
+    assert json.loads(text) == {"a": "</script><!-- & >"}
+
+
+def test_face_patch_and_incomplete_sections_only_when_present(mixed_runs: list[RunRecord]) -> None:
+    plain = _page(mixed_runs[:3])
+    assert 'id="face-patch"' not in plain and 'id="incomplete"' not in plain
+    patch = run("patch", {"attack": "face_patch", "success_rate": 0.75, "nested": {"x": 1}},
+                **{"robustcnn.face_patch": "true"})
+    page = _page([*mixed_runs, patch])
+    assert 'id="face-patch"' in page and ">success_rate</th>" in page and ">0.750</td>" in page
+    assert ">nested</th>" not in page  # only scalar keys become columns
+    incomplete = re.search(r'<table id="incomplete-table".*?<tbody>(.*?)</tbody>', page, re.S)
+    assert incomplete is not None and incomplete.group(1).count("<tr") == 1 and "FAILED" in page
+
+
+def test_folder_name_is_safe() -> None:
+    assert folder_name("smoke", "3") == "smoke"
+    assert folder_name("../../etc", "7") == "etc-7"
+    assert folder_name("a b/c", "9") == "a_b_c-9"
+
+
+# ---------------------------------------------------------------- through a real (sqlite) store
+
+
+@pytest.fixture()
+def store_uri(tmp_path: Path, empty_store: Path) -> str:
+    shutil.copy(empty_store, tmp_path / "m.db")
+    return f"sqlite:///{tmp_path / 'm.db'}"
+
+
+def _png() -> bytes:
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.new("RGB", (4, 4), (200, 10, 10)).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def test_report_from_a_store_skips_parents_and_lists_failed_runs(store_uri: str, tmp_path: Path) -> None:
+    from robustcnn.tracking import start_run
+
+    png = tmp_path / "examples.png"
+    png.write_bytes(_png())
+    with start_run(store_uri, "exp", "sweep-parent", {"robustcnn.sweep": "true"}):
+        pass
+    for name, res in (("plain", results("none", 0.98, [0.98, 0.5, 0.1, 0.0])),
+                      ("at", results("pgd_at", 0.9, [0.9, 0.8, 0.7, 0.6]))):
+        with start_run(store_uri, "exp", name, {"model": "lenet5"}) as logged:
+            logged.log_dict({"run_name": name}, "config.json")
+            logged.log_dict(res, "results.json")
+            logged.log_artifact(png, "plots")
+    with pytest.raises(RuntimeError), start_run(store_uri, "exp", "crashed"):
+        raise RuntimeError("died in training")
+
+    written = build_report(store_uri, None, tmp_path / "reports")
+    # every experiment with runs; the store's "warmup" holds one run without results.json
+    assert written == [tmp_path / "reports" / name / "index.html" for name in ("exp", "warmup")]
+    assert "no finished run with results.json yet" in written[1].read_text()
+    page = written[0].read_text()
+    rows = re.search(r'<table id="leaderboard-table".*?<tbody>(.*?)</tbody>', page, re.S)
+    assert rows is not None and rows.group(1).count("<tr") == 2
+    assert page.count('<img src="data:image/png;base64,') == 2
+    assert "crashed" in page and "FAILED" in page and "sweep-parent" not in page
+    assert "get_plotlyjs" not in page and len(page) > 1_000_000  # plotly.js itself is embedded
+    assert not list((tmp_path / "reports" / "exp").glob(".*.tmp"))
+
+
+def test_missing_experiment_names_the_existing_ones(store_uri: str, tmp_path: Path) -> None:
+    with pytest.raises(ReportError, match="'nope' does not exist.*warmup") as info:
+        build_report(store_uri, "nope", tmp_path / "reports")
+    assert isinstance(info.value, RobustCNNError) and info.value.exit_code == 2
+    assert not (tmp_path / "reports").exists()
+
+
+def test_missing_store_is_an_error_and_is_not_created(tmp_path: Path) -> None:
+    missing = tmp_path / "nowhere" / "mlflow.db"
+    with pytest.raises(ReportError, match="no MLflow store at"):
+        build_report(f"sqlite:///{missing}", None, tmp_path / "reports")
+    assert not missing.exists() and not missing.parent.exists()
+
+
+def test_cli_report_on_a_missing_experiment_is_one_line(store_uri: str, tmp_path: Path) -> None:
+    out = subprocess.run(
+        [sys.executable, "-m", "robustcnn.cli", "report", "--experiment", "nope",
+         "--tracking-uri", store_uri, "--out", str(tmp_path / "r")],
+        cwd=tmp_path, text=True, capture_output=True, timeout=120,
+    )
+    assert out.returncode == 2
+    assert out.stderr.startswith("robustcnn: error: experiment 'nope' does not exist"), out.stderr
+    assert "warmup" in out.stderr and "Traceback" not in out.stderr
+    assert len(out.stderr.strip().splitlines()) == 1
+
+
+# ---------------------------------------------------------------- robustcnn ui
+
+
+def _processes() -> dict[int, tuple[str, int, int]]:
+    """``{pid: (state, ppid, pgid)}`` from /proc (Linux)."""
+    table = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        table[int(stat.parent.name)] = (fields[0], int(fields[1]), int(fields[2]))
+    return table
+
+
+def _listening(port: int) -> list[str]:
+    """Local addresses (hex, as /proc/net/tcp* writes them) listening on ``port``."""
+    found = []
+    for name in ("tcp", "tcp6"):
+        table = Path("/proc/net") / name
+        if table.exists():
+            for line in table.read_text().splitlines()[1:]:
+                local, state = line.split()[1], line.split()[3]
+                address, hex_port = local.rsplit(":", 1)
+                if state == "0A" and int(hex_port, 16) == port:
+                    found.append(address)
+    return found
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not Path("/proc/net/tcp").exists(), reason="reads sockets and processes from Linux /proc")
+def test_ui_serves_on_localhost_and_sigterm_stops_every_process(store_uri: str, tmp_path: Path) -> None:
+    import signal
+    import socket
+    import time
+    import urllib.request
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    out, err = (tmp_path / "ui.out").open("w"), (tmp_path / "ui.err").open("w")
+    cli = subprocess.Popen(
+        [sys.executable, "-m", "robustcnn.cli", "ui", "--port", str(port), "--tracking-uri", store_uri],
+        cwd=tmp_path, stdout=out, stderr=err, text=True,
+    )
+    try:
+        deadline, answer = time.monotonic() + 60, None
+        while time.monotonic() < deadline and cli.poll() is None and answer is None:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as response:
+                    answer = (response.status, response.read().decode())
+            except OSError:
+                time.sleep(0.5)
+        assert answer == (200, "OK"), f"no answer within 60 s: {(tmp_path / 'ui.err').read_text()[-2000:]}"
+        printed = (tmp_path / "ui.out").read_text()
+        assert f"http://127.0.0.1:{port}" in printed and "bound to 127.0.0.1 only" in printed
+        assert _listening(port) and set(_listening(port)) == {"0100007F"}, "bound to 127.0.0.1 only"
+        server = next(pid for pid, (_, ppid, _) in _processes().items() if ppid == cli.pid)
+        group = {pid for pid, (state, _, pgid) in _processes().items() if pgid == server and state != "Z"}
+        assert len(group) >= 2, "mlflow ui runs several processes (server workers, job runner)"
+
+        cli.send_signal(signal.SIGTERM)
+        assert cli.wait(timeout=60) == 0
+    finally:
+        if cli.poll() is None:
+            cli.kill()
+        out.close()
+        err.close()
+    assert _listening(port) == []
+    with socket.socket() as again:
+        again.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # TIME_WAIT is fine, a listener not
+        again.bind(("127.0.0.1", port))
+        again.listen()
+    # zombies are ignored: in a container whose PID 1 does not reap, orphans stay as <defunct>
+    left = _processes().items()
+    alive = {pid for pid, (state, _, pgid) in left if state != "Z" and (pid in group or pgid == server)}
+    assert alive == set(), f"processes left behind: {alive}"
