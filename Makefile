@@ -10,6 +10,9 @@ MLFLOW_PIN ?= mlflow>=3.17,<3.18
 # torchattacks declares torchvision (never imported) and pins an old requests: installed without deps;
 # its real dependencies (numpy, scipy, tqdm) are in pyproject.toml.
 TORCHATTACKS_PIN ?= torchattacks>=3.5,<4
+# The launchers extra (joblib, submitit, Ray; ~330 MB with Ray) is installed in the same pip command
+# as mlflow: hydra-ray-launcher pins cloudpickle<3, so the resolver must pick joblib<1.6 beside mlflow
+# at once (an mlflow installed first brings joblib 1.6, which needs cloudpickle>=3).
 PIP := $(BIN)/python -m pip
 
 .PHONY: demo test test-fast lint install bench clean
@@ -18,15 +21,16 @@ $(STAMP): pyproject.toml Makefile
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q "$(TORCH_PIN)"
-	$(PIP) install -q -e ".[dev]" "$(TORCH_PIN)" "$(MLFLOW_PIN)"
+	$(PIP) install -q -e ".[dev,launchers]" "$(TORCH_PIN)" "$(MLFLOW_PIN)"
 	$(PIP) install -q --no-deps "$(TORCHATTACKS_PIN)"
 	@touch $(STAMP)
 
 install: $(STAMP)
 
-## The main job on the embedded defaults: ends with an MLflow run (sqlite store ./mlflow.db).
+## The main job on the embedded defaults: a small sweep ending with MLflow runs (./mlflow.db) and
+## reports/demo/index.html. Extra overrides: make demo ARGS="force=true".
 demo: $(STAMP)
-	$(BIN)/robustcnn run experiment=demo
+	$(BIN)/robustcnn run experiment=demo $(ARGS)
 
 ## Lint, then the whole test suite (unit + marked slow end-to-end tests; GPU tests skip without CUDA).
 test: $(STAMP) lint
@@ -43,6 +47,7 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/train_throughput.py
 	$(BIN)/python benchmarks/attacks.py
 	$(BIN)/python benchmarks/defenses.py
+	$(BIN)/python benchmarks/sweep_overhead.py
 
 clean:
 	rm -rf $(VENV) outputs multirun .pytest_cache .ruff_cache

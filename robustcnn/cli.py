@@ -10,13 +10,20 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 from robustcnn import __version__
 from robustcnn.errors import RobustCNNError
+from robustcnn.launchers import launcher_failure, quiet_schema_matching
 
 PROG = "robustcnn"
+
+# Our launcher presets share their names with the plugins' schemas on purpose (robustcnn.launchers);
+# set at import because sweep workers (joblib, submitit) import this module before they compose.
+quiet_schema_matching()
 
 
 def fail(message: str, code: int = 2) -> None:
@@ -42,6 +49,8 @@ def summary_line(results: dict, output_dir: str) -> str:
         )
         parts.append(f"verdict={results['verdict'].replace(' ', '_')}")
     parts += [f"{key}={results[key]}" for key in ("model", "data", "defense", "cache_hit")]
+    if results.get("reused_from"):
+        parts.append(f"reused_from={results['reused_from']}")
     parts += [f"run_id={results['mlflow_run_id']}", f"results={output_dir}/results.json"]
     return " ".join(parts)
 
@@ -50,6 +59,7 @@ def cmd_run(hydra_args: Sequence[str]) -> None:
     """Run one job (or a multirun with -m) through Hydra."""
     import hydra
     from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
     from omegaconf import DictConfig
 
     from robustcnn.config import conf_dir
@@ -57,26 +67,61 @@ def cmd_run(hydra_args: Sequence[str]) -> None:
     @hydra.main(version_base="1.3", config_path=str(conf_dir()), config_name="config")
     def _job(cfg: DictConfig) -> float:
         _quiet_libraries()
+        from robustcnn.progress import progress_enabled
         from robustcnn.runner import run_job
+        from robustcnn.sweep import SweepLink, job_tags
 
+        hydra_cfg = HydraConfig.get()
+        output_dir = hydra_cfg.runtime.output_dir
+        multirun = hydra_cfg.mode == RunMode.MULTIRUN
         try:
-            output_dir = HydraConfig.get().runtime.output_dir
-            results = run_job(cfg, output_dir=output_dir, progress=sys.stderr.isatty())
+            results = run_job(
+                cfg,
+                output_dir=output_dir,
+                progress=progress_enabled(),
+                sweep=SweepLink.find(hydra_cfg.sweep.dir) if multirun else None,
+                job_tags=job_tags(hydra_cfg) if multirun else None,
+            )
         except RobustCNNError as exc:
             fail(str(exc), exc.exit_code)
         print(summary_line(results, output_dir))
         return float(results["clean_accuracy"])
 
+    from robustcnn.sweep import SweepFailed, close_open_sweeps
+
     saved_argv = sys.argv
     sys.argv = [f"{PROG} run", *hydra_args]
+    previous_handler = signal.signal(signal.SIGTERM, _terminate)
+    status = "FAILED"
     try:
         _job()
+        status = "FINISHED"
+    except KeyboardInterrupt:
+        status = "KILLED"
+        fail("interrupted; finished jobs are kept (re-run the same command to compute the rest)", 130)
+    except Exception as exc:
+        # with submitit and Ray, a failed job (or a bad override) arrives here as an exception
+        # (robustcnn.launchers): one error line, with the job's log, instead of a stack trace
+        message = launcher_failure(exc)
+        if message is None:
+            raise
+        fail(message)
+    except SweepFailed:
+        raise  # the sweep ran; some job did not finish (already said, exit 1)
     except SystemExit as exc:
         # Hydra reports a config it cannot compose (unknown choice, bad override syntax) with the
         # valid options and exit code 1; in robustcnn's codes that is bad input: 2
         raise SystemExit(2 if exc.code == 1 else exc.code) from None
     finally:
+        # a sweep whose job failed never reaches Hydra's end callback: end its parent run here
+        close_open_sweeps("FAILED" if status == "FINISHED" else status)
+        signal.signal(signal.SIGTERM, previous_handler)
         sys.argv = saved_argv
+
+
+def _terminate(signum: int, frame: object) -> None:
+    """SIGTERM ends a job like Ctrl-C: runs are marked KILLED and finished results are kept."""
+    raise KeyboardInterrupt
 
 
 def cmd_list() -> None:
@@ -92,6 +137,25 @@ def cmd_list() -> None:
     print(f"models: {', '.join(available_models())}")
 
 
+def cmd_report(ns: argparse.Namespace) -> None:
+    """Build the HTML dashboard of one experiment (or all) from the MLflow store; print the paths."""
+    from robustcnn.report import build_report
+    from robustcnn.tracking import resolve_tracking_uri
+
+    _quiet_libraries()
+    uri = ns.tracking_uri or resolve_tracking_uri(None)
+    for path in build_report(uri, ns.experiment, Path(ns.out)):
+        print(path)
+
+
+def cmd_ui(ns: argparse.Namespace) -> None:
+    """Serve the MLflow UI on the project's store (robustcnn.ui), 127.0.0.1 unless --host says otherwise."""
+    from robustcnn.tracking import resolve_tracking_uri
+    from robustcnn.ui import serve
+
+    serve(ns.tracking_uri or resolve_tracking_uri(None), ns.host, ns.port)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog=PROG,
@@ -102,6 +166,14 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.add_parser("run", help="run one job, or a sweep with -m (Hydra overrides follow)", add_help=False)
     sub.add_parser("list", help="list config groups, datasets and models")
+    report = sub.add_parser("report", help="build the HTML dashboard reports/<experiment>/index.html")
+    report.add_argument("--experiment", default=None, help="experiment (default: every one with runs)")
+    report.add_argument("--tracking-uri", default=None, help="MLflow store (default: as `run` resolves it)")
+    report.add_argument("--out", default="reports", help="output folder (default: reports)")
+    ui = sub.add_parser("ui", help="start the MLflow UI on the project's store (127.0.0.1 by default)")
+    ui.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1, this machine)")
+    ui.add_argument("--port", type=int, default=5000, help="port (default: 5000)")
+    ui.add_argument("--tracking-uri", default=None, help="MLflow store (default: as `run` resolves it)")
     return parser
 
 
@@ -118,6 +190,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     try:
         if ns.command == "list":
             cmd_list()
+        elif ns.command == "report":
+            cmd_report(ns)
+        elif ns.command == "ui":
+            cmd_ui(ns)
         else:
             parser.print_help()
             raise SystemExit(2 if args else 0)
@@ -126,4 +202,8 @@ def main(argv: Sequence[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    # `python -m robustcnn.cli`: run the imported module, not this __main__ copy, so the sweep's task
+    # function refers to robustcnn.cli and parallel workers import it (with its warning filter)
+    from robustcnn.cli import main as _main
+
+    _main()

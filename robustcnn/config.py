@@ -49,6 +49,9 @@ def compose(overrides: Sequence[str] = (), config_name: str = "config") -> Any:
     from hydra import initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
 
+    from robustcnn.launchers import quiet_schema_matching
+
+    quiet_schema_matching()  # conf/hydra/launcher/ presets share the plugins' names on purpose
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
         return hydra_compose(config_name=config_name, overrides=list(overrides), return_hydra_config=False)
