@@ -18,14 +18,13 @@ Ratios are time ratios (< 1 is faster). A benchmark, not a test: figures are rec
 from __future__ import annotations
 
 import argparse
-import json
-import platform
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from _report import write_report
 
 import robustcnn.attacks.backends  # noqa: F401  (registers the torchattacks and ART backends)
 from robustcnn.attacks import build_attack
@@ -148,25 +147,16 @@ def main() -> None:
             "bf16_robust_accuracy": bf16.run(model, x, y, curve).robust_accuracy(),
         }
 
-    payload = {
-        "benchmark": "attacks",
-        "model": "lenet5",
-        "data": "mnist5k",
-        "images": args.images,
-        "batch_size": BATCH,
-        "device": str(device),
-        "machine": {
-            "platform": platform.platform(),
-            "torch": torch.__version__,
-            "cpu_threads": torch.get_num_threads(),
-            "gpu": torch.cuda.get_device_name(0) if device.type == "cuda" else None,
-        },
-        "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "results": results,
-    }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(payload, indent=2))
-    print(f"wrote {args.out}")
+    write_report(
+        args.out,
+        "attacks",
+        results,
+        device,
+        model="lenet5",
+        data="mnist5k",
+        images=args.images,
+        batch_size=BATCH,
+    )
 
 
 if __name__ == "__main__":

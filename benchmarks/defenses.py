@@ -13,15 +13,13 @@ load, which is recorded).
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import platform
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
+from _report import write_report
 
 from robustcnn.data import load_dataset
 from robustcnn.defenses.adversarial_training import FastAdversarialTraining, PGDAdversarialTraining, Trades
@@ -94,29 +92,18 @@ def main() -> None:
         figures["cost_vs_standard"] = round(figures["epoch_seconds"] / standard, 3)
         # epoch / (passes x standard epoch): 1.0 = no overhead beyond the gradient passes themselves
         figures["overhead_ratio"] = round(figures["epoch_seconds"] / (passes * standard), 3)
-    payload = {
-        "benchmark": "defenses",
-        "model": "lenet5",
-        "data": "mnist5k",
-        "images_per_epoch": min(data.x_train.shape[0], args.batches * args.batch_size),
-        "batch_size": args.batch_size,
-        "repeats": args.repeats,
-        "target": "overhead_ratio of pgd_3 and pgd_10 <= 1.1",
-        "machine": {
-            "platform": platform.platform(),
-            "python": platform.python_version(),
-            "torch": torch.__version__,
-            "device": device.type,
-            "cpu_threads": torch.get_num_threads(),
-            "load_average": [round(v, 2) for v in os.getloadavg()],
-            "gpu": torch.cuda.get_device_name(0) if device.type == "cuda" else None,
-        },
-        "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "results": results,
-    }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(payload, indent=2))
-    print(f"wrote {args.out}")
+    write_report(
+        args.out,
+        "defenses",
+        results,
+        device,
+        model="lenet5",
+        data="mnist5k",
+        images_per_epoch=min(data.x_train.shape[0], args.batches * args.batch_size),
+        batch_size=args.batch_size,
+        repeats=args.repeats,
+        target="overhead_ratio of pgd_3 and pgd_10 <= 1.1",
+    )
 
 
 if __name__ == "__main__":

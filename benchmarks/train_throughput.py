@@ -9,12 +9,11 @@ depend on the machine, so they are recorded (with the machine) rather than asser
 from __future__ import annotations
 
 import argparse
-import json
-import platform
 import time
 from pathlib import Path
 
 import torch
+from _report import write_report
 
 from robustcnn.device import seed_everything
 from robustcnn.models import available_models, build_model, count_parameters
@@ -75,21 +74,12 @@ def main() -> None:
                 f"eval {figures['eval_images_per_s']:10.1f} img/s",
                 flush=True,
             )
-    payload = {
-        "benchmark": "train_throughput",
-        "machine": {
-            "platform": platform.platform(),
-            "python": platform.python_version(),
-            "torch": torch.__version__,
-            "cpu_threads": torch.get_num_threads(),
-            "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
-        },
-        "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "results": results,
-    }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(payload, indent=2))
-    print(f"wrote {args.out}")
+    write_report(
+        args.out,
+        "train_throughput",
+        results,
+        None,
+    )
 
 
 if __name__ == "__main__":

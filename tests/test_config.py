@@ -51,11 +51,26 @@ def test_every_config_composes(override: str) -> None:
     assert resolved["data"]["name"] and resolved["model"]["name"] and resolved["defense"]["name"]
 
 
-@pytest.mark.parametrize("experiment", config_groups()["experiment"])
-def test_every_experiment_runs_tiny(experiment: str, isolated: dict) -> None:
-    cfg = compose([f"experiment={experiment}", *TINY])
+def experiment_cells() -> list[tuple[str, ...]]:
+    """Every preset, and for a preset that is a sweep (hydra.sweeper.params) every cell of its grid."""
+    from itertools import product
+
+    from omegaconf import OmegaConf
+
+    cells: list[tuple[str, ...]] = []
+    for experiment in config_groups()["experiment"]:
+        preset = OmegaConf.load(conf_dir() / "experiment" / f"{experiment}.yaml")
+        params = OmegaConf.select(preset, "hydra.sweeper.params") or {}
+        grid = [[f"{key}={value}" for value in str(values).split(",")] for key, values in params.items()]
+        cells += [(f"experiment={experiment}", *cell) for cell in product(*grid)]
+    return cells
+
+
+@pytest.mark.parametrize("cell", experiment_cells(), ids=lambda cell: " ".join(cell))
+def test_every_experiment_runs_tiny(cell: tuple[str, ...], isolated: dict) -> None:
+    cfg = compose([*cell, *TINY])
     if cfg.data.name in NEEDS_FILES:
-        pytest.skip(f"{experiment} needs dataset files that are not on this machine")
+        pytest.skip(f"{cell[0]} needs dataset files that are not on this machine")
     results = run_job(cfg, output_dir=isolated["root"] / "out", progress=False)
     assert 0.0 <= results["clean_accuracy"] <= 1.0
     assert (isolated["root"] / "out" / "results.json").is_file()
