@@ -180,6 +180,7 @@ def run_job(
     ``sweep`` puts the run under a sweep's parent run; ``job_tags`` (Hydra's job number and
     overrides) make the sweep's cells tell apart in the MLflow UI.
     """
+    started = time.perf_counter()
     config = to_container(cfg) if isinstance(cfg, DictConfig) else dict(cfg)
     build_defense(resolve_defense(config["defense"]))  # bad defense settings fail before any work
     set_threads(config.get("threads"))
@@ -313,6 +314,7 @@ def run_job(
                 battery.verdict,
                 [round(v, 3) for v in battery.worst_case_robust_accuracy()],
             )
+        results["job_seconds"] = time.perf_counter() - started  # wall time of the job, bookkeeping included
         write_results(out, results)
         run.log_dict(results, "results.json")
     log.info(
