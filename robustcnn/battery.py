@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from robustcnn import checks as C
-from robustcnn.attacks import PGD, Attack, AttackResult, GradientAttack, RandomNoise, Transfer
+from robustcnn.attacks import APGD, PGD, Attack, AttackResult, GradientAttack, RandomNoise, Transfer
 from robustcnn.attacks.base import attack_mode
 from robustcnn.threat import ThreatModel
 
@@ -68,12 +68,27 @@ class BatteryResult:
     verdict: str
     reference_eps: float
 
+    def full_curve(self, name: str, values: Sequence[float] | None = None) -> list[float | None]:
+        """Attack ``name``'s per-eps values on the threat's whole eps list (None where it did not run).
+
+        Attacks in ``reference_only`` ran at the probe eps only (reference and largest), so their
+        own lists are shorter than the threat's.
+        """
+        result = self.attacks[name]
+        values = result.robust_accuracy() if values is None else list(values)
+        by_eps = dict(zip(result.eps, values, strict=True))
+        return [by_eps.get(e) for e in self.threat.eps]
+
     def worst_case_robust_accuracy(self) -> list[float]:
         return [float(v) for v in self.worst_correct.float().mean(1)]
 
     def naive_worst_case(self) -> list[float]:
         """Worst case over the attacks without EOT (what a naive evaluation would report)."""
-        naive = [r.correct for k, r in self.attacks.items() if not k.startswith("eot_")]
+        naive = [
+            r.correct
+            for k, r in self.attacks.items()
+            if not k.startswith("eot_") and r.eps == self.threat.eps
+        ]
         return [float(v) for v in torch.stack(naive).all(0).float().mean(1)]
 
     def reference_robust_accuracy(self) -> float:
@@ -86,13 +101,16 @@ class BatteryResult:
             "threat": self.threat.to_dict(),
             "eps": list(self.threat.eps),
             "n_attacked": self.n,
-            "robust_accuracy": {k: r.robust_accuracy() for k, r in self.attacks.items()},
+            "robust_accuracy": {k: self.full_curve(k) for k in self.attacks},
             "worst_case_robust_accuracy": self.worst_case_robust_accuracy(),
             "reference_eps": self.reference_eps,
             "reference_robust_accuracy": self.reference_robust_accuracy(),
-            "attack_success_rate": {k: r.success_rate() for k, r in self.attacks.items()},
-            "perturbation_norm": {k: r.norm_stats() for k, r in self.attacks.items()},
-            "confidence_drop": {k: r.confidence_drop() for k, r in self.attacks.items()},
+            "attack_success_rate": {k: self.full_curve(k, r.success_rate()) for k, r in self.attacks.items()},
+            "perturbation_norm": {
+                k: {stat: self.full_curve(k, v) for stat, v in r.norm_stats().items()}
+                for k, r in self.attacks.items()
+            },
+            "confidence_drop": {k: self.full_curve(k, r.confidence_drop()) for k, r in self.attacks.items()},
             "probes": {
                 k: {"n": r.n, "eps": list(r.eps), "robust_accuracy": r.robust_accuracy(), "params": r.params}
                 for k, r in self.probes.items()
@@ -173,8 +191,14 @@ def run_battery(
     clean_accuracy: float | None = None,
     device: torch.device | None = None,
     progress: bool = False,
+    reference_only: Sequence[str] = (),
 ) -> BatteryResult:
-    """Run ``attacks`` (+ noise floor, EOT variants, probes) on ``model`` and judge the evaluation."""
+    """Run ``attacks`` (+ noise floor, EOT variants, probes) on ``model`` and judge the evaluation.
+
+    Attacks named in ``reference_only`` run at the probe eps only (the reference eps and the largest):
+    an expensive query attack (Square with a real budget) costs 2 eps instead of the whole list, and
+    still counts in the worst case and in the white-box-beats-it check where it ran.
+    """
     settings = settings or BatterySettings()
     device = device or next(model.parameters()).device
     x, y = x.to(device), y.to(device).long()
@@ -192,40 +216,47 @@ def run_battery(
         selected += [_with_eot(a, settings.eot_samples) for a in gradient_attacks if a.eot_samples == 1]
     named = _unique_names(selected)
 
+    reference = threat.reference_eps if threat.reference_eps is not None else threat.eps[-1]
+    probe_eps = tuple(sorted({reference, threat.eps[-1]} - {0.0})) or (threat.eps[-1],)
+
+    def restricted(eps: tuple[float, ...]) -> ThreatModel:
+        return ThreatModel(
+            norm=threat.norm,
+            eps=eps,
+            targeted=threat.targeted,
+            target=threat.target,
+            target_class=threat.target_class,
+        )
+
     results: dict[str, AttackResult] = {}
     for name, attack in named.items():
         log.info("attack %s: %r", name, attack)
         attack.progress = progress
-        results[name] = attack.run(model, x, y, threat)
+        sparse = name in reference_only or name.removeprefix("eot_") in reference_only
+        results[name] = attack.run(model, x, y, restricted(probe_eps) if sparse else threat)
 
     probes: dict[str, AttackResult] = {}
     reference_pgd = next(
-        (k for k, a in named.items() if isinstance(a, PGD) and (not stochastic or a.eot_samples > 1)), None
+        (k for k, a in named.items() if isinstance(a, (PGD, APGD)) and (not stochastic or a.eot_samples > 1)),
+        None,
     )
     if settings.enabled and reference_pgd is not None:
-        base: PGD = named[reference_pgd]  # type: ignore[assignment]
+        base: PGD | APGD = named[reference_pgd]  # type: ignore[assignment]
         strong = copy.copy(base)
         strong.steps = max(base.steps + 1, int(round(base.steps * settings.strong_steps_factor)))
         strong.restarts = base.restarts + settings.strong_extra_restarts
         strong.seed = base.seed + 1
         # at the verdict's eps and the largest one: where a too-weak attack would mislead most
-        reference = threat.reference_eps if threat.reference_eps is not None else threat.eps[-1]
-        probe_eps = tuple(sorted({reference, threat.eps[-1]} - {0.0})) or (threat.eps[-1],)
-        strong_threat = ThreatModel(
-            norm=threat.norm,
-            eps=probe_eps,
-            targeted=threat.targeted,
-            target=threat.target,
-            target_class=threat.target_class,
-        )
+        strong_threat = restricted(probe_eps)
         probes[f"{reference_pgd}_strong"] = strong.run(model, x[:probe_n], y[:probe_n], strong_threat)
         large = _large_eps(threat, tuple(x.shape[1:]))
         unbounded_threat = ThreatModel(norm=threat.norm, eps=(large,), targeted=False)
         probes[f"{reference_pgd}_unbounded"] = base.run(model, x[:probe_n], y[:probe_n], unbounded_threat)
 
-    worst = torch.stack([r.correct for r in results.values()]).all(0)
     eps_rows = {value: i for i, value in enumerate(threat.eps)}
-    for probe in probes.values():
+    full = [r for r in results.values() if r.eps == threat.eps]
+    worst = torch.stack([r.correct for r in full]).all(0)
+    for probe in (*[r for r in results.values() if r.eps != threat.eps], *probes.values()):
         for j, value in enumerate(probe.eps):
             if value in eps_rows:
                 worst[eps_rows[value], : probe.n] &= probe.correct[j]
@@ -301,7 +332,11 @@ def judge(
         return max(settings.tolerance, 2 * math.sqrt(0.25 / max(samples, 1)))
 
     tol = slack(n)
-    curves = {k: r.robust_accuracy() for k, r in results.items()}
+    # attacks run at a subset of the eps (reference_only) get NaN elsewhere: comparisons skip NaN
+    curves = {
+        k: [dict(zip(r.eps, r.robust_accuracy(), strict=True)).get(e, math.nan) for e in eps]
+        for k, r in results.items()
+    }
     white = [k for k, a in named.items() if isinstance(a, GradientAttack) and not isinstance(a, Transfer)]
     best_white = [min(curves[k][i] for k in white) for i in range(len(eps))] if white else None
 
@@ -331,7 +366,10 @@ def judge(
             "needs a PGD attack",
         )
     )
-    pgd_name = "eot_pgd" if stochastic and "eot_pgd" in curves else "pgd"
+    iterative = ("apgd", "pgd") if "pgd" not in curves else ("pgd",)
+    pgd_name = next((f"eot_{n}" for n in iterative if stochastic and f"eot_{n}" in curves), None) or next(
+        (n for n in iterative if n in curves), "pgd"
+    )
     fgsm_name = "eot_fgsm" if stochastic and "eot_fgsm" in curves else "fgsm"
     out.append(
         C.not_above("iterative_beats_single_step", pick(pgd_name), pick(fgsm_name), eps, tol, "PGD and FGSM")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import platform
 import time
 from pathlib import Path
@@ -121,10 +122,15 @@ def bind_surrogates(
 def log_battery(run: Any, battery: BatteryResult, out: Path | None, class_names: tuple[str, ...]) -> None:
     """Metrics with the eps index as the step (and the eps value in the name), plots as artifacts."""
     eps = battery.threat.eps
-    rows: dict[str, list[float]] = {
-        f"robust_accuracy/{k}": v for k, v in ((k, r.robust_accuracy()) for k, r in battery.attacks.items())
+    rows: dict[str, list[float | None]] = {
+        f"robust_accuracy/{k}": battery.full_curve(k) for k in battery.attacks
     }
-    rows.update({f"attack_success_rate/{k}": r.success_rate() for k, r in battery.attacks.items()})
+    rows.update(
+        {
+            f"attack_success_rate/{k}": battery.full_curve(k, r.success_rate())
+            for k, r in battery.attacks.items()
+        }
+    )
     rows["worst_case_robust_accuracy"] = battery.worst_case_robust_accuracy()
     scalars = {
         "reference_robust_accuracy": battery.reference_robust_accuracy(),
@@ -133,8 +139,10 @@ def log_battery(run: Any, battery: BatteryResult, out: Path | None, class_names:
     }
     metrics = [(name, value, 0) for name, value in scalars.items()]
     for name, curve in rows.items():
-        metrics += [(name, curve[i], i) for i in range(len(eps))]
-        metrics += [(f"{name}/eps_{value:.4g}", curve[i], 0) for i, value in enumerate(eps)]
+        metrics += [(name, curve[i], i) for i in range(len(eps)) if curve[i] is not None]
+        metrics += [
+            (f"{name}/eps_{value:.4g}", curve[i], 0) for i, value in enumerate(eps) if curve[i] is not None
+        ]
     run.log_metric_rows(metrics)
     run.set_tags({"verdict": battery.verdict, "stochastic": battery.stochastic})
     if out is None:
@@ -144,18 +152,24 @@ def log_battery(run: Any, battery: BatteryResult, out: Path | None, class_names:
     curve = plots.robustness_curve(
         out / "robustness_curve.png",
         eps,
-        {k: r.robust_accuracy() for k, r in battery.attacks.items()},
+        {k: [math.nan if v is None else v for v in battery.full_curve(k)] for k in battery.attacks},
         worst_case=battery.worst_case_robust_accuracy(),
         clean_accuracy=battery.clean_accuracy,
         norm=battery.threat.norm,
         title=f"robust accuracy ({battery.threat.norm})",
     )
     run.log_artifact(curve, "plots")
-    strongest = min(battery.attacks, key=lambda k: battery.attacks[k].robust_accuracy()[-1])
+    # the strongest attack that ran at every eps (a reference-only attack has fewer columns to show)
+    complete = [k for k, r in battery.attacks.items() if r.eps == eps] or list(battery.attacks)
+    strongest = min(complete, key=lambda k: battery.attacks[k].robust_accuracy()[-1])
     result = battery.attacks[strongest]
     if result.adv_examples.numel():
         grid = plots.example_grid(
-            out / "examples.png", result.clean_examples, result.adv_examples, eps, class_names=class_names
+            out / "examples.png",
+            result.clean_examples,
+            result.adv_examples,
+            result.eps,
+            class_names=class_names,
         )
         run.log_artifact(grid, "plots")
 

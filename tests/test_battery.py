@@ -81,3 +81,33 @@ def test_stochastic_model_is_detected_and_attacked_with_eot(trained_lenet, mnist
     battery = run_battery(model, x, y, THREAT, [PGD(steps=10)], undefended=False, settings=FAST)
     assert battery.stochastic and "eot_pgd" in battery.attacks
     assert {c.name: c.passed for c in battery.checks}["stochastic_model_eot"] is True
+
+
+def test_reference_only_attacks_run_at_the_probe_eps_and_count_there(trained_lenet, mnist_small) -> None:
+    """Square at the reference and largest eps only: cheaper, still in the worst case and the checks."""
+    from robustcnn.attacks import build_attack
+
+    x, y = mnist_small.x_test[:64], mnist_small.y_test[:64]
+    square = build_attack({"name": "square", "queries": 50}, {"seed": 0})
+    threat = ThreatModel(norm="linf", eps=(0.0, 0.1, 0.2, 0.3), reference_eps=0.2)
+    battery = run_battery(
+        trained_lenet,
+        x,
+        y,
+        threat,
+        [PGD(steps=10), square],
+        undefended=True,
+        settings=FAST,
+        reference_only=["square"],
+    )
+    assert battery.attacks["square"].eps == (0.2, 0.3)
+    results = battery.to_dict()
+    curve = results["robust_accuracy"]["square"]
+    assert curve[0] is None and curve[1] is None and curve[2] is not None and curve[3] is not None
+    worst = results["worst_case_robust_accuracy"]
+    assert all(w <= c + 1e-9 for w, c in zip(worst[2:], curve[2:], strict=True))
+    check = {c["name"]: c for c in results["checks"]}["white_box_beats_square"]
+    assert check["passed"] is True, check
+    import json
+
+    json.dumps(results["robust_accuracy"], allow_nan=False)  # None where not run, never NaN

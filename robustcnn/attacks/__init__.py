@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from robustcnn.attacks.apgd import APGD
 from robustcnn.attacks.base import Attack, AttackInvariantError, AttackResult, PerturbContext
 from robustcnn.attacks.eot import make_eot
 from robustcnn.attacks.fgsm import FGSM
@@ -21,6 +22,7 @@ from robustcnn.attacks.transfer import Transfer
 
 register_attack("fgsm")(FGSM)
 register_attack("pgd")(PGD)
+register_attack("apgd")(APGD)
 register_attack("noise")(RandomNoise)
 register_attack("square")(Square)
 register_attack("transfer")(Transfer)
@@ -30,6 +32,7 @@ register_attack("eot")(make_eot)
 import robustcnn.attacks.backends  # noqa: E402, F401, I001
 
 __all__ = [
+    "APGD",
     "BACKENDS",
     "FGSM",
     "PGD",

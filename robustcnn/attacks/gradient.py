@@ -19,7 +19,7 @@ from torch import Tensor, nn
 from robustcnn.attacks.base import Attack, PerturbContext
 from robustcnn.errors import ConfigError
 
-LOSSES = ("ce", "margin")
+LOSSES = ("ce", "margin", "dlr")
 
 
 def objective(logits: Tensor, y: Tensor, targets: Tensor | None, loss: str) -> Tensor:
@@ -28,11 +28,29 @@ def objective(logits: Tensor, y: Tensor, targets: Tensor | None, loss: str) -> T
         if targets is None:
             return F.cross_entropy(logits, y, reduction="none")
         return -F.cross_entropy(logits, targets, reduction="none")
+    if loss == "dlr":
+        return dlr(logits, y, targets)
     # CW margin: (best other logit - true logit) untargeted; (target - best other) targeted
     label = y if targets is None else targets
     true = logits.gather(1, label[:, None]).squeeze(1)
     others = logits.scatter(1, label[:, None], float("-inf")).amax(1)
     return others - true if targets is None else true - others
+
+
+def dlr(logits: Tensor, y: Tensor, targets: Tensor | None) -> Tensor:
+    """Difference of Logits Ratio (Croce & Hein 2020): the CW margin divided by the logit spread.
+
+    Scale-invariant, so a model cannot hide behind huge or tiny logits (a gradient-masking symptom
+    that stalls CE). Untargeted: -(z_y - max_{i!=y} z_i) / (z_pi1 - z_pi3); targeted:
+    -(z_y - z_t) / (z_pi1 - (z_pi3 + z_pi4) / 2). Needs >= 3 classes (>= 4 targeted).
+    """
+    ordered = logits.sort(dim=1, descending=True).values
+    true = logits.gather(1, y[:, None]).squeeze(1)
+    if targets is None:
+        others = logits.scatter(1, y[:, None], float("-inf")).amax(1)
+        return -(true - others) / (ordered[:, 0] - ordered[:, 2] + 1e-12)
+    target = logits.gather(1, targets[:, None]).squeeze(1)
+    return -(true - target) / (ordered[:, 0] - (ordered[:, 2] + ordered[:, 3]) / 2 + 1e-12)
 
 
 def step_direction(grad: Tensor, norm: str) -> Tensor:
