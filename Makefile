@@ -15,7 +15,7 @@ TORCHATTACKS_PIN ?= torchattacks>=3.5,<4
 # at once (an mlflow installed first brings joblib 1.6, which needs cloudpickle>=3).
 PIP := $(BIN)/python -m pip
 
-.PHONY: demo test test-fast lint install bench clean
+.PHONY: demo test test-fast lint install bench bench-audit clean
 
 $(STAMP): pyproject.toml Makefile
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -48,6 +48,10 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/attacks.py
 	$(BIN)/python benchmarks/defenses.py
 	$(BIN)/python benchmarks/sweep_overhead.py
+
+## The audit against AutoAttack on an adversarially trained lenet5 (~30 min on 2 cores; not in `bench`).
+bench-audit: $(STAMP)
+	$(BIN)/python benchmarks/audit_vs_autoattack.py
 
 clean:
 	rm -rf $(VENV) outputs multirun .pytest_cache .ruff_cache

@@ -156,6 +156,29 @@ def cmd_ui(ns: argparse.Namespace) -> None:
     serve(ns.tracking_uri or resolve_tracking_uri(None), ns.host, ns.port)
 
 
+def cmd_audit(ns: argparse.Namespace) -> None:
+    """Audit one model file or MLflow model; the exit code is the verdict (robustcnn.audit.run)."""
+    from robustcnn.audit.run import output_folder_of, run_audit, summary_line
+    from robustcnn.progress import progress_enabled
+
+    _quiet_libraries()
+    try:
+        code, results = run_audit(ns.model, ns.overrides, progress=progress_enabled())
+    except KeyboardInterrupt:
+        fail("interrupted; files already written are kept", 130)
+    except RobustCNNError:
+        raise
+    except Exception as exc:  # an untrusted model can fail anywhere: one line, never a traceback
+        if os.environ.get("ROBUSTCNN_DEBUG"):
+            raise
+        fail(
+            f"the audit stopped: {type(exc).__name__}: {' '.join(str(exc).split())[:300]} "
+            "(set ROBUSTCNN_DEBUG=1 for the traceback and report it if the model is valid)"
+        )
+    print(summary_line(results, output_folder_of(results)))
+    raise SystemExit(code)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog=PROG,
@@ -170,6 +193,20 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("--experiment", default=None, help="experiment (default: every one with runs)")
     report.add_argument("--tracking-uri", default=None, help="MLflow store (default: as `run` resolves it)")
     report.add_argument("--out", default="reports", help="output folder (default: reports)")
+    audit = sub.add_parser(
+        "audit",
+        help="audit a model file or MLflow model: battery, checks, model card, verdict (exit 0/1/2/3)",
+        description="Exit codes: 0 audited (gate passed or none), 1 below audit.min_robust_accuracy, "
+        "2 bad input, 3 unreliable evaluation (a sanity check failed).",
+    )
+    audit.add_argument(
+        "model", help="TorchScript / ONNX / safetensors / state dict file, or runs:/... models:/..."
+    )
+    audit.add_argument(
+        "overrides",
+        nargs=argparse.REMAINDER,
+        help="Hydra overrides, e.g. data=mnist5k audit.min_robust_accuracy=0.5",
+    )
     ui = sub.add_parser("ui", help="start the MLflow UI on the project's store (127.0.0.1 by default)")
     ui.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1, this machine)")
     ui.add_argument("--port", type=int, default=5000, help="port (default: 5000)")
@@ -194,6 +231,8 @@ def main(argv: Sequence[str] | None = None) -> None:
             cmd_report(ns)
         elif ns.command == "ui":
             cmd_ui(ns)
+        elif ns.command == "audit":
+            cmd_audit(ns)
         else:
             parser.print_help()
             raise SystemExit(2 if args else 0)

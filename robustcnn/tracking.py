@@ -326,6 +326,25 @@ def read_run(uri: str, run_id: str) -> dict[str, Any]:
     }
 
 
+def fetch_artifacts(uri: str, artifact_uri: str, dst: Path) -> Path:
+    """Download ``runs:/...`` or ``models:/...`` into ``dst`` (a model to audit); return the local path.
+
+    Raises :class:`TrackingError` naming the URI when the run, model or version does not exist.
+    """
+    mlflow = _mlflow()
+    from mlflow.exceptions import MlflowException
+
+    try:
+        mlflow.set_tracking_uri(uri)
+        return Path(mlflow.artifacts.download_artifacts(artifact_uri=artifact_uri, dst_path=str(dst)))
+    except (MlflowException, OSError) as exc:
+        message = " ".join(str(getattr(exc, "message", exc)).split())[:300]
+        raise TrackingError(
+            f"cannot fetch {artifact_uri} from the MLflow store {uri} ({message}); check the run id or the "
+            "registered model's name and version, and tracking.uri / MLFLOW_TRACKING_URI"
+        ) from exc
+
+
 def download_json_artifact(uri: str, run_id: str, artifact_file: str) -> dict[str, Any]:
     """Fetch a JSON artifact of a run (e.g. ``results.json``)."""
     mlflow = _mlflow()

@@ -154,12 +154,17 @@ def render(
     plotly_js: str,
     store: str,
     generated: str,
+    lead: Sequence[str] = (),
 ) -> str:
-    """The whole page; ``charts`` are drawn into the divs of the curves and trade-off sections."""
+    """The whole page; ``charts`` are drawn into the divs of the curves and trade-off sections.
+
+    ``lead``: rendered sections placed first (an audit's verdict and model card).
+    """
     done = runs.finished
     curves = [c for c in charts if c.chart_id.startswith("chart-curves-")]
     others = [c for c in charts if c not in curves]
     parts = [
+        *lead,
         section(
             "leaderboard",
             "Leaderboard",
