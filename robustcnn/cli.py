@@ -204,7 +204,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     audit.add_argument(
         "overrides",
-        nargs=argparse.REMAINDER,
+        nargs="*",
+        default=[],
         help="Hydra overrides, e.g. data=mnist5k audit.min_robust_accuracy=0.5",
     )
     ui = sub.add_parser("ui", help="start the MLflow UI on the project's store (127.0.0.1 by default)")

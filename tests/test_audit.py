@@ -422,6 +422,8 @@ def test_bad_input_through_the_cli_exits_2_without_traceback_and_keeps_earlier_r
         assert "Traceback" not in bad.stderr and bad.stderr.startswith("robustcnn: error:")
         assert len(bad.stderr.strip().splitlines()) == 1, bad.stderr
     assert (root / "out/audit.json").read_bytes() == before
+    missing = cli(cwd=root)
+    assert missing.returncode == 2 and "model" in missing.stderr and "overrides" not in missing.stderr
 
 
 # ---------------------------------------------------------------- the acceptance pair: defended vs undefended
