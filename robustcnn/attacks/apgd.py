@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from robustcnn.attacks.base import PerturbContext, goal_reached
+from robustcnn.attacks.base import PerturbContext, goal_reached, record_first_hits
 from robustcnn.attacks.gradient import GradientAttack, objective, step_direction
 from robustcnn.attacks.pgd import random_start
 from robustcnn.errors import ConfigError
@@ -114,7 +114,7 @@ class APGD(GradientAttack):
             current = x0.clone()
         grad, logits = self.gradient(model, current, ys, ts, ctx)
         value = objective(logits, ys, ts, self.loss).detach()
-        self._record(goal_reached(logits, ys, ts), current, idx, result, fooled)
+        record_first_hits(goal_reached(logits, ys, ts), current, idx, result, fooled)
         shape = (-1,) + (1,) * (x.dim() - 1)
         eta = torch.full((idx.numel(),), 2.0 * eps, device=x.device)
         best_x, best_value, best_grad = current.clone(), value.clone(), grad.clone()
@@ -136,7 +136,7 @@ class APGD(GradientAttack):
             grad, logits = self.gradient(model, current, ys, ts, ctx)
             new_value = objective(logits, ys, ts, self.loss).detach()
             hit = goal_reached(logits, ys, ts)
-            self._record(hit, current, idx, result, fooled)
+            record_first_hits(hit, current, idx, result, fooled)
             increases += (new_value > value).float()
             better = new_value > best_value
             best_x[better], best_value[better], best_grad[better] = (
@@ -167,9 +167,3 @@ class APGD(GradientAttack):
                 ts = ts[keep] if ts is not None else None
         missed = ~fooled.index_select(0, idx)
         result[idx[missed]] = best_x[missed]
-
-    @staticmethod
-    def _record(hit: Tensor, candidate: Tensor, idx: Tensor, result: Tensor, fooled: Tensor) -> None:
-        newly = hit & ~fooled.index_select(0, idx)
-        result[idx[newly]] = candidate[newly]
-        fooled[idx[newly]] = True

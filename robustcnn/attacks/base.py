@@ -148,6 +148,16 @@ def goal_reached(logits: Tensor, y: Tensor, targets: Tensor | None) -> Tensor:
     return pred == targets if targets is not None else pred != y
 
 
+def record_first_hits(hit: Tensor, candidate: Tensor, idx: Tensor, result: Tensor, fooled: Tensor) -> None:
+    """The first candidate that reaches the goal is the sample's result; later ones are ignored.
+
+    ``hit``/``candidate`` cover the samples ``idx`` of the batch; ``result``/``fooled`` the whole batch.
+    """
+    newly = hit & ~fooled.index_select(0, idx)
+    result[idx[newly]] = candidate[newly]
+    fooled[idx[newly]] = True
+
+
 @contextlib.contextmanager
 def attack_mode(model: nn.Module) -> Iterator[None]:
     """Eval mode and frozen parameters while attacking; both restored afterwards, and verified."""

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from robustcnn.attacks.base import PerturbContext, goal_reached
+from robustcnn.attacks.base import PerturbContext, goal_reached, record_first_hits
 from robustcnn.attacks.gradient import GradientAttack, step_direction
 from robustcnn.errors import ConfigError
 from robustcnn.threat import ThreatModel, project
@@ -209,9 +209,7 @@ class PGD(GradientAttack):
                 ti = targets.index_select(0, idx) if targets is not None else None
                 grad, logits = self.gradient(model, current, yi, ti, ctx)
                 hit = goal_reached(logits, yi, ti)
-                newly = hit & ~fooled.index_select(0, idx)
-                result[idx[newly]] = current[newly]
-                fooled[idx[newly]] = True
+                record_first_hits(hit, current, idx, result, fooled)
                 if self.early_stop:
                     keep = ~hit
                     if not bool(keep.any()):
@@ -228,9 +226,7 @@ class PGD(GradientAttack):
                     y.index_select(0, idx),
                     targets.index_select(0, idx) if targets is not None else None,
                 )
-                newly = hit & ~fooled.index_select(0, idx)
-                result[idx[newly]] = current[newly]
-                fooled[idx[newly]] = True
+                record_first_hits(hit, current, idx, result, fooled)
             # the very last iterate is returned unchecked: the base measures success on every candidate
             # it gets back, so a check here would be a second forward pass for the same answer
             missed = ~fooled.index_select(0, idx)

@@ -43,7 +43,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from robustcnn.attacks.base import Attack, PerturbContext, goal_reached
+from robustcnn.attacks.base import Attack, PerturbContext, goal_reached, record_first_hits
 from robustcnn.attacks.gradient import LOSSES, objective
 from robustcnn.errors import ConfigError
 from robustcnn.threat import ThreatModel
@@ -235,7 +235,7 @@ class Square(Attack):
         logits = ctx.logits(model, best)
         value = objective(logits, ys, ts, self.loss)
         done = goal_reached(logits, ys, ts)
-        self._record(done, best, idx, result, fooled)
+        record_first_hits(done, best, idx, result, fooled)
         iterations = self.queries - 1
         for it in range(iterations):
             if self.early_stop:
@@ -253,7 +253,7 @@ class Square(Attack):
             logits = ctx.logits(model, candidate)
             new_value = objective(logits, ys, ts, self.loss)
             hit = goal_reached(logits, ys, ts)
-            self._record(hit, candidate, idx, result, fooled)
+            record_first_hits(hit, candidate, idx, result, fooled)
             # keep a proposal only if it improves the objective (or reaches the goal, which with the CE
             # loss need not come with a higher CE): the paper's acceptance rule
             accept = (new_value > value) | hit
@@ -264,13 +264,6 @@ class Square(Attack):
         missed = ~fooled.index_select(0, idx) & (value > best_value.index_select(0, idx))
         result[idx[missed]] = best[missed]
         best_value[idx[missed]] = value[missed]
-
-    @staticmethod
-    def _record(hit: Tensor, candidate: Tensor, idx: Tensor, result: Tensor, fooled: Tensor) -> None:
-        """The first candidate that reaches the goal is the sample's result; later ones are ignored."""
-        newly = hit & ~fooled.index_select(0, idx)
-        result[idx[newly]] = candidate[newly]
-        fooled[idx[newly]] = True
 
     # -- L-inf ----------------------------------------------------------------------------------
     def _linf_start(self, xs: Tensor, eps: float, ctx: PerturbContext, stream: int, idx: Tensor) -> Tensor:
