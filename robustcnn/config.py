@@ -8,6 +8,7 @@ package ``robustcnn.conf``. Looking in both places is what makes the CLI work fr
 from __future__ import annotations
 
 import importlib.util
+import math
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -55,3 +56,87 @@ def compose(overrides: Sequence[str] = (), config_name: str = "config") -> Any:
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
         return hydra_compose(config_name=config_name, overrides=list(overrides), return_hydra_config=False)
+
+
+# -- typed reads of config values --------------------------------------------------------------
+# Values arrive from YAML and the command line, where `epochs=abc`, `lr=[1]` or `amp=maybe` are easy
+# mistakes; int()/float()/bool() on them would fail deep inside (a traceback that names no key) or,
+# worse, succeed (bool("maybe") is True, int(1.5) is 1). These helpers fail with a ConfigError that
+# names the key, the value and what is expected, on one line.
+
+
+def show(value: Any, limit: int = 80) -> str:
+    """A value as it appears in an error message: repr, one line, cut to ``limit`` characters."""
+    text = " ".join(repr(value).split())
+    return text if len(text) <= limit else f"{text[: limit - 3]}..."
+
+
+def config_bool(value: Any, key: str) -> bool:
+    """A real bool (``true``/``false``); strings and numbers are refused, not guessed."""
+    if not isinstance(value, bool):
+        raise ConfigError(f"{key}={show(value)} must be true or false; set {key}=true or {key}=false")
+    return value
+
+
+def config_int(value: Any, key: str, *, minimum: int | None = None, hint: str = "") -> int:
+    """A whole number (an integral float such as 3.0 is accepted), optionally ``>= minimum``."""
+    import numbers
+
+    whole = isinstance(value, numbers.Integral) or (
+        isinstance(value, numbers.Real) and math.isfinite(value) and float(value).is_integer()
+    )
+    if isinstance(value, bool) or not whole:
+        bound = f" >= {minimum}" if minimum is not None else ""
+        raise ConfigError(f"{key}={show(value)} must be a whole number{bound}{hint}")
+    number = int(value)
+    if minimum is not None and number < minimum:
+        raise ConfigError(f"{key}={number} must be >= {minimum}{hint}")
+    return number
+
+
+def config_float(
+    value: Any,
+    key: str,
+    *,
+    minimum: float | None = None,
+    maximum: float | None = None,
+    above: bool = False,
+    below: bool = False,
+    hint: str = "",
+) -> float:
+    """A finite number, optionally in a range (``above``/``below``: the bound itself is excluded)."""
+    import numbers
+
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
+        raise ConfigError(f"{key}={show(value)} must be a finite number{hint}")
+    number = float(value)
+    low_ok = minimum is None or (number > minimum if above else number >= minimum)
+    high_ok = maximum is None or (number < maximum if below else number <= maximum)
+    if not (low_ok and high_ok):
+        if minimum is not None and maximum is not None:
+            span = f"in {'(' if above else '['}{minimum:g}, {maximum:g}{')' if below else ']'}"
+        elif minimum is not None:
+            span = f"{'>' if above else '>='} {minimum:g}"
+        else:
+            span = f"{'<' if below else '<='} {maximum:g}"
+        raise ConfigError(f"{key}={number:g} must be {span}{hint}")
+    return number
+
+
+def config_section(value: Any, key: str, known: Sequence[str] | None = None) -> dict[str, Any]:
+    """A config section (mapping); with ``known``, a key outside it is refused and the known ones listed."""
+    from collections.abc import Mapping
+
+    if value is None:
+        return {}
+    if not isinstance(value, Mapping):
+        example = f"{key}.{known[0]}=..." if known else f"{key}.<setting>=..."
+        raise ConfigError(
+            f"{key}={show(value)} must be a section of settings; set one of them, e.g. {example}"
+        )
+    section = dict(value)
+    if known is not None:
+        unknown = sorted(str(k) for k in section if k not in known)
+        if unknown:
+            raise ConfigError(f"{key} has no setting(s) {unknown}; accepted: {sorted(known)}")
+    return section

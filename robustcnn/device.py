@@ -4,15 +4,21 @@ from __future__ import annotations
 
 import os
 import random
+from typing import Any
 
 import numpy as np
 import torch
 
 from robustcnn.errors import ConfigError
 
+#: More threads than this is a typo (torch would try to start them all, or overflow).
+MAX_THREADS = 1024
+
 
 def resolve_device(name: str | None = "auto") -> torch.device:
     """``auto`` picks cuda, then mps, then cpu; an explicit name must be available here."""
+    if name is not None and not isinstance(name, str):
+        raise ConfigError(f"device={name!r} must be a device name; use auto, cpu, cuda, cuda:N or mps")
     choice = (name or "auto").strip().lower()
     if choice == "auto":
         if torch.cuda.is_available():
@@ -25,6 +31,8 @@ def resolve_device(name: str | None = "auto") -> torch.device:
         device = torch.device(choice)
     except RuntimeError as exc:
         raise ConfigError(f"unknown device {name!r}; use auto, cpu, cuda, cuda:N or mps") from exc
+    if device.type not in ("cpu", "cuda", "mps"):
+        raise ConfigError(f"device={name} is not supported; use auto, cpu, cuda, cuda:N or mps")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError(
             f"device={name} was asked for but CUDA is not available here; use device=auto or cpu"
@@ -52,8 +60,21 @@ def seed_everything(seed: int) -> None:
 
 def set_threads(threads: int | None) -> None:
     """Limit torch's CPU threads (parallel launchers run one thread per job)."""
+    checked = check_threads(threads)
+    if checked is not None:
+        torch.set_num_threads(checked)
+
+
+def check_threads(threads: Any) -> int | None:
+    """``threads`` as a whole number in [1, MAX_THREADS], or None (torch's default)."""
     if threads is None:
-        return
-    if int(threads) < 1:
-        raise ConfigError(f"threads={threads} must be >= 1 (or null for torch's default)")
-    torch.set_num_threads(int(threads))
+        return None
+    whole = isinstance(threads, int) or (isinstance(threads, float) and threads.is_integer())
+    if isinstance(threads, bool) or not whole or threads < 1:
+        raise ConfigError(f"threads={threads!r} must be a whole number >= 1 (or null for torch's default)")
+    if threads > MAX_THREADS:
+        raise ConfigError(
+            f"threads={int(threads)} is more than {MAX_THREADS}; use at most the number of CPU cores "
+            f"({os.cpu_count()} here), or null for torch's default"
+        )
+    return int(threads)

@@ -15,11 +15,15 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from robustcnn.config import config_bool, config_float, config_int, show
 from robustcnn.errors import ConfigError
 
 NORMS = ("linf", "l2")
 TARGET_SELECTIONS = ("random", "least_likely", "fixed")
 KNOWLEDGE = ("white_box", "black_box")
+#: Most radii one threat model may list: every attack runs once per radius (and each is a metric,
+#: a plot point and a table column), so thousands are a mistake, not a finer curve.
+MAX_EPS = 100
 
 
 @dataclass(frozen=True)
@@ -40,9 +44,14 @@ class ThreatModel:
             raise ConfigError(f"threat.norm={self.norm!r} is unknown; choose one of {', '.join(NORMS)}")
         if not self.eps:
             raise ConfigError("threat.eps is empty; give at least one radius, e.g. threat.eps=[0,0.1,0.3]")
+        if len(self.eps) > MAX_EPS:
+            raise ConfigError(
+                f"threat.eps has {len(self.eps)} radii; at most {MAX_EPS} are allowed (every attack runs "
+                "once per radius): give fewer, e.g. threat.eps=[0,0.1,0.2,0.3]"
+            )
         for value in self.eps:
             if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
-                raise ConfigError(f"threat.eps contains {value!r}; every eps must be a finite number")
+                raise ConfigError(f"threat.eps contains {show(value)}; every eps must be a finite number")
             if value < 0:
                 raise ConfigError(f"threat.eps contains {value}; eps is a radius and must be >= 0")
             if self.norm == "linf" and value > 1:
@@ -71,26 +80,35 @@ class ThreatModel:
 
     @classmethod
     def from_mapping(cls, cfg: Mapping[str, Any]) -> ThreatModel:
+        if not isinstance(cfg, Mapping):
+            raise ConfigError(f"threat={show(cfg)} must be a section; pick a preset, e.g. threat=mnist_linf")
         eps = cfg.get("eps", cls.eps)
-        if isinstance(eps, (int, float)):
+        if isinstance(eps, (int, float)) and not isinstance(eps, bool):
             eps = [eps]
         if not isinstance(eps, Sequence) or isinstance(eps, str):
-            raise ConfigError(f"threat.eps={eps!r} must be a list of numbers, e.g. threat.eps=[0,0.1,0.3]")
+            raise ConfigError(
+                f"threat.eps={show(eps)} must be a list of numbers, e.g. threat.eps=[0,0.1,0.3]"
+            )
         known = {"name", "norm", "eps", "targeted", "target", "target_class", "knowledge", "reference_eps"}
         unknown = set(cfg) - known
         if unknown:
             raise ConfigError(f"unknown threat keys {sorted(unknown)}; accepted: {sorted(known)}")
         target_class = cfg.get("target_class")
+        reference_eps = cfg.get("reference_eps")
         return cls(
             norm=str(cfg.get("norm", cls.norm)).lower(),
             eps=tuple(
                 float(e) if isinstance(e, (int, float)) and not isinstance(e, bool) else e for e in eps
             ),
-            targeted=bool(cfg.get("targeted", False)),
+            targeted=config_bool(cfg.get("targeted", False), "threat.targeted"),
             target=str(cfg.get("target", "random")),
-            target_class=None if target_class is None else int(target_class),
+            target_class=None
+            if target_class is None
+            else config_int(target_class, "threat.target_class", minimum=0, hint=" (a class index)"),
             knowledge=str(cfg.get("knowledge", "white_box")),
-            reference_eps=None if cfg.get("reference_eps") is None else float(cfg["reference_eps"]),
+            reference_eps=None
+            if reference_eps is None
+            else config_float(reference_eps, "threat.reference_eps", minimum=0.0),
         )
 
     def check_input_size(self, input_shape: Sequence[int]) -> None:

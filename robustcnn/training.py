@@ -21,12 +21,27 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from robustcnn.config import config_bool, config_float, config_int, config_section
 from robustcnn.errors import ConfigError
 from robustcnn.evaluation import autocast_for
 from robustcnn.progress import progress_bar
 
 OPTIMIZERS = ("adam", "sgd")
 SCHEDULERS = ("none", "cosine", "step", "onecycle")
+#: The settings of the ``training`` section and its sub-sections (anything else is a typo).
+TRAINING_KEYS = (
+    "epochs",
+    "batch_size",
+    "optimizer",
+    "scheduler",
+    "augment",
+    "max_batches",
+    "use_cache",
+    "amp",
+    "channels_last",
+)
+OPTIMIZER_KEYS = ("name", "lr", "weight_decay", "momentum", "nesterov")
+SCHEDULER_KEYS = ("name", "step_size", "gamma")
 
 
 @dataclass(frozen=True)
@@ -51,23 +66,30 @@ class TrainConfig:
 
     @classmethod
     def from_mapping(cls, cfg: Mapping[str, Any]) -> TrainConfig:
-        opt = dict(cfg.get("optimizer") or {})
-        sched = dict(cfg.get("scheduler") or {})
+        """Build from the ``training`` config section: every value type-checked, named when wrong."""
+        cfg = config_section(cfg, "training", TRAINING_KEYS)
+        opt = config_section(cfg.get("optimizer"), "training.optimizer", OPTIMIZER_KEYS)
+        sched = config_section(cfg.get("scheduler"), "training.scheduler", SCHEDULER_KEYS)
+        augment = config_section(cfg.get("augment"), "training.augment", ("shift",))
+        config_bool(cfg.get("use_cache", True), "training.use_cache")  # read by the runner
+        max_batches = cfg.get("max_batches")
         config = cls(
-            epochs=int(cfg.get("epochs", cls.epochs)),
-            batch_size=int(cfg.get("batch_size", cls.batch_size)),
+            epochs=config_int(cfg.get("epochs", cls.epochs), "training.epochs"),
+            batch_size=config_int(cfg.get("batch_size", cls.batch_size), "training.batch_size"),
             optimizer=str(opt.get("name", cls.optimizer)).lower(),
-            lr=float(opt.get("lr", cls.lr)),
-            weight_decay=float(opt.get("weight_decay", cls.weight_decay)),
-            momentum=float(opt.get("momentum", cls.momentum)),
-            nesterov=bool(opt.get("nesterov", cls.nesterov)),
+            lr=config_float(opt.get("lr", cls.lr), "training.optimizer.lr"),
+            weight_decay=config_float(
+                opt.get("weight_decay", cls.weight_decay), "training.optimizer.weight_decay"
+            ),
+            momentum=config_float(opt.get("momentum", cls.momentum), "training.optimizer.momentum"),
+            nesterov=config_bool(opt.get("nesterov", cls.nesterov), "training.optimizer.nesterov"),
             scheduler=str(sched.get("name", cls.scheduler)).lower(),
-            step_size=int(sched.get("step_size", cls.step_size)),
-            gamma=float(sched.get("gamma", cls.gamma)),
-            max_batches=None if cfg.get("max_batches") is None else int(cfg["max_batches"]),
-            amp=bool(cfg.get("amp", cls.amp)),
-            channels_last=bool(cfg.get("channels_last", cls.channels_last)),
-            shift=int((cfg.get("augment") or {}).get("shift", cls.shift)),
+            step_size=config_int(sched.get("step_size", cls.step_size), "training.scheduler.step_size"),
+            gamma=config_float(sched.get("gamma", cls.gamma), "training.scheduler.gamma"),
+            max_batches=None if max_batches is None else config_int(max_batches, "training.max_batches"),
+            amp=config_bool(cfg.get("amp", cls.amp), "training.amp"),
+            channels_last=config_bool(cfg.get("channels_last", cls.channels_last), "training.channels_last"),
+            shift=config_int(augment.get("shift", cls.shift), "training.augment.shift"),
         )
         config.validate()
         return config
@@ -79,6 +101,18 @@ class TrainConfig:
             raise ConfigError(f"training.batch_size={self.batch_size} must be >= 1")
         if not (self.lr > 0 and math.isfinite(self.lr)):
             raise ConfigError(f"training.optimizer.lr={self.lr} must be a positive number")
+        if not (self.weight_decay >= 0 and math.isfinite(self.weight_decay)):
+            raise ConfigError(
+                f"training.optimizer.weight_decay={self.weight_decay} must be >= 0 (0 = no weight decay)"
+            )
+        if not 0 <= self.momentum < 1:
+            raise ConfigError(
+                f"training.optimizer.momentum={self.momentum} must be in [0, 1) (SGD only; 0.9 is usual)"
+            )
+        if not (self.gamma > 0 and math.isfinite(self.gamma)):
+            raise ConfigError(
+                f"training.scheduler.gamma={self.gamma} must be a positive number (lr factor of step)"
+            )
         if self.optimizer not in OPTIMIZERS:
             raise ConfigError(
                 f"training.optimizer.name={self.optimizer!r} is unknown; choose one of {OPTIMIZERS}"

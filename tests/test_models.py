@@ -192,7 +192,7 @@ def test_unknown_option_names_key_and_accepted_keys() -> None:
 
 @pytest.mark.parametrize("rate", [-0.1, 1.0, 1.5, float("nan"), True, "0.5"])
 def test_bad_dropout_rate(rate: object) -> None:
-    with pytest.raises(ConfigError, match=r"dropout must be a rate in \[0, 1\)"):
+    with pytest.raises(ConfigError, match=r"model.dropout=.* must be a rate in \[0, 1\)"):
         make("lenet5", dropout=rate)
 
 

@@ -10,23 +10,28 @@ from __future__ import annotations
 from typing import Any
 
 from robustcnn.attacks.gradient import GradientAttack
+from robustcnn.attacks.registry import _REGISTRY, check_settings, setting_defaults
+from robustcnn.config import config_int, show
 from robustcnn.errors import ConfigError
 
 
 def make_eot(*, attack: str = "pgd", samples: int = 20, **settings: Any) -> GradientAttack:
     """Build ``attack`` (fgsm or pgd, any backend setting removed) with ``samples`` EOT draws."""
-    from robustcnn.attacks.registry import _REGISTRY
-
-    factory = _REGISTRY.get(attack)
+    factory = _REGISTRY.get(attack) if isinstance(attack, str) else None
     if factory is None or not (isinstance(factory, type) and issubclass(factory, GradientAttack)):
         gradient_attacks = sorted(
             n for n, f in _REGISTRY.items() if isinstance(f, type) and issubclass(f, GradientAttack)
         )
         raise ConfigError(
-            f"eot wraps a gradient attack; attack.eot.attack={attack!r} is not one of {gradient_attacks}"
+            f"eot wraps a gradient attack; attack.eot.attack={show(attack)} is not one of {gradient_attacks}"
         )
-    if int(samples) < 1:
-        raise ConfigError(f"attack.eot.samples={samples} must be >= 1")
-    built = factory(eot_samples=int(samples), **settings)
+    samples = config_int(samples, "attack.eot.samples", minimum=1, hint=" (EOT draws per gradient)")
+    keys = setting_defaults(factory)
+    unknown = sorted(k for k in settings if k not in keys or k == "eot_samples")
+    if unknown:
+        accepted = sorted({"attack", "samples", *keys} - {"eot_samples"})
+        raise ConfigError(f"attack eot has no setting(s) {unknown}; accepted: {accepted}")
+    settings = check_settings(factory, settings, "attack.eot")
+    built = factory(eot_samples=samples, **settings)
     built.name = f"eot_{attack}"  # type: ignore[misc]
     return built

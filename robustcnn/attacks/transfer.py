@@ -34,6 +34,15 @@ class Transfer(GradientAttack):
         super().__init__(**kwargs)
         if int(steps) < 1:
             raise ConfigError(f"attack.transfer.steps={steps} must be >= 1")
+        if not rel_step_size > 0:
+            raise ConfigError(f"attack.transfer.rel_step_size={rel_step_size} must be > 0")
+        from robustcnn.models import available_models  # the zoo, imported only when a transfer is built
+
+        if surrogate not in available_models():
+            raise ConfigError(
+                f"attack.transfer.surrogate={surrogate!r} is not a zoo model; choose one of "
+                f"{', '.join(available_models())}"
+            )
         self.surrogate = str(surrogate)
         self.steps = int(steps)
         self.rel_step_size = float(rel_step_size)

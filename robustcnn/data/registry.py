@@ -84,7 +84,7 @@ def _check_limit(key: str, value: Any) -> int | None:
     if value is None:
         return None
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-        raise ConfigError(f"{key} must be a positive integer or null, got {value!r}")
+        raise ConfigError(f"data.{key} must be a positive integer or null, got {value!r}")
     return int(value)
 
 

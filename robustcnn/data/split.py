@@ -26,7 +26,7 @@ def _splitmix64(x: np.ndarray) -> np.ndarray:
 def check_seed(seed: object, key: str = "split_seed") -> int:
     """A seed must be a plain non-negative int (a bool or a float is a config mistake)."""
     if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
-        raise ConfigError(f"{key} must be a non-negative integer, got {seed!r}")
+        raise ConfigError(f"data.{key} must be a non-negative integer, got {seed!r}")
     return int(seed)
 
 

@@ -18,30 +18,30 @@ from robustcnn.errors import ConfigError
 def check_bool(value: object, key: str) -> bool:
     """A real bool (YAML ``true``/``false``), not a string or an int."""
     if not isinstance(value, (bool, np.bool_)):
-        raise ConfigError(f"{key} must be true or false, got {value!r}")
+        raise ConfigError(f"data.{key} must be true or false, got {value!r}")
     return bool(value)
 
 
 def check_root(value: object, key: str = "root") -> Path:
     """A folder path given as str or os.PathLike (not yet required to exist)."""
     if not isinstance(value, (str, os.PathLike)) or not str(value):
-        raise ConfigError(f"{key} must be a folder path, got {value!r}; set data.{key}=/path/to/folder")
+        raise ConfigError(f"data.{key} must be a folder path, got {value!r}; set data.{key}=/path/to/folder")
     return Path(value).expanduser()
 
 
 def check_int_choice(value: object, key: str, choices: Sequence[int]) -> int:
     """An int from ``choices``."""
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or int(value) not in choices:
-        raise ConfigError(f"{key} must be one of {list(choices)}, got {value!r}")
+        raise ConfigError(f"data.{key} must be one of {list(choices)}, got {value!r}")
     return int(value)
 
 
 def check_fraction(value: object, key: str) -> float:
     """A float strictly between 0 and 1."""
     if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
-        raise ConfigError(f"{key} must be a number strictly between 0 and 1, got {value!r}")
+        raise ConfigError(f"data.{key} must be a number strictly between 0 and 1, got {value!r}")
     if not 0 < float(value) < 1:
-        raise ConfigError(f"{key} must be a number strictly between 0 and 1, got {value!r}")
+        raise ConfigError(f"data.{key} must be a number strictly between 0 and 1, got {value!r}")
     return float(value)
 
 
@@ -56,5 +56,5 @@ def check_size(value: object, key: str) -> tuple[int, int]:
     except TypeError:
         items = []
     if len(items) != 2 or not all(_positive_int(v) for v in items):
-        raise ConfigError(f"{key} must be [height, width] with two positive integers, got {value!r}")
+        raise ConfigError(f"data.{key} must be [height, width] with two positive integers, got {value!r}")
     return int(items[0]), int(items[1])

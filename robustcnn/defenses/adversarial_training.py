@@ -37,6 +37,7 @@ from robustcnn.attacks.base import PerturbContext, attack_mode
 from robustcnn.attacks.fgsm import FGSM
 from robustcnn.attacks.gradient import step_direction
 from robustcnn.attacks.pgd import PGD
+from robustcnn.config import show
 from robustcnn.defenses.base import Defense, register_defense
 from robustcnn.errors import ConfigError
 from robustcnn.threat import NORMS, ThreatModel, project
@@ -53,11 +54,11 @@ _WARMUP_TOLERANCE = 1e-9
 def _number(name: str, value: Any, kind: type = float) -> Any:
     """Convert a config value, or fail with the key's name (``float('abc')`` would not name it)."""
     if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise ConfigError(f"defense.{name}={value!r} must be a number")
+        raise ConfigError(f"defense.{name}={show(value)} must be a number")
+    if not math.isfinite(float(value)):  # before int(): int(inf) and int(nan) raise
+        raise ConfigError(f"defense.{name}={value!r} must be finite")
     if kind is int and float(value) != int(value):
         raise ConfigError(f"defense.{name}={value!r} must be a whole number")
-    if not math.isfinite(float(value)):
-        raise ConfigError(f"defense.{name}={value!r} must be finite")
     return kind(value)
 
 

@@ -14,12 +14,14 @@ trained once however many defenses build on it.
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable, Mapping
 from typing import Any, ClassVar
 
 import torch
 from torch import nn
 
+from robustcnn.config import show
 from robustcnn.errors import ConfigError
 from robustcnn.training import TrainHook
 
@@ -34,6 +36,11 @@ class Defense:
     inference_settings: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, *, base: str | Mapping[str, Any] | None = None) -> None:
+        if base is not None and not isinstance(base, (str, Mapping)):
+            raise ConfigError(
+                f"defense.base={show(base)} must be a defense name (e.g. none, pgd_at) or null "
+                "(train from scratch)"
+            )
         self.base = base
 
     def params(self) -> dict[str, Any]:
@@ -98,14 +105,35 @@ def available_defenses() -> list[str]:
 
 def build_defense(spec: Mapping[str, Any]) -> Defense:
     """Build a defense from its config node (``name`` plus settings); bad values fail before training."""
+    if not isinstance(spec, Mapping):
+        raise ConfigError(f"defense={show(spec)} must be a section; pick a preset, e.g. defense=pgd_at")
     params = dict(spec)
     name = params.pop("name", None)
-    if name not in _REGISTRY:
-        raise ConfigError(f"unknown defense {name!r}; choose from {', '.join(available_defenses())}")
+    if not isinstance(name, str) or name not in _REGISTRY:
+        raise ConfigError(f"unknown defense {show(name)}; choose from {', '.join(available_defenses())}")
+    cls = _REGISTRY[name]
+    accepted = accepted_settings(cls)
+    unknown = sorted(str(k) for k in params if k not in accepted)
+    if unknown:
+        raise ConfigError(f"defense {name} has no setting(s) {unknown}; accepted: {sorted(accepted)}")
     try:
-        return _REGISTRY[name](**params)
-    except TypeError as exc:
-        raise ConfigError(f"defense {name}: {exc}") from exc
+        return cls(**params)
+    except (TypeError, ValueError) as exc:  # a value of the wrong type that no check caught
+        detail = " ".join(str(exc).split())
+        raise ConfigError(f"defense {name}: {detail}; check the settings under defense.*") from exc
+
+
+def accepted_settings(cls: type[Defense]) -> set[str]:
+    """The keyword settings a defense class accepts (its ``__init__`` and its bases')."""
+    keys: set[str] = set()
+    for klass in inspect.getmro(cls):
+        init = klass.__dict__.get("__init__")
+        if init is None or klass is object:
+            continue
+        for p in inspect.signature(init).parameters.values():
+            if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD) and p.name != "self":
+                keys.add(p.name)
+    return keys
 
 
 def weights_identity(spec: Mapping[str, Any]) -> dict[str, Any]:

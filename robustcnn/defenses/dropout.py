@@ -12,6 +12,7 @@ from typing import Any
 
 from torch import nn
 
+from robustcnn.config import config_int, show
 from robustcnn.defenses.base import Defense, register_defense
 from robustcnn.errors import ConfigError
 from robustcnn.models import set_inference_dropout
@@ -27,15 +28,17 @@ class DropoutDefense(Defense):
         self, *, rate: float = 0.5, mode: str = "train_only", n_samples: int = 10, **kwargs: Any
     ) -> None:
         super().__init__(**kwargs)
-        if not isinstance(rate, (int, float)) or not 0.0 <= float(rate) < 1.0:
-            raise ConfigError(f"defense.rate={rate!r} must be in [0, 1) (the probability of dropping a unit)")
+        if isinstance(rate, bool) or not isinstance(rate, (int, float)) or not 0.0 <= float(rate) < 1.0:
+            raise ConfigError(
+                f"defense.rate={show(rate)} must be in [0, 1) (the probability of dropping a unit)"
+            )
         if mode not in MODES:
-            raise ConfigError(f"defense.mode={mode!r} is unknown; choose one of {', '.join(MODES)}")
-        if int(n_samples) < 1:
-            raise ConfigError(f"defense.n_samples={n_samples} must be >= 1")
+            raise ConfigError(f"defense.mode={show(mode)} is unknown; choose one of {', '.join(MODES)}")
+        self.n_samples = config_int(
+            n_samples, "defense.n_samples", minimum=1, hint=" (draws averaged per prediction)"
+        )
         self.rate = float(rate)
         self.mode = mode
-        self.n_samples = int(n_samples)
 
     def params(self) -> dict[str, Any]:
         return {**super().params(), "rate": self.rate, "mode": self.mode, "n_samples": self.n_samples}

@@ -241,9 +241,12 @@ class PruneDefense(Defense):
         if (
             isinstance(finetune_eps, bool)
             or not isinstance(finetune_eps, int | float)
-            or not finetune_eps > 0
+            or not 0 < finetune_eps <= 1
         ):
-            raise ConfigError(f"defense.finetune_eps={finetune_eps!r} must be > 0 (e.g. 0.3 for MNIST L-inf)")
+            raise ConfigError(
+                f"defense.finetune_eps={finetune_eps!r} must be in (0, 1]: an L-inf radius in pixel units "
+                "(e.g. 0.3 for MNIST, 8/255 = 0.0314 for CIFAR-10)"
+            )
         if isinstance(finetune_steps, bool) or not isinstance(finetune_steps, int) or finetune_steps < 1:
             raise ConfigError(
                 f"defense.finetune_steps={finetune_steps!r} must be an integer >= 1 (PGD steps)"

@@ -78,7 +78,7 @@ def _check_dropout(dropout: float) -> float:
         or not (math.isfinite(dropout) and 0.0 <= dropout < 1.0)
     ):
         raise ConfigError(
-            f"dropout must be a rate in [0, 1), got {dropout!r}; use 0.0 for no dropout or e.g. 0.5"
+            f"model.dropout={dropout!r} must be a rate in [0, 1); use 0.0 for no dropout or e.g. 0.5"
         )
     return float(dropout)
 
