@@ -24,9 +24,25 @@ from torch import Tensor, nn
 from robustcnn import checks as C
 from robustcnn.attacks import APGD, PGD, Attack, AttackResult, GradientAttack, RandomNoise, Transfer
 from robustcnn.attacks.base import attack_mode
+from robustcnn.config import config_bool, config_float, config_int, config_section
+from robustcnn.evaluation import in_batches
 from robustcnn.threat import ThreatModel
 
 log = logging.getLogger(__name__)
+
+
+#: The settings of the ``checks`` config section.
+CHECKS_KEYS = (
+    "enabled",
+    "tolerance",
+    "zero_tolerance",
+    "max_zero_gradient_fraction",
+    "robust_threshold",
+    "probe_samples",
+    "strong_steps_factor",
+    "strong_extra_restarts",
+    "eot_samples",
+)
 
 
 @dataclass(frozen=True)
@@ -42,13 +58,27 @@ class BatterySettings:
 
     @classmethod
     def from_mapping(cls, cfg: Mapping[str, Any] | None) -> BatterySettings:
-        cfg = dict(cfg or {})
+        """Build from the ``checks`` config section; a wrong value fails naming ``checks.<key>``."""
+        cfg = config_section(cfg, "checks", CHECKS_KEYS)
+        for key in ("tolerance", "zero_tolerance", "max_zero_gradient_fraction", "robust_threshold"):
+            if key in cfg:  # accuracy fractions
+                cfg[key] = config_float(cfg[key], f"checks.{key}", minimum=0.0, maximum=1.0)
         return cls(
-            enabled=bool(cfg.get("enabled", True)),
-            probe_samples=int(cfg.get("probe_samples", cls.probe_samples)),
-            eot_samples=int(cfg.get("eot_samples", cls.eot_samples)),
-            strong_steps_factor=float(cfg.get("strong_steps_factor", cls.strong_steps_factor)),
-            strong_extra_restarts=int(cfg.get("strong_extra_restarts", cls.strong_extra_restarts)),
+            enabled=config_bool(cfg.get("enabled", True), "checks.enabled"),
+            probe_samples=config_int(
+                cfg.get("probe_samples", cls.probe_samples), "checks.probe_samples", minimum=1
+            ),
+            eot_samples=config_int(cfg.get("eot_samples", cls.eot_samples), "checks.eot_samples", minimum=1),
+            strong_steps_factor=config_float(
+                cfg.get("strong_steps_factor", cls.strong_steps_factor),
+                "checks.strong_steps_factor",
+                minimum=1.0,
+            ),
+            strong_extra_restarts=config_int(
+                cfg.get("strong_extra_restarts", cls.strong_extra_restarts),
+                "checks.strong_extra_restarts",
+                minimum=0,
+            ),
             checks=C.CheckSettings.from_mapping(cfg),
         )
 
@@ -139,21 +169,57 @@ def type_name(result: AttackResult) -> str:
     return result.name
 
 
-def is_stochastic(model: nn.Module, x: Tensor) -> bool:
-    """Two eval-mode forward passes on the same input differ: the model is randomised."""
+#: Where the battery's own checks take their batch size from (named when they run out of memory).
+BATCH_SETTING = "eval.attack_batch_size"
+
+
+def is_stochastic(model: nn.Module, x: Tensor, batch_size: int | None = None) -> bool:
+    """Two eval-mode forward passes on the same input differ: the model is randomised.
+
+    In batches of ``batch_size`` (all of ``x`` by default), halved when the device runs out of memory.
+    """
+
+    def differs(begin: int, end: int) -> bool:
+        return not torch.equal(model(x[begin:end]), model(x[begin:end]))
+
     with attack_mode(model), torch.no_grad():
-        return not torch.equal(model(x), model(x))
+        verdicts = in_batches(
+            differs,
+            x.shape[0],
+            batch_size or x.shape[0],
+            what="the stochasticity check",
+            setting=BATCH_SETTING,
+        )
+    return any(verdicts)
 
 
-def gradient_stats(model: nn.Module, x: Tensor, y: Tensor) -> tuple[float, float]:
-    """Fractions of inputs whose cross-entropy input gradient is all zero / not finite."""
-    with attack_mode(model):
-        xg = x.detach().clone().requires_grad_(True)
-        loss = F.cross_entropy(model(xg).float(), y, reduction="sum")
+def gradient_stats(
+    model: nn.Module, x: Tensor, y: Tensor, batch_size: int | None = None
+) -> tuple[float, float]:
+    """Fractions of inputs whose cross-entropy input gradient is all zero / not finite.
+
+    In batches of ``batch_size`` (all of ``x`` by default), halved when the device runs out of
+    memory; each input's gradient does not depend on the batch (eval mode, summed loss).
+    """
+
+    def zero_and_nan(begin: int, end: int) -> tuple[Tensor, Tensor]:
+        xg = x[begin:end].detach().clone().requires_grad_(True)
+        loss = F.cross_entropy(model(xg).float(), y[begin:end], reduction="sum")
         (grad,) = torch.autograd.grad(loss, xg)
-    flat = grad.flatten(1)
-    nan = ~torch.isfinite(flat).all(1)
-    zero = (flat.abs().amax(1) == 0) & ~nan
+        flat = grad.flatten(1)
+        nan = ~torch.isfinite(flat).all(1)
+        return (flat.abs().amax(1) == 0) & ~nan, nan
+
+    with attack_mode(model):
+        parts = in_batches(
+            zero_and_nan,
+            x.shape[0],
+            batch_size or x.shape[0],
+            what="the gradient check",
+            setting=BATCH_SETTING,
+        )
+    zero = torch.cat([z for z, _ in parts])
+    nan = torch.cat([n for _, n in parts])
     return float(zero.float().mean()), float(nan.float().mean())
 
 
@@ -207,7 +273,7 @@ def run_battery(
     seed = attacks[0].seed if attacks else 0
     batch_size = attacks[0].batch_size if attacks else 256
 
-    stochastic = is_stochastic(model, x[: min(n, 64)])
+    stochastic = is_stochastic(model, x[: min(n, 64)], batch_size)
     selected = list(attacks)
     if not any(isinstance(a, RandomNoise) for a in selected):
         selected.append(RandomNoise(seed=seed, batch_size=batch_size))
@@ -263,7 +329,7 @@ def run_battery(
 
     zero_frac = nan_frac = None
     if settings.enabled and gradient_attacks:
-        zero_frac, nan_frac = gradient_stats(model, x[:probe_n], y[:probe_n])
+        zero_frac, nan_frac = gradient_stats(model, x[:probe_n], y[:probe_n], batch_size)
 
     clean = (
         clean_accuracy

@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from robustcnn.errors import ConfigError, RobustCNNError
-from robustcnn.evaluation import autocast_for
+from robustcnn.evaluation import autocast_for, in_batches, is_out_of_memory, out_of_memory_error
 from robustcnn.progress import progress_bar
 from robustcnn.threat import ThreatModel, perturbation_norms, project
 
@@ -282,22 +282,54 @@ class Attack(ABC):
             raise ConfigError("no images to attack; check data.max_test / eval.max_samples")
         bounds = tuple(getattr(model, "bounds", (0.0, 1.0)))
         with attack_mode(model):  # eval mode: validation must not touch BatchNorm statistics
-            validate_inputs(model, x, y, bounds)  # type: ignore[arg-type]
+            try:
+                validate_inputs(model, x, y, bounds)  # type: ignore[arg-type]
+            except RuntimeError as exc:
+                if is_out_of_memory(exc):  # two images (the shape probe) already do not fit
+                    raise out_of_memory_error(f"attack {self.name}", 2) from exc
+                raise
         threat.check_input_size(tuple(x.shape[1:]))
         device = next((p.device for p in model.parameters()), torch.device("cpu"))
         y = y.long()
-        parts: list[dict[str, Tensor]] = []
         counters = {"forward": 0, "gradient": 0}
+        batches_done = 0
+        bar = progress_bar(
+            x.shape[0], f"attack {self.name}", self.progress and x.shape[0] > self.batch_size, unit="img"
+        )
+
+        def attack_slice(begin: int, end: int) -> dict[str, Tensor]:
+            # a slice that runs out of memory is redone smaller (in_batches): only finished
+            # slices may count passes or advance the batch index that seeds the noise
+            nonlocal batches_done
+            slice_counters = {"forward": 0, "gradient": 0}
+            part = self._run_batch(
+                model,
+                x[begin:end].to(device),
+                y[begin:end].to(device),
+                threat,
+                bounds,
+                batches_done,
+                device,
+                slice_counters,
+                keep=max(0, min(self.keep_examples, end) - begin),
+            )
+            batches_done += 1
+            for key, value in slice_counters.items():
+                counters[key] += value
+            if bar is not None:
+                bar.update(end - begin)
+            return part
+
         start = time.perf_counter()
-        starts = range(0, x.shape[0], self.batch_size)
-        bar = progress_bar(len(starts), f"attack {self.name}", self.progress and len(starts) > 1)
         with attack_mode(model):
-            for batch_index, begin in enumerate(starts):
-                xb = x[begin : begin + self.batch_size].to(device)
-                yb = y[begin : begin + self.batch_size].to(device)
-                parts.append(self._run_batch(model, xb, yb, threat, bounds, batch_index, device, counters))
-                if bar is not None:
-                    bar.update()
+            # the batch size is halved for this call only: a later call (another model) may fit
+            parts = in_batches(
+                attack_slice,
+                x.shape[0],
+                self.batch_size,
+                what=f"attack {self.name}",
+                setting=f"attack.{type(self).name}.batch_size (or eval.attack_batch_size)",
+            )
         if bar is not None:
             bar.close()
         if device.type == "cuda":
@@ -308,6 +340,7 @@ class Attack(ABC):
             for key in parts[0]
             if key != "adv_examples"
         }
+        kept = [p["adv_examples"] for p in parts if "adv_examples" in p]
         k = min(self.keep_examples, x.shape[0])
         return AttackResult(
             name=self.name,
@@ -320,7 +353,7 @@ class Attack(ABC):
             true_prob_clean=merged["true_prob_clean"],
             true_prob_adv=merged["true_prob_adv"],
             clean_examples=x[:k].detach().cpu(),
-            adv_examples=parts[0].get("adv_examples", torch.empty(0)),
+            adv_examples=torch.cat(kept, dim=1) if kept else torch.empty(0),
             seconds=seconds,
             forward_passes=counters["forward"],
             gradient_passes=counters["gradient"],
@@ -336,7 +369,10 @@ class Attack(ABC):
         batch_index: int,
         device: torch.device,
         counters: dict[str, int],
+        *,
+        keep: int,
     ) -> dict[str, Tensor]:
+        """Attack one batch at every eps; ``keep``: how many of its first images to return."""
         n = x.shape[0]
         with torch.no_grad():
             clean_logits = model(x).float()
@@ -354,7 +390,6 @@ class Attack(ABC):
         best_prob = clean_prob.clone()
         done = reached.clone()
         success_rows, correct_rows, norm_rows, prob_rows, adv_rows = [], [], [], [], []
-        keep = min(self.keep_examples, n) if batch_index == 0 else 0
         for e, eps in enumerate(threat.eps):
             if eps > 0:
                 # samples the model already gets wrong need no attack; with early_stop, neither do
