@@ -114,26 +114,69 @@ def standard_epoch_seconds(
 def obtain_model(
     config: dict[str, Any], data: Dataset, device: torch.device, progress: bool = True
 ) -> TrainedModel:
-    """Cached weights when they exist, else train (or start from the base defense) and cache them."""
+    """Cached weights when they exist, else train (or start from the base defense) and cache them.
+
+    A miss is filled under the entry's cross-process lock, and the cache is read again once the
+    lock is held: two sweep workers that need the same model train it once, the second one loads
+    what the first saved. While filling an entry with a ``defense.base``, the base's own lock is
+    taken inside this one; a base's key always differs from its derived defense's (its identity is
+    nested inside the derived one's), and locks are only ever taken from derived to base, so
+    processes cannot deadlock on each other.
+    """
     spec = resolve_defense(config["defense"])
     defense = build_defense(spec)
+    # built once, before anything else, as ever: its random init must not depend on the cache state
     model = make_model(config, data, defense.model_overrides())
     key = weights_key(config, data)
-    train_config = TrainConfig.from_mapping(config["training"])
+    if not bool(config["training"].get("use_cache", True)):
+        return _train(model, config, data, device, progress, spec, defense, key, cache=None)
     cache = WeightCache(config["paths"]["cache_dir"])
-    use_cache = bool(config["training"].get("use_cache", True))
-    seed = int(config["seed"])
-    if use_cache:
-        cache.ensure_writable()
-        stored = cache.read_meta(key)
-        if stored is not None:
-            model = defense.prepare_for_load(model, stored.get("defense_report") or {})
-            meta = cache.load(key, model)
-            if meta is not None:
-                log.info("weights %s found in the cache (%s): training skipped", key, cache.weights_path(key))
-                defense.finalize(model)
-                return TrainedModel(model.to(device).eval(), key, True, None, meta, defense)
+    cache.ensure_writable()
+    cached = _from_cache(cache, key, model, defense, device)
+    if cached is not None:
+        return cached
+    with cache.lock(key):
+        cached = _from_cache(cache, key, model, defense, device)  # filled while we waited?
+        if cached is not None:
+            return cached
+        cache.discard(key)  # leftovers of a damaged entry (an orphan sidecar) never pair with new weights
+        return _train(model, config, data, device, progress, spec, defense, key, cache)
 
+
+def _from_cache(
+    cache: WeightCache, key: str, fresh: Classifier, defense: Defense, device: torch.device
+) -> TrainedModel | None:
+    """The verified cache entry ``key`` loaded into a copy of ``fresh``; ``None`` on a miss or damage.
+
+    Why a copy: ``prepare_for_load`` may reshape it (pruned channels) from the sidecar; if the
+    weights then turn out damaged, the model trained instead must not inherit that shape.
+    """
+    stored = cache.read_meta(key)
+    if stored is None:
+        return None
+    model = defense.prepare_for_load(copy.deepcopy(fresh), stored.get("defense_report") or {})
+    meta = cache.load(key, model)
+    if meta is None:
+        return None
+    log.info("weights %s found in the cache (%s): training skipped", key, cache.weights_path(key))
+    defense.finalize(model)
+    return TrainedModel(model.to(device).eval(), key, True, None, meta, defense)
+
+
+def _train(
+    model: Classifier,
+    config: dict[str, Any],
+    data: Dataset,
+    device: torch.device,
+    progress: bool,
+    spec: dict[str, Any],
+    defense: Defense,
+    key: str,
+    cache: WeightCache | None,
+) -> TrainedModel:
+    """Train ``model`` (or start from the base defense's model), post-train it, save it to ``cache``."""
+    train_config = TrainConfig.from_mapping(config["training"])
+    seed = int(config["seed"])
     result: TrainResult | None = None
     base_key = None
     if defense.base is not None:
@@ -198,7 +241,7 @@ def obtain_model(
         "history": result.history if result else [],
         "robustcnn_version": __version__,
     }
-    if use_cache:
+    if cache is not None:
         cache.save(key, model, meta)
     defense.finalize(model)
     return TrainedModel(model.to(device).eval(), key, False, result, meta, defense)
