@@ -18,6 +18,7 @@ from pathlib import Path
 from robustcnn import __version__
 from robustcnn.errors import RobustCNNError
 from robustcnn.launchers import launcher_failure, quiet_schema_matching
+from robustcnn.preflight import check_run_arguments
 
 PROG = "robustcnn"
 
@@ -89,6 +90,8 @@ def cmd_run(hydra_args: Sequence[str]) -> None:
 
     from robustcnn.sweep import SweepFailed, close_open_sweeps
 
+    check_run_arguments(hydra_args)
+    check_composed_config(hydra_args)
     saved_argv = sys.argv
     sys.argv = [f"{PROG} run", *hydra_args]
     previous_handler = signal.signal(signal.SIGTERM, _terminate)
@@ -117,6 +120,67 @@ def cmd_run(hydra_args: Sequence[str]) -> None:
         close_open_sweeps("FAILED" if status == "FINISHED" else status)
         signal.signal(signal.SIGTERM, previous_handler)
         sys.argv = saved_argv
+
+
+#: Hydra options that take a value (the next argument); the rest of the command line is overrides.
+_VALUE_OPTIONS = {
+    "--config-path", "-cp", "--config-name", "-cn", "--config-dir", "-cd", "--experimental-rerun"
+}  # fmt: skip
+#: Options after which Hydra does not run a job (help, config printing, shell completion).
+_NO_JOB_OPTIONS = {
+    "--help", "-h", "--hydra-help", "--cfg", "-c", "--info", "-i", "--shell-completion", "-sc"
+}  # fmt: skip
+
+
+def _first_cell(overrides: Sequence[str]) -> list[str] | None:
+    """The overrides of a sweep's first job (``seed=0,1`` -> ``seed=0``); None if Hydra cannot parse them."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import HydraException
+
+    try:
+        parsed = OverridesParser.create().parse_overrides(list(overrides))
+    except HydraException:
+        return None  # Hydra reports its own syntax errors (with the grammar) when it starts
+    first = []
+    for text, override in zip(overrides, parsed, strict=True):
+        if override.is_sweep_override():
+            value = next(iter(override.sweep_string_iterator()), None)
+            if value is None:
+                return None
+            first.append(f"{override.get_key_element()}={value}")
+        else:
+            first.append(text)
+    return first
+
+
+def check_composed_config(hydra_args: Sequence[str]) -> None:
+    """Compose the job's config (a sweep's first job) and run the job's checks before Hydra starts.
+
+    Why: a bad value would otherwise surface inside the job, after Hydra created the output folder
+    (and, for a sweep, an MLflow parent run); and a few malformed overrides (``training=[1]``) make
+    Hydra itself fail with a traceback. Composition errors Hydra reports well (an unknown choice,
+    override syntax) are left to it: its message lists the valid choices.
+    """
+    if any(arg in _NO_JOB_OPTIONS or arg.split("=", 1)[0] in _VALUE_OPTIONS for arg in hydra_args):
+        return  # help/printing, or a user's own config folder: Hydra's own path
+    multirun = any(arg in ("-m", "--multirun") for arg in hydra_args)
+    overrides = _first_cell([a for a in hydra_args if not a.startswith("-")])
+    if overrides is None:
+        return
+    from hydra.errors import HydraException
+
+    from robustcnn.config import compose
+    from robustcnn.runner import check_config, to_container
+
+    try:
+        cfg = compose(overrides)
+    except HydraException:
+        return  # an unknown choice or a bad override: Hydra says so, listing the options
+    except Exception as exc:  # what Hydra does not catch itself (e.g. a list given to a group)
+        detail = " ".join(str(exc).split())[:200]
+        fail(f"the overrides {' '.join(overrides)} cannot be composed ({type(exc).__name__}: {detail}); "
+             "check each group=choice and key=value (`robustcnn run --help` lists the groups)")
+    check_config(to_container(cfg), device=not multirun)
 
 
 def _terminate(signum: int, frame: object) -> None:
@@ -179,6 +243,22 @@ def cmd_audit(ns: argparse.Namespace) -> None:
     raise SystemExit(code)
 
 
+def cmd_sync(ns: argparse.Namespace) -> None:
+    """Import jobs whose tracking store failed while they ran (robustcnn.sync); exit 1 if any is damaged."""
+    from robustcnn.sync import sync
+
+    _quiet_libraries()
+    outcomes = sync(ns.paths, ns.tracking_uri)
+    for outcome in outcomes:
+        print(outcome.line())
+    count = {s: sum(o.status == s for o in outcomes) for s in ("imported", "present", "damaged")}
+    print(
+        f"sync: {count['imported']} imported, {count['present']} already present, {count['damaged']} damaged"
+    )
+    if count["damaged"]:
+        raise SystemExit(1)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog=PROG,
@@ -208,6 +288,15 @@ def build_parser() -> argparse.ArgumentParser:
         default=[],
         help="Hydra overrides, e.g. data=mnist5k audit.min_robust_accuracy=0.5",
     )
+    sync = sub.add_parser(
+        "sync",
+        help="import jobs that finished while the MLflow store was unreachable (their results.json)",
+        description="Safe to repeat: jobs already in the store are skipped (each lands exactly once).",
+    )
+    sync.add_argument("paths", nargs="+", help="job or sweep output folders (outputs/..., multirun/...)")
+    sync.add_argument(
+        "--tracking-uri", default=None, help="MLflow store (default: the one each job was meant for)"
+    )
     ui = sub.add_parser("ui", help="start the MLflow UI on the project's store (127.0.0.1 by default)")
     ui.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1, this machine)")
     ui.add_argument("--port", type=int, default=5000, help="port (default: 5000)")
@@ -234,6 +323,8 @@ def main(argv: Sequence[str] | None = None) -> None:
             cmd_ui(ns)
         elif ns.command == "audit":
             cmd_audit(ns)
+        elif ns.command == "sync":
+            cmd_sync(ns)
         else:
             parser.print_help()
             raise SystemExit(2 if args else 0)

@@ -7,11 +7,14 @@ is opened before training so that a job that dies is recorded as FAILED rather t
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
+import os
 import platform
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -23,24 +26,28 @@ from robustcnn import __version__
 from robustcnn.attacks import Attack, Transfer, attack_specs, build_attack
 from robustcnn.battery import BatteryResult, BatterySettings, run_battery
 from robustcnn.cache import WeightCache
+from robustcnn.config import config_bool, config_int, config_section
 from robustcnn.data import Dataset, load_dataset
 from robustcnn.defenses import build_defense
-from robustcnn.device import resolve_device, seed_everything, set_threads
-from robustcnn.errors import ConfigError
+from robustcnn.device import check_threads, resolve_device, seed_everything, set_threads
+from robustcnn.errors import ConfigError, TrackingError
 from robustcnn.evaluation import clean_accuracy
 from robustcnn.hashing import code_version, job_key
 from robustcnn.models import count_parameters
+from robustcnn.preflight import OutputError, check_output_folder, write_failure
 from robustcnn.resume import JOB_KEY_TAG, find_finished
+from robustcnn.run_record import battery_metric_rows, result_tags, summary_metric_rows, train_metric_rows
 from robustcnn.sweep import SweepLink
 from robustcnn.threat import ThreatModel
 from robustcnn.tracking import (
+    RunLogger,
     check_store_writable,
     ensure_experiment,
     flatten,
     resolve_tracking_uri,
     start_run,
 )
-from robustcnn.trained import obtain_model, resolve_defense
+from robustcnn.trained import make_model, obtain_model, resolve_defense
 from robustcnn.training import TrainConfig
 
 log = logging.getLogger(__name__)
@@ -52,9 +59,9 @@ def to_container(cfg: DictConfig) -> dict[str, Any]:
         return OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)  # type: ignore[return-value]
     except OmegaConfBaseException as exc:
         key = getattr(exc, "full_key", None) or "a value"
+        detail = " ".join(str(exc.msg if hasattr(exc, "msg") else exc).split())
         raise ConfigError(
-            f"config value {key} is missing or invalid ({exc.msg if hasattr(exc, 'msg') else exc}); "
-            f"set it on the command line, e.g. {key}=..."
+            f"config value {key} is missing or invalid ({detail}); set it on the command line, e.g. {key}=..."
         ) from exc
 
 
@@ -79,18 +86,51 @@ def environment_info(device: torch.device) -> dict[str, Any]:
     return info
 
 
+@dataclass(frozen=True)
+class EvalSettings:
+    """The ``eval`` section, checked: how many test images, in which batches."""
+
+    batch_size: int = 1000
+    max_samples: int | None = None  # None: the whole test split
+    attack_samples: int | None = None  # None: every evaluated image
+    attack_batch_size: int = 500
+    amp: bool = False
+    keep_examples: int = 8
+
+    @classmethod
+    def from_mapping(cls, section: Any) -> EvalSettings:
+        known = [f.name for f in dataclasses.fields(cls)]
+        values = config_section(section, "eval", known)
+
+        def count(key: str, minimum: int = 1) -> int | None:
+            value = values.get(key, getattr(cls, key))
+            if value is None and key in ("max_samples", "attack_samples"):
+                return None
+            hint = f" (or null for all); e.g. eval.{key}=1000" if key.endswith("samples") else ""
+            return config_int(value, f"eval.{key}", minimum=minimum, hint=hint)
+
+        return cls(
+            batch_size=count("batch_size"),  # type: ignore[arg-type]
+            max_samples=count("max_samples"),
+            attack_samples=count("attack_samples"),
+            attack_batch_size=count("attack_batch_size"),  # type: ignore[arg-type]
+            amp=config_bool(values.get("amp", cls.amp), "eval.amp"),
+            keep_examples=count("keep_examples", minimum=0),  # type: ignore[arg-type]
+        )
+
+
 def plan_attacks(config: dict[str, Any]) -> tuple[ThreatModel | None, list[Attack]]:
     """Validate the threat model and build every selected attack before any training starts."""
     specs = attack_specs(config.get("attack"))
     if not specs:
         return None, []
     threat = ThreatModel.from_mapping(config.get("threat") or {})
-    eval_cfg = config.get("eval") or {}
+    settings = EvalSettings.from_mapping(config.get("eval"))
     common = {
-        "seed": int(config.get("seed", 0)),
-        "batch_size": int(eval_cfg.get("attack_batch_size", 500)),
-        "amp": bool(eval_cfg.get("amp", False)),
-        "keep_examples": int(eval_cfg.get("keep_examples", 8)),
+        "seed": config.get("seed", 0),
+        "batch_size": settings.attack_batch_size,
+        "amp": settings.amp,
+        "keep_examples": settings.keep_examples,
     }
     attacks = [build_attack(spec, common) for spec in specs]
     if threat.knowledge == "black_box":
@@ -101,6 +141,35 @@ def plan_attacks(config: dict[str, Any]) -> tuple[ThreatModel | None, list[Attac
                 "select query/transfer attacks, e.g. attack=[square,transfer]"
             )
     return threat, attacks
+
+
+def check_config(config: dict[str, Any], *, device: bool = True) -> None:
+    """Every check of a job's settings that needs no data, store or cache: bad values fail here.
+
+    ``run_job`` calls it first; ``robustcnn run`` calls it on the composed config before Hydra
+    starts (for a sweep, on its first cell), so a bad value never opens an MLflow run. A sweep's
+    jobs may run on other machines (SLURM, Ray), so there ``device=False`` leaves the device to them.
+    """
+    build_defense(resolve_defense(config["defense"]))
+    check_threads(config.get("threads"))
+    config_int(config.get("seed", 0), "seed", minimum=0)
+    if device:
+        resolve_device(config.get("device", "auto"))
+    TrainConfig.from_mapping(config["training"])
+    plan_attacks(config)
+    EvalSettings.from_mapping(config.get("eval"))
+    BatterySettings.from_mapping(config.get("checks"))
+
+
+def check_model_config(config: dict[str, Any], data: Dataset) -> None:
+    """Build the model once before the run opens, so a bad ``model.*`` value is one line, not a FAILED run.
+
+    The build runs under a forked random state: the model trained later draws the same initial
+    weights as it would without this check (seeded runs stay reproducible).
+    """
+    defense = build_defense(resolve_defense(config["defense"]))
+    with torch.random.fork_rng(devices=[]):
+        make_model(config, data, defense.model_overrides())
 
 
 def bind_surrogates(
@@ -122,28 +191,8 @@ def bind_surrogates(
 def log_battery(run: Any, battery: BatteryResult, out: Path | None, class_names: tuple[str, ...]) -> None:
     """Metrics with the eps index as the step (and the eps value in the name), plots as artifacts."""
     eps = battery.threat.eps
-    rows: dict[str, list[float | None]] = {
-        f"robust_accuracy/{k}": battery.full_curve(k) for k in battery.attacks
-    }
-    rows.update(
-        {
-            f"attack_success_rate/{k}": battery.full_curve(k, r.success_rate())
-            for k, r in battery.attacks.items()
-        }
-    )
-    rows["worst_case_robust_accuracy"] = battery.worst_case_robust_accuracy()
-    scalars = {
-        "reference_robust_accuracy": battery.reference_robust_accuracy(),
-        **{f"timing/{k}_images_per_s": r.images_per_s() for k, r in battery.attacks.items()},
-        **{f"check/{c.name}": (-1.0 if c.passed is None else float(c.passed)) for c in battery.checks},
-    }
-    metrics = [(name, value, 0) for name, value in scalars.items()]
-    for name, curve in rows.items():
-        metrics += [(name, curve[i], i) for i in range(len(eps)) if curve[i] is not None]
-        metrics += [
-            (f"{name}/eps_{value:.4g}", curve[i], 0) for i, value in enumerate(eps) if curve[i] is not None
-        ]
-    run.log_metric_rows(metrics)
+    results = battery.to_dict()
+    run.log_metric_rows(battery_metric_rows(results))
     run.set_tags({"verdict": battery.verdict, "stochastic": battery.stochastic})
     if out is None:
         return
@@ -174,10 +223,37 @@ def log_battery(run: Any, battery: BatteryResult, out: Path | None, class_names:
         run.log_artifact(grid, "plots")
 
 
+def write_json(out: Path | None, name: str, data: dict[str, Any]) -> None:
+    """A JSON file in the job's output folder (``results.json``, ``run.json``, ``config.json``).
+
+    Why they matter: they outlive the tracking store; ``robustcnn sync`` rebuilds a run from them
+    when the store was unreachable while the job ran. Written atomically (never half a file).
+    """
+    if out is None:
+        return
+    target = out / name
+    tmp = target.with_name(f".{name}.tmp")
+    try:
+        tmp.write_text(json.dumps(data, indent=2, sort_keys=True, default=str))
+        os.replace(tmp, target)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise write_failure(target, exc) from exc
+
+
 def write_results(out: Path | None, results: dict[str, Any]) -> None:
     """results.json next to the job's output: kept even when the tracking store is gone."""
-    if out is not None:
-        (out / "results.json").write_text(json.dumps(results, indent=2, sort_keys=True, default=str))
+    write_json(out, "results.json", results)
+
+
+def store_lost_error(uri: str, run: RunLogger, out: Path | None) -> TrackingError:
+    """The one line a job prints when the store failed while it ran (its results are on disk)."""
+    where = f"{out}/results.json" if out is not None else "no output folder (output_dir was None)"
+    fix = f"`robustcnn sync {out}`" if out is not None else "re-running the job"
+    return TrackingError(
+        f"the MLflow store {uri} failed during the job ({run.lost}); the job finished and its results "
+        f"are in {where}; once the store is back, {fix} imports them (or re-run the same command)"
+    )
 
 
 def run_job(
@@ -196,7 +272,7 @@ def run_job(
     """
     started = time.perf_counter()
     config = to_container(cfg) if isinstance(cfg, DictConfig) else dict(cfg)
-    build_defense(resolve_defense(config["defense"]))  # bad defense settings fail before any work
+    check_config(config)
     set_threads(config.get("threads"))
     seed = int(config.get("seed", 0))
     seed_everything(seed)
@@ -207,10 +283,12 @@ def run_job(
     check_store_writable(uri)
     if bool(config["training"].get("use_cache", True)):
         WeightCache(config["paths"]["cache_dir"]).ensure_writable()
-    TrainConfig.from_mapping(config["training"])  # validated before any data is loaded
     threat, attacks = plan_attacks(config)
+    evaluation = EvalSettings.from_mapping(config.get("eval"))
+    battery_settings = BatterySettings.from_mapping(config.get("checks"))
     out = Path(output_dir) if output_dir is not None else None
     if out is not None:
+        check_output_folder(out, "the job's output folder", "hydra.run.dir (hydra.sweep.dir in a sweep)")
         out.mkdir(parents=True, exist_ok=True)
     key = job_key(config)
     experiment_id = sweep.experiment_id if sweep else ensure_experiment(uri, experiment)
@@ -226,6 +304,7 @@ def run_job(
     data = load_data(config)
     if threat is not None:
         threat.check_input_size(data.info.input_shape)
+    check_model_config(config, data)
 
     run_name = (
         tracking.get("run_name") or f"{config['model']['name']}-{config['defense']['name']}-{data.info.name}"
@@ -249,22 +328,34 @@ def run_job(
     ) as run:
         params = flatten({k: v for k, v in config.items() if k != "hydra"})
         params.update(flatten(data.info.identity, prefix="data_identity."))
+        write_json(out, "config.json", config)
+        write_json(
+            out,
+            "run.json",
+            {
+                "tracking_uri": uri,
+                "experiment": experiment,
+                "experiment_id": experiment_id,
+                "run_id": run.run_id,
+                "run_name": run_name,
+                "parent_run_id": sweep.parent_run_id if sweep else None,
+                "tags": tags,
+                "params": {k: str(v) for k, v in params.items()},
+            },
+        )
         run.log_params(params)
         run.log_dict(config, "config.json")
 
         trained = obtain_model(config, data, device, progress=progress)
-        if trained.train is not None:
-            for epoch, metrics in enumerate(trained.train.history, start=1):
-                run.log_metrics({f"train/{k}": v for k, v in metrics.items() if k != "epoch"}, step=epoch)
+        # a cached model's curves come from the cache entry, so every run of a job shows them
+        history = trained.train.history if trained.train is not None else trained.meta.get("history") or []
+        run.log_metric_rows(train_metric_rows(history))
 
-        eval_cfg = config.get("eval") or {}
         x_test, y_test = data.x_test, data.y_test
-        if eval_cfg.get("max_samples"):
-            x_test, y_test = x_test[: int(eval_cfg["max_samples"])], y_test[: int(eval_cfg["max_samples"])]
+        if evaluation.max_samples is not None:
+            x_test, y_test = x_test[: evaluation.max_samples], y_test[: evaluation.max_samples]
         amp = bool(config["training"].get("amp", True))
-        clean = clean_accuracy(
-            trained.model, x_test, y_test, int(eval_cfg.get("batch_size", 1000)), device, amp
-        )
+        clean = clean_accuracy(trained.model, x_test, y_test, evaluation.batch_size, device, amp)
 
         train_seconds = trained.train.seconds if trained.train else trained.meta.get("train_seconds")
         results: dict[str, Any] = {
@@ -287,28 +378,15 @@ def run_job(
             "eval_images_per_s": clean.images_per_s,
             "data_identity": data.info.identity,
             "environment": environment_info(device),
+            "train_history": history,
             "mlflow_run_id": run.run_id,
             "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         }
-        run.log_metrics(
-            {
-                "clean_accuracy": clean.accuracy,
-                "eval_images_per_s": clean.images_per_s,
-                **({"train_seconds": train_seconds} if train_seconds is not None else {}),
-            }
-        )
-        run.set_tags({"cache_hit": trained.cache_hit, "weights_key": trained.key})
-        report = results["defense_report"]
-        run.log_metrics(
-            {
-                f"defense/{k}": v
-                for k, v in report.items()
-                if isinstance(v, (int, float)) and not isinstance(v, bool)
-            }
-        )
+        run.log_metric_rows(summary_metric_rows(results))
+        run.set_tags(result_tags(results))
         if threat is not None:
             bind_surrogates(attacks, config, data, device, progress)
-            n_attack = int(eval_cfg.get("attack_samples") or y_test.shape[0])
+            n_attack = evaluation.attack_samples or int(y_test.shape[0])
             battery = run_battery(
                 trained.model,
                 x_test[:n_attack],
@@ -316,7 +394,7 @@ def run_job(
                 threat,
                 attacks,
                 undefended=config["defense"]["name"] == "none",
-                settings=BatterySettings.from_mapping(config.get("checks")),
+                settings=battery_settings,
                 clean_accuracy=None,
                 device=device,
                 progress=progress,
@@ -329,8 +407,17 @@ def run_job(
                 [round(v, 3) for v in battery.worst_case_robust_accuracy()],
             )
         results["job_seconds"] = time.perf_counter() - started  # wall time of the job, bookkeeping included
-        write_results(out, results)
+        unwritten: OutputError | None = None
+        try:
+            write_results(out, results)
+        except OutputError as exc:  # e.g. the disk filled up: the store still gets the results
+            unwritten = exc
         run.log_dict(results, "results.json")
+    if unwritten is not None:
+        where = f"MLflow run {run.run_id} (results.json)" if run.lost is None else "no store either"
+        raise OutputError(f"{unwritten}; the job's results are in {where}")
+    if run.lost is not None:
+        raise store_lost_error(uri, run, out)
     log.info(
         "%s: clean accuracy %.4f on %d test images (%s)",
         run_name,

@@ -94,57 +94,98 @@ def _mlflow():
     # no progress bars or migration chatter in users' terminals and CI logs
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
+    # mlflow retries a request to a tracking server 7 times with a doubling back-off (minutes of
+    # silence when the server is gone); 3 retries still ride out a restart, and the job keeps its
+    # results on disk either way (RunLogger). Users may set these variables themselves.
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "3")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
     import mlflow  # imported lazily: it costs ~1 s and only tracking needs it
 
     return mlflow
 
 
-class RunLogger:
-    """A thin handle on one active MLflow run: params, metrics, tags and artifacts."""
+def _one_line(exc: BaseException, limit: int = 300) -> str:
+    return " ".join(str(getattr(exc, "message", exc)).split())[:limit]
 
-    def __init__(self, run: Any) -> None:
-        self._run = run
-        self.run_id: str = run.info.run_id
-        self.experiment_id: str = run.info.experiment_id
+
+class RunLogger:
+    """A handle on one open MLflow run: params, metrics, tags and artifacts, by run id.
+
+    Why it never raises: the store can go away in the middle of a job (a tracking server restarted,
+    a network drop). The computation is worth more than the logging, so the first failed call is
+    remembered in :attr:`lost`, later calls are skipped, and the job finishes and writes its
+    ``results.json``; the runner then says how to import it (``robustcnn sync``). The client API
+    (not mlflow's process-global "active run") keeps a dead store from leaking into the next job.
+    """
+
+    def __init__(self, client: Any, run_id: str, experiment_id: str, uri: str) -> None:
+        self._client = client
+        self.run_id = run_id
+        self.experiment_id = experiment_id
+        self.uri = uri
+        self.lost: str | None = None
+
+    def _call(self, what: str, action: Any) -> None:
+        if self.lost is not None:
+            return
+        try:
+            action()
+        except Exception as exc:  # mlflow raises many types (MlflowException, requests errors, ...)
+            self.lost = f"{what}: {type(exc).__name__}: {_one_line(exc)}"
+            log.warning(
+                "the MLflow store %s failed while %s; the job goes on and keeps its results on disk",
+                self.uri,
+                self.lost,
+            )
 
     def log_params(self, params: Mapping[str, Any]) -> None:
-        mlflow = _mlflow()
-        items = [(k, _param_value(v)) for k, v in params.items()]
+        from mlflow.entities import Param
+
+        items = [Param(k, _param_value(v)) for k, v in params.items()]
         for start in range(0, len(items), PARAM_BATCH):
-            mlflow.log_params(dict(items[start : start + PARAM_BATCH]))
+            batch = items[start : start + PARAM_BATCH]
+            self._call("logging params", lambda b=batch: self._client.log_batch(self.run_id, params=b))
 
     def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
-        clean = {k: float(v) for k, v in metrics.items() if v is not None}
-        if clean:
-            _mlflow().log_metrics(clean, step=step)
+        self.log_metric_rows([(k, v, step or 0) for k, v in metrics.items()])
 
-    def log_metric_rows(self, rows: Sequence[tuple[str, float, int]]) -> None:
+    def log_metric_rows(self, rows: Sequence[tuple[str, float | None, int]]) -> None:
         """Many ``(key, value, step)`` metrics in one store round-trip (curves: step = eps index).
 
         Why: one call per eps costs a store transaction each (~30 ms on sqlite), which adds up to
-        a second per job in a sweep; a batch is one.
+        a second per job in a sweep; a batch is one. ``None`` values (not measured) are skipped.
         """
-        mlflow = _mlflow()
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
         metrics = [Metric(k, float(v), now, int(step)) for k, v, step in rows if v is not None]
-        client = mlflow.tracking.MlflowClient()
         for start in range(0, len(metrics), METRIC_BATCH):
-            client.log_batch(self.run_id, metrics=metrics[start : start + METRIC_BATCH])
+            batch = metrics[start : start + METRIC_BATCH]
+            self._call("logging metrics", lambda b=batch: self._client.log_batch(self.run_id, metrics=b))
 
     def set_tags(self, tags: Mapping[str, Any]) -> None:
-        _mlflow().set_tags({k: _param_value(v) for k, v in tags.items()})
+        from mlflow.entities import RunTag
+
+        items = [RunTag(k, _param_value(v)) for k, v in tags.items()]
+        self._call("setting tags", lambda: self._client.log_batch(self.run_id, tags=items))
 
     def log_dict(self, data: Mapping[str, Any], artifact_file: str) -> None:
         """Write a JSON artifact (e.g. ``results.json``) into the run."""
-        _mlflow().log_text(json.dumps(data, indent=2, sort_keys=True, default=str), artifact_file)
+        self.log_text(json.dumps(data, indent=2, sort_keys=True, default=str), artifact_file)
 
     def log_text(self, text: str, artifact_file: str) -> None:
-        _mlflow().log_text(text, artifact_file)
+        self._call(
+            f"writing {artifact_file}", lambda: self._client.log_text(self.run_id, text, artifact_file)
+        )
 
     def log_artifact(self, path: str | os.PathLike[str], artifact_path: str | None = None) -> None:
-        _mlflow().log_artifact(str(path), artifact_path=artifact_path)
+        self._call(
+            f"uploading {Path(path).name}",
+            lambda: self._client.log_artifact(self.run_id, str(path), artifact_path=artifact_path),
+        )
+
+    def end(self, status: str) -> None:
+        self._call(f"ending the run as {status}", lambda: self._client.set_terminated(self.run_id, status))
 
 
 def mlflow_module() -> Any:
@@ -285,31 +326,31 @@ def start_run(
     """Open a run on the store at ``uri``; a failure inside marks the run FAILED, Ctrl-C KILLED.
 
     In a sweep the parent process has created the experiment and passes its id (workers never
-    create experiments, see :func:`ensure_experiment`) and the parent run's id.
+    create experiments, see :func:`ensure_experiment`) and the parent run's id. The caller checks
+    :attr:`RunLogger.lost` afterwards: a store that failed mid-run does not stop the job.
     """
     check_store_writable(uri)
-    mlflow = _mlflow()
     logging.getLogger("alembic").setLevel(logging.WARNING)
     all_tags = {**owner_tags(), **{k: _param_value(v) for k, v in (tags or {}).items()}}
     if parent_run_id:
         all_tags["mlflow.parentRunId"] = parent_run_id
+    if experiment_id is None:
+        experiment_id = ensure_experiment(uri, experiment)
     try:
-        mlflow.set_tracking_uri(uri)
-        if experiment_id is None:
-            experiment_id = mlflow.set_experiment(experiment).experiment_id
-        run = mlflow.start_run(experiment_id=experiment_id, run_name=run_name, tags=all_tags)
+        client = _client(uri)
+        run = client.create_run(experiment_id, run_name=run_name, tags=all_tags)
     except Exception as exc:  # mlflow raises many types (MlflowException, OperationalError, ...)
         raise _unreachable(uri, f"experiment {experiment!r}", exc) from exc
+    logger = RunLogger(client, run.info.run_id, str(experiment_id), uri)
     status = "FAILED"
     try:
-        yield RunLogger(run)
+        yield logger
         status = "FINISHED"
     except KeyboardInterrupt:
         status = "KILLED"
         raise
     finally:
-        with contextlib.suppress(Exception):
-            mlflow.end_run(status=status)
+        logger.end(status)
 
 
 def read_run(uri: str, run_id: str) -> dict[str, Any]:
@@ -352,3 +393,25 @@ def download_json_artifact(uri: str, run_id: str, artifact_file: str) -> dict[st
     with tempfile.TemporaryDirectory() as tmp:
         local = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=artifact_file, dst_path=tmp)
         return json.loads(Path(local).read_text())
+
+
+def get_run_status(uri: str, run_id: str) -> str | None:
+    """A run's status (FINISHED, RUNNING, ...), or None when this store has no such run."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return str(_client(uri).get_run(run_id).info.status)
+    except MlflowException as exc:
+        if getattr(exc, "error_code", "") in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"):
+            return None
+        raise _unreachable(uri, f"reading run {run_id}", exc) from exc
+    except Exception as exc:
+        raise _unreachable(uri, f"reading run {run_id}", exc) from exc
+
+
+def set_run_tag(uri: str, run_id: str, key: str, value: str) -> None:
+    """Tag a run that is not the one being logged (e.g. a run replaced by ``robustcnn sync``)."""
+    try:
+        _client(uri).set_tag(run_id, key, value)
+    except Exception as exc:
+        raise _unreachable(uri, f"tagging run {run_id}", exc) from exc

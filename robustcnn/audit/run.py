@@ -292,6 +292,15 @@ def log_to_mlflow(
         run.log_dict(card, "model_card.json")
         run.log_dict({**results, "mlflow_run_id": run.run_id}, "results.json")
         run.log_dict({**results, "mlflow_run_id": run.run_id}, "audit.json")
+    if run.lost is not None:
+        # the verdict stands (audit.json, model_card.json and report.html are written first); only
+        # the store's copy is incomplete, so this is a warning, not a change of the exit code
+        log.warning(
+            "the MLflow store %s failed while logging the audit (%s); the files in %s are complete",
+            uri,
+            run.lost,
+            out,
+        )
 
 
 def output_folder_of(results: dict[str, Any]) -> Path:

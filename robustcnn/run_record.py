@@ -1,0 +1,83 @@
+"""What one job's ``results.json`` becomes in the tracking store: metrics and tags.
+
+Why one module: a job logs these live, and ``robustcnn sync`` rebuilds them from the files a job
+left on disk when the store was unreachable; both go through the functions here, so a synced run
+reads exactly like one logged live (the dashboard and resume cannot tell them apart).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+MetricRow = tuple[str, float | None, int]
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def train_metric_rows(history: Sequence[Mapping[str, Any]]) -> list[MetricRow]:
+    """``train/<name>`` per epoch (step = epoch, from 1)."""
+    return [
+        (f"train/{name}", float(value), epoch)
+        for epoch, metrics in enumerate(history, start=1)
+        for name, value in metrics.items()
+        if name != "epoch" and _is_number(value)
+    ]
+
+
+def summary_metric_rows(results: Mapping[str, Any]) -> list[MetricRow]:
+    """Clean accuracy, throughput, train time and the defense's numeric report."""
+    rows: list[MetricRow] = [
+        (name, results.get(name), 0) for name in ("clean_accuracy", "eval_images_per_s", "train_seconds")
+    ]
+    report = results.get("defense_report") or {}
+    rows += [(f"defense/{k}", float(v), 0) for k, v in report.items() if _is_number(v)]
+    return rows
+
+
+def battery_metric_rows(results: Mapping[str, Any]) -> list[MetricRow]:
+    """Curves with the eps index as the step (and the eps value in the name), checks, timing.
+
+    Values an attack did not measure (a reference-only attack's other eps) are ``None`` and are
+    skipped when logged. A check that was skipped is -1, passed 1, failed 0.
+    """
+    if "eps" not in results:
+        return []
+    eps = list(results["eps"])
+    curves: dict[str, list[float | None]] = {
+        f"robust_accuracy/{k}": list(v) for k, v in results["robust_accuracy"].items()
+    }
+    curves.update({f"attack_success_rate/{k}": list(v) for k, v in results["attack_success_rate"].items()})
+    curves["worst_case_robust_accuracy"] = list(results["worst_case_robust_accuracy"])
+    attacks = list(results["robust_accuracy"])
+    rows: list[MetricRow] = [("reference_robust_accuracy", results["reference_robust_accuracy"], 0)]
+    rows += [(f"timing/{k}_images_per_s", results["timing"][k]["images_per_s"], 0) for k in attacks]
+    rows += [
+        (f"check/{c['name']}", -1.0 if c["passed"] is None else float(c["passed"]), 0)
+        for c in results["checks"]
+    ]
+    for name, curve in curves.items():
+        rows += [(name, curve[i], i) for i in range(len(eps)) if curve[i] is not None]
+        rows += [
+            (f"{name}/eps_{value:.4g}", curve[i], 0) for i, value in enumerate(eps) if curve[i] is not None
+        ]
+    return rows
+
+
+def result_tags(results: Mapping[str, Any]) -> dict[str, Any]:
+    """The tags a finished job adds to its run (what the UI filters on)."""
+    tags: dict[str, Any] = {"cache_hit": results.get("cache_hit"), "weights_key": results.get("weights_key")}
+    if "verdict" in results:
+        tags.update({"verdict": results["verdict"], "stochastic": results["stochastic"]})
+    return tags
+
+
+def all_metric_rows(results: Mapping[str, Any]) -> list[MetricRow]:
+    """Every metric of a finished job, rebuilt from its results (what ``sync`` logs)."""
+    return (
+        train_metric_rows(results.get("train_history") or [])
+        + summary_metric_rows(results)
+        + battery_metric_rows(results)
+    )

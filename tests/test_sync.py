@@ -1,0 +1,227 @@
+"""A tracking store that fails while a job runs: the job finishes, keeps its results on disk, and
+``robustcnn sync`` imports them exactly once, reading like a run logged live."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from robustcnn.cli import main
+from robustcnn.config import compose
+from robustcnn.errors import ConfigError, TrackingError
+from robustcnn.runner import run_job
+from robustcnn.sync import ORIGINAL_TAG, sync
+from robustcnn.tracking import ensure_experiment, read_run, search_runs
+
+#: A whole job (train, clean accuracy, FGSM battery, checks) in a few seconds; shared by the fault tests.
+TINY_JOB = [
+    "experiment=smoke",
+    "data.max_train=128",
+    "data.max_test=64",
+    "training.epochs=2",
+    "training.max_batches=2",
+    "training.batch_size=32",
+    "attack=[fgsm]",
+    "eval.attack_samples=32",
+    "checks.probe_samples=32",
+]
+#: Metrics that measure speed: equal in kind, not in value, between two runs of one job.
+TIMING = ("timing/", "eval_images_per_s")
+
+
+def _fail_logging_after_the_run_opens(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every batch write to the store fails, as when the server went away after create_run."""
+    from mlflow.tracking import MlflowClient
+
+    def refused(*args: object, **kwargs: object) -> None:
+        raise ConnectionError("simulated: connection refused by 127.0.0.1:5000")
+
+    monkeypatch.setattr(MlflowClient, "log_batch", refused)
+
+
+def test_store_failing_mid_job_keeps_results_and_sync_imports_them_once(
+    isolated: dict, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    root, store = isolated["root"], isolated["store"]
+    cfg = compose(TINY_JOB)
+    with monkeypatch.context() as failing:
+        _fail_logging_after_the_run_opens(failing)
+        with pytest.raises(TrackingError) as caught:
+            run_job(cfg, output_dir=root / "lost", progress=False)
+    message = str(caught.value)
+    assert "robustcnn sync" in message and str(root / "lost") in message and "\n" not in message
+    results = json.loads((root / "lost/results.json").read_text())
+    assert results["verdict"] and results["robust_accuracy"]["fgsm"]  # the job ran to the end
+    original = json.loads((root / "lost/run.json").read_text())["run_id"]
+    assert read_run(store, original)["status"] == "RUNNING"  # what a dead store leaves behind
+
+    first = sync([root])
+    assert [o.status for o in first] == ["imported"]
+    imported = read_run(store, first[0].run_id)
+    assert imported["status"] == "FINISHED" and imported["tags"][ORIGINAL_TAG] == original
+    replaced = read_run(store, original)
+    assert replaced["status"] == "FAILED" and replaced["tags"]["robustcnn.superseded_by"] == first[0].run_id
+
+    # the imported run reads like the same job logged live (weights now cached: seconds)
+    live = run_job(compose([*TINY_JOB, "force=true"]), output_dir=root / "live", progress=False)
+    logged = read_run(store, live["mlflow_run_id"])
+    assert set(imported["metrics"]) == set(logged["metrics"])
+    for name, value in logged["metrics"].items():
+        if not name.startswith(TIMING) and name != "train_seconds":
+            assert imported["metrics"][name] == pytest.approx(value), name
+    assert set(imported["params"]) == set(logged["params"])
+    assert imported["tags"]["verdict"] == logged["tags"]["verdict"]
+
+    # repeating the sync (or syncing the whole tree, the live job included) adds nothing
+    second = sync([root])
+    assert sorted(o.status for o in second) == ["present", "present"]
+    experiment_id = ensure_experiment(store, "smoke")
+    finished = search_runs(store, experiment_id, "attributes.status = 'FINISHED'")
+    assert len(finished) == 2  # the imported job and the live one, each once
+
+
+def test_sync_cli_reports_each_folder_and_damaged_files(
+    isolated: dict, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    root = isolated["root"]
+    with monkeypatch.context() as failing:
+        _fail_logging_after_the_run_opens(failing)
+        with pytest.raises(TrackingError):
+            run_job(compose(TINY_JOB), output_dir=root / "sweep/0", progress=False)
+    damaged = root / "sweep/1"
+    damaged.mkdir(parents=True)
+    (damaged / "results.json").write_text("{ truncated")
+    (damaged / "run.json").write_text("{}")
+    with pytest.raises(SystemExit) as exited:
+        main(["sync", str(root / "sweep")])
+    out = capsys.readouterr().out
+    assert exited.value.code == 1  # one folder could not be read: not a silent success
+    assert "imported" in out and "damaged" in out and "sync: 1 imported, 0 already present, 1 damaged" in out
+    assert json.loads((damaged / "run.json").read_text()) == {}  # sync never rewrites a job's files
+
+
+@pytest.mark.parametrize(
+    ("make", "message"),
+    [
+        (lambda root: root / "nope", "does not exist"),
+        (lambda root: root, "no job output folder"),
+    ],
+    ids=["missing folder", "no job folder"],
+)
+def test_sync_bad_paths_are_one_clear_error(isolated: dict, make, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        sync([make(isolated["root"])])
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+def _start_server(root: Path, port: int) -> subprocess.Popen[bytes]:
+    """A real ``mlflow server`` (sqlite + proxied artifacts), in its own process group."""
+    server = subprocess.Popen(
+        [
+            sys.executable, "-m", "mlflow", "server",
+            "--backend-store-uri", f"sqlite:///{root / 'server.db'}",
+            "--artifacts-destination", str(root / "artifacts"),
+            "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
+        ],  # fmt: skip
+        cwd=root,
+        stdout=subprocess.DEVNULL,
+        stderr=open(root / "server.log", "ab"),  # noqa: SIM115 - closed with the process
+        start_new_session=True,
+    )
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        with socket.socket() as probe:
+            if probe.connect_ex(("127.0.0.1", port)) == 0:
+                return server
+        if server.poll() is not None:
+            break
+        time.sleep(0.25)
+    _stop(server)
+    pytest.fail(f"mlflow server did not start: {(root / 'server.log').read_text()[-2000:]}")
+
+
+def _stop(server: subprocess.Popen[bytes]) -> None:
+    try:
+        os.killpg(server.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    server.wait(timeout=30)
+
+
+def _open_runs(db: Path) -> int:
+    try:
+        with sqlite3.connect(db) as con:
+            return int(con.execute("select count(*) from runs where status = 'RUNNING'").fetchone()[0])
+    except sqlite3.Error:
+        return 0
+
+
+@pytest.mark.slow
+def test_a_tracking_server_killed_mid_job(isolated: dict, tmp_path: Path) -> None:
+    """The server dies while the job trains: one error line naming `robustcnn sync`, results kept;
+    with the server back, sync imports the job and a second sync adds nothing."""
+    root = isolated["root"]
+    port = _free_port()
+    uri = f"http://127.0.0.1:{port}"
+    env = {**os.environ, "MLFLOW_TRACKING_URI": uri}
+    server = _start_server(root, port)
+    try:
+        job = subprocess.Popen(
+            [
+                sys.executable, "-m", "robustcnn.cli", "run", "experiment=smoke", "attack=[fgsm]",
+                "training.epochs=4", "eval.attack_samples=32", "checks.probe_samples=32",
+                "hydra.run.dir=job",
+            ],  # fmt: skip
+            cwd=root,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        deadline = time.monotonic() + 120
+        while _open_runs(root / "server.db") == 0 and time.monotonic() < deadline and job.poll() is None:
+            time.sleep(0.2)
+        assert _open_runs(root / "server.db") == 1, "the job never opened its run"
+        _stop(server)  # the run is open and the job is training
+        stdout, stderr = job.communicate(timeout=300)
+    finally:
+        _stop(server)
+    assert job.returncode == 2, stdout + stderr
+    assert "Traceback" not in stderr
+    errors = [line for line in stderr.splitlines() if line.startswith("robustcnn: error:")]
+    assert len(errors) == 1 and "robustcnn sync" in errors[0] and "failed during the job" in errors[0]
+    assert json.loads((root / "job/results.json").read_text())["verdict"]
+
+    server = _start_server(root, port)
+    try:
+        first = subprocess.run(
+            [sys.executable, "-m", "robustcnn.cli", "sync", "job"], cwd=root, env=env, text=True,
+            capture_output=True, timeout=300,
+        )  # fmt: skip
+        again = subprocess.run(
+            [sys.executable, "-m", "robustcnn.cli", "sync", "job"], cwd=root, env=env, text=True,
+            capture_output=True, timeout=300,
+        )  # fmt: skip
+        experiment_id = ensure_experiment(uri, "smoke")
+        finished = search_runs(uri, experiment_id, "attributes.status = 'FINISHED'")
+        failed = search_runs(uri, experiment_id, "attributes.status = 'FAILED'")
+    finally:
+        _stop(server)
+    assert first.returncode == 0, first.stdout + first.stderr
+    assert "sync: 1 imported" in first.stdout
+    assert again.returncode == 0 and "sync: 0 imported, 1 already present" in again.stdout
+    assert len(finished) == 1 and len(failed) == 1  # the job once; its partial run marked FAILED
