@@ -7,12 +7,12 @@ rules: mlflow's own ``load_model`` is never called, because for the pytorch flav
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 
 import yaml
 
 from robustcnn.errors import ModelError
+from robustcnn.safe_names import safe_file_name
 
 MLFLOW_SCHEMES = ("runs:/", "models:/", "mlflow-artifacts:/")
 #: Files that can hold a network, in the order an MLflow model folder is searched.
@@ -32,8 +32,7 @@ def model_name(source: str) -> str:
         stem = f"run-{parts[0][:8]}" + (f"-{Path(parts[1]).name}" if len(parts) > 1 and parts[1] else "")
     else:
         stem = Path(source).stem or "model"
-    safe = re.sub(r"[^A-Za-z0-9._-]+", "_", stem).strip("._")
-    return safe or "model"
+    return safe_file_name(stem, "model")
 
 
 def fetch(source: str, tracking_uri: str, dst: Path) -> Path:

@@ -7,7 +7,6 @@ charts.py compute, page.py renders. Artifacts are downloaded only for finished j
 from __future__ import annotations
 
 import os
-import re
 import time
 from pathlib import Path
 
@@ -16,6 +15,7 @@ from robustcnn.report import store
 from robustcnn.report.charts import robustness_curves, tradeoff
 from robustcnn.report.page import render
 from robustcnn.report.records import ExperimentRuns, split_runs
+from robustcnn.safe_names import safe_file_name
 
 INDEX = "index.html"
 
@@ -26,8 +26,8 @@ def folder_name(experiment: str, experiment_id: str) -> str:
     Names with other characters (``/``, spaces, ``..``) are made safe and get the experiment id
     appended, so two such names never share a folder and nothing is written outside out_root.
     """
-    safe = re.sub(r"[^A-Za-z0-9._-]+", "_", experiment).strip("._")
-    return safe if safe == experiment else f"{safe or 'experiment'}-{experiment_id}"
+    safe = safe_file_name(experiment, "experiment")
+    return safe if safe == experiment else f"{safe}-{experiment_id}"
 
 
 def plotly_js() -> str:
