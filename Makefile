@@ -15,7 +15,7 @@ TORCHATTACKS_PIN ?= torchattacks>=3.5,<4
 # at once (an mlflow installed first brings joblib 1.6, which needs cloudpickle>=3).
 PIP := $(BIN)/python -m pip
 
-.PHONY: demo test test-fast lint install bench bench-audit clean
+.PHONY: demo test test-fast lint install bench bench-audit soak clean
 
 $(STAMP): pyproject.toml Makefile
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -52,6 +52,10 @@ bench: $(STAMP)
 ## The audit against AutoAttack on an adversarially trained lenet5 (~30 min on 2 cores; not in `bench`).
 bench-audit: $(STAMP)
 	$(BIN)/python benchmarks/audit_vs_autoattack.py
+
+## The load test: 50 tiny jobs through joblib with 2 workers (~4 min); figures to reports/benchmarks/soak.json.
+soak: $(STAMP)
+	ROBUSTCNN_SOAK_REPORT=$(CURDIR)/reports/benchmarks/soak.json $(BIN)/python -m pytest -q -s --soak tests/test_soak.py
 
 clean:
 	rm -rf $(VENV) outputs multirun .pytest_cache .ruff_cache

@@ -36,14 +36,19 @@ def isolated(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, empty_store: Path)
     return {"root": tmp_path, "store": store, "cache": cache}
 
 
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption("--soak", action="store_true", help="also run the load (soak) tests, minutes each")
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """GPU-marked tests skip cleanly on machines without CUDA (CI has none)."""
-    if torch.cuda.is_available():
-        return
-    skip = pytest.mark.skip(reason="needs a CUDA device")
+    """GPU-marked tests skip cleanly without CUDA (CI has none); soak tests run only with --soak."""
+    no_gpu = pytest.mark.skip(reason="needs a CUDA device")
+    no_soak = pytest.mark.skip(reason="load test: run with --soak (make soak)")
     for item in items:
-        if "gpu" in item.keywords:
-            item.add_marker(skip)
+        if "gpu" in item.keywords and not torch.cuda.is_available():
+            item.add_marker(no_gpu)
+        if "soak" in item.keywords and not config.getoption("--soak"):
+            item.add_marker(no_soak)
 
 
 @pytest.fixture(scope="session")

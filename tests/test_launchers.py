@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import sqlite3
 import subprocess
 import sys
@@ -237,3 +238,69 @@ def test_a_bad_choice_under_a_parallel_launcher_is_still_one_error(isolated: dic
     assert "Traceback" not in out.stderr and "robustcnn: error: In 'config': Could not find" in out.stderr
     assert "pgd_at" in out.stderr  # the valid options are listed
     assert not list(sweep_dir(isolated["root"]).glob(".submitit/*/*_log.out")), "no job may start"
+
+
+def _descendants(pid: int) -> list[int]:
+    """Every process below ``pid`` (read from /proc: the workers a launcher started)."""
+    parents: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            parents.setdefault(ppid, []).append(int(entry.name))
+    found, todo = [], [pid]
+    while todo:
+        for child in parents.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state != "Z"
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="lists worker processes from /proc")
+@pytest.mark.parametrize("how", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "Ctrl-C"])
+def test_an_interrupted_joblib_sweep_exits_cleanly_without_orphaned_workers(
+    isolated: dict, how: signal.Signals
+) -> None:
+    pytest.importorskip("hydra_plugins.hydra_joblib_launcher")
+    root, store = isolated["root"], isolated["store"]
+    command = [
+        sys.executable, "-m", "robustcnn.cli", "run", "-m", *TINY, "attack=pgd", "eval.attack_samples=200",
+        "seed=0,1,2,3", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2",
+    ]  # fmt: skip
+    proc = subprocess.Popen(command, cwd=root, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 180
+        while time.monotonic() < deadline and proc.poll() is None:
+            started = (root / "multirun").exists()  # the sweep has created its experiment by then
+            runs = search_runs(store, ensure_experiment(store, "smoke")) if started else []
+            if any(r["status"] == "RUNNING" and r["tags"].get("robustcnn.job_num") for r in runs):
+                break
+            time.sleep(0.2)
+        workers = _descendants(proc.pid)
+        assert workers, "the sweep should have started its workers"
+        proc.send_signal(how)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 130 and "interrupted" in err and "Traceback" not in err, err
+    deadline = time.monotonic() + 20
+    while any(_alive(pid) for pid in workers) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    orphans = [pid for pid in workers if _alive(pid)]
+    for pid in orphans:
+        os.kill(pid, signal.SIGKILL)
+    assert not orphans, f"worker processes outlived the sweep: {orphans}"
+    runs = search_runs(store, ensure_experiment(store, "smoke"))
+    assert [r["status"] for r in runs if r["tags"].get("robustcnn.sweep")] == ["KILLED"]
