@@ -127,6 +127,12 @@ class SweepCallback(Callback):
         prepare_launcher(config)  # after open_sweep: hands its environment to Ray tasks on other machines
 
     def on_job_end(self, config: DictConfig, job_return: Any, **kwargs: Any) -> None:
+        # Hydra's sweeper keeps every job's JobReturn until the sweep ends (parallel launchers send
+        # it back to the parent); its two configs are most of it (measured: ~0.2 MB a job, 9 MB of
+        # the parent's peak after 50 jobs). Nothing reads them after this callback: drop them.
+        if job_return is not None:
+            job_return.cfg = None
+            job_return.hydra_cfg = None
         # runs in the job's process: counts only where jobs share the sweep's process (basic launcher);
         # parallel workers get a pickled copy of this callback, whose count would be their own
         if self.link is None or os.getpid() != self.owner_pid:

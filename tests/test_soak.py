@@ -20,8 +20,8 @@ from test_sync import TINY_JOB
 from robustcnn.tracking import ensure_experiment, search_runs
 
 JOBS = 50
-#: The parent may grow this much between 10 jobs done and all done (MLflow caches, Hydra configs).
-MAX_GROWTH_MB = 60
+#: What the parent may grow while 40 jobs run (allocator noise; a leak of 1 MB a job would be 40).
+MAX_GROWTH_MB = 20
 
 
 def _rss_mb(pid: int) -> float | None:
@@ -62,19 +62,21 @@ def test_fifty_jobs_two_workers_every_run_once_and_flat_parent_memory(isolated: 
     results = [json.loads(p.read_text()) for p in root.glob("soak/*/results.json")]
     assert sorted(r["mlflow_run_id"] for r in results) == sorted(r["run_id"] for r in children)
 
-    after_ten = [rss for _, done, rss in samples if done >= 10]
-    at_end = [rss for _, done, rss in samples if done >= JOBS - 2]
-    assert after_ten and at_end, "the sampler missed the sweep"
-    growth = max(at_end) - after_ten[0]
+    # while the jobs run (from the 10th result to the last): what grows per job; the sweep's end
+    # (summary, dashboard: plotly and the store read once) is a fixed cost reported on its own
+    during = [rss for _, done, rss in samples if 10 <= done < JOBS]
+    assert during, "the sampler missed the sweep"
+    growth = max(during) - during[0]
     figures = {
         "jobs": JOBS,
         "workers": 2,
         "wall_seconds": round(wall, 1),
         "seconds_per_job": round(wall / JOBS, 2),
-        "parent_rss_mb_after_10_jobs": round(after_ten[0], 1),
-        "parent_rss_mb_at_end": round(max(at_end), 1),
-        "parent_rss_mb_peak": round(max(rss for _, _, rss in samples), 1),
-        "parent_growth_mb": round(growth, 1),
+        "parent_rss_mb_after_10_jobs": round(during[0], 1),
+        "parent_rss_mb_before_the_last_job": round(during[-1], 1),
+        "parent_growth_mb_during_jobs": round(growth, 1),
+        "parent_growth_mb_per_job": round(growth / (JOBS - 10), 3),
+        "parent_rss_mb_peak_with_report": round(max(rss for _, _, rss in samples), 1),
     }
     print(json.dumps(figures))
     if os.environ.get("ROBUSTCNN_SOAK_REPORT"):
