@@ -162,66 +162,78 @@ def _stop(server: subprocess.Popen[bytes]) -> None:
     server.wait(timeout=30)
 
 
-def _open_runs(db: Path) -> int:
+def _logging_jobs(db: Path) -> int:
+    """RUNNING runs that have logged params: the job has its run (a kill while the server is still
+    answering create_run would fail the run's creation instead, a different, tested path)."""
+    query = (
+        "select count(distinct runs.run_uuid) from runs join params on params.run_uuid = runs.run_uuid "
+        "where runs.status = 'RUNNING'"
+    )
     try:
         with sqlite3.connect(db) as con:
-            return int(con.execute("select count(*) from runs where status = 'RUNNING'").fetchone()[0])
+            return int(con.execute(query).fetchone()[0])
     except sqlite3.Error:
         return 0
 
 
+def _cli(*args: str, root: Path, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "robustcnn.cli", *args], cwd=root, env=env, text=True, capture_output=True,
+        timeout=600,
+    )  # fmt: skip
+
+
 @pytest.mark.slow
-def test_a_tracking_server_killed_mid_job(isolated: dict, tmp_path: Path) -> None:
-    """The server dies while the job trains: one error line naming `robustcnn sync`, results kept;
-    with the server back, sync imports the job and a second sync adds nothing."""
+def test_a_tracking_server_killed_mid_sweep(isolated: dict) -> None:
+    """The server dies while the sweep's first job trains: that job finishes, keeps its results and
+    the sweep stops with one error line naming `robustcnn sync`. With the server back, sync imports
+    the job (a second sync adds nothing) and re-running the sweep computes only the other cell."""
     root = isolated["root"]
     port = _free_port()
     uri = f"http://127.0.0.1:{port}"
     env = {**os.environ, "MLFLOW_TRACKING_URI": uri}
+    sweep = (
+        "run", "-m", "experiment=smoke", "attack=[fgsm]", "training.epochs=4", "eval.attack_samples=32",
+        "checks.probe_samples=32", "seed=0,1",
+    )  # fmt: skip
     server = _start_server(root, port)
     try:
         job = subprocess.Popen(
-            [
-                sys.executable, "-m", "robustcnn.cli", "run", "experiment=smoke", "attack=[fgsm]",
-                "training.epochs=4", "eval.attack_samples=32", "checks.probe_samples=32",
-                "hydra.run.dir=job",
-            ],  # fmt: skip
+            [sys.executable, "-m", "robustcnn.cli", *sweep, "hydra.sweep.dir=sweep"],
             cwd=root,
             env=env,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
         )
-        deadline = time.monotonic() + 120
-        while _open_runs(root / "server.db") == 0 and time.monotonic() < deadline and job.poll() is None:
-            time.sleep(0.2)
-        assert _open_runs(root / "server.db") == 1, "the job never opened its run"
-        _stop(server)  # the run is open and the job is training
-        stdout, stderr = job.communicate(timeout=300)
+        deadline = time.monotonic() + 180
+        while _logging_jobs(root / "server.db") < 1 and time.monotonic() < deadline and job.poll() is None:
+            time.sleep(0.1)
+        assert _logging_jobs(root / "server.db") == 1, "the sweep's first job never logged"
+        _stop(server)  # the first job is training
+        stdout, stderr = job.communicate(timeout=600)
     finally:
         _stop(server)
     assert job.returncode == 2, stdout + stderr
     assert "Traceback" not in stderr
     errors = [line for line in stderr.splitlines() if line.startswith("robustcnn: error:")]
     assert len(errors) == 1 and "robustcnn sync" in errors[0] and "failed during the job" in errors[0]
-    assert json.loads((root / "job/results.json").read_text())["verdict"]
+    assert json.loads((root / "sweep/0/results.json").read_text())["verdict"]
+    assert not (root / "sweep/1").exists(), "the sweep stops at the job that lost its store"
 
     server = _start_server(root, port)
     try:
-        first = subprocess.run(
-            [sys.executable, "-m", "robustcnn.cli", "sync", "job"], cwd=root, env=env, text=True,
-            capture_output=True, timeout=300,
-        )  # fmt: skip
-        again = subprocess.run(
-            [sys.executable, "-m", "robustcnn.cli", "sync", "job"], cwd=root, env=env, text=True,
-            capture_output=True, timeout=300,
-        )  # fmt: skip
-        experiment_id = ensure_experiment(uri, "smoke")
-        finished = search_runs(uri, experiment_id, "attributes.status = 'FINISHED'")
-        failed = search_runs(uri, experiment_id, "attributes.status = 'FAILED'")
+        first = _cli("sync", "sweep", root=root, env=env)
+        again = _cli("sync", "sweep", root=root, env=env)
+        rerun = _cli(*sweep, "hydra.sweep.dir=sweep2", root=root, env=env)
+        runs = search_runs(uri, ensure_experiment(uri, "smoke"))
     finally:
         _stop(server)
-    assert first.returncode == 0, first.stdout + first.stderr
-    assert "sync: 1 imported" in first.stdout
+    assert first.returncode == 0 and "sync: 1 imported" in first.stdout, first.stdout + first.stderr
     assert again.returncode == 0 and "sync: 0 imported, 1 already present" in again.stdout
-    assert len(finished) == 1 and len(failed) == 1  # the job once; its partial run marked FAILED
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert rerun.stdout.count("reused_from=") == 1, "the synced job is reused, the other computed"
+    jobs = [r for r in runs if r["tags"].get("robustcnn.sweep") != "true"]
+    finished = [r for r in jobs if r["status"] == "FINISHED"]
+    assert len(finished) == 2 and len({r["tags"]["robustcnn.job_key"] for r in finished}) == 2
+    assert sorted(r["status"] for r in jobs) == ["FAILED", "FINISHED", "FINISHED"]  # + the partial run
