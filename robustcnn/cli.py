@@ -18,7 +18,7 @@ from pathlib import Path
 from robustcnn import __version__
 from robustcnn.errors import RobustCNNError
 from robustcnn.launchers import launcher_failure, quiet_schema_matching
-from robustcnn.preflight import check_run_arguments
+from robustcnn.preflight import check_run_arguments, is_multirun
 
 PROG = "robustcnn"
 
@@ -163,7 +163,7 @@ def check_composed_config(hydra_args: Sequence[str]) -> None:
     """
     if any(arg in _NO_JOB_OPTIONS or arg.split("=", 1)[0] in _VALUE_OPTIONS for arg in hydra_args):
         return  # help/printing, or a user's own config folder: Hydra's own path
-    multirun = any(arg in ("-m", "--multirun") for arg in hydra_args)
+    multirun = is_multirun(hydra_args)
     overrides = _first_cell([a for a in hydra_args if not a.startswith("-")])
     if overrides is None:
         return

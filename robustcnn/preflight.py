@@ -69,6 +69,11 @@ def write_failure(path: Path, exc: OSError) -> OutputError:
     )
 
 
+def is_multirun(hydra_args: Sequence[str]) -> bool:
+    """Whether a ``robustcnn run`` command line asks Hydra for a sweep (``-m``)."""
+    return any(arg in ("-m", "--multirun") for arg in hydra_args)
+
+
 def _option_values(args: Sequence[str], names: tuple[str, ...]) -> list[str]:
     """Values of ``--name VALUE`` / ``--name=VALUE`` options in a Hydra command line."""
     values = []
@@ -112,7 +117,7 @@ def check_run_arguments(hydra_args: Sequence[str]) -> None:
     line. ``${now:...}`` parts are judged by the folder above them.
     """
     check_user_configs(_option_values(hydra_args, ("--config-dir", "-cd")))
-    multirun = any(arg in ("-m", "--multirun") for arg in hydra_args)
+    multirun = is_multirun(hydra_args)
     key = "hydra.sweep.dir" if multirun else "hydra.run.dir"
     folder = "multirun" if multirun else "outputs"
     for arg in hydra_args:

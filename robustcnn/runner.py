@@ -28,7 +28,7 @@ from robustcnn.battery import BatteryResult, BatterySettings, run_battery
 from robustcnn.cache import WeightCache
 from robustcnn.config import config_bool, config_int, config_section
 from robustcnn.data import Dataset, load_dataset
-from robustcnn.defenses import build_defense
+from robustcnn.defenses import Defense, build_defense
 from robustcnn.device import check_threads, resolve_device, seed_everything, set_threads
 from robustcnn.errors import ConfigError, TrackingError
 from robustcnn.evaluation import clean_accuracy
@@ -143,31 +143,47 @@ def plan_attacks(config: dict[str, Any]) -> tuple[ThreatModel | None, list[Attac
     return threat, attacks
 
 
-def check_config(config: dict[str, Any], *, device: bool = True) -> None:
+@dataclass(frozen=True)
+class JobPlan:
+    """What a job's settings build before any work: validated once, then used by the job."""
+
+    defense: Defense
+    threat: ThreatModel | None
+    attacks: list[Attack]
+    evaluation: EvalSettings
+    checks: BatterySettings
+
+
+def check_config(config: dict[str, Any], *, device: bool = True) -> JobPlan:
     """Every check of a job's settings that needs no data, store or cache: bad values fail here.
 
-    ``run_job`` calls it first; ``robustcnn run`` calls it on the composed config before Hydra
-    starts (for a sweep, on its first cell), so a bad value never opens an MLflow run. A sweep's
-    jobs may run on other machines (SLURM, Ray), so there ``device=False`` leaves the device to them.
+    ``run_job`` calls it first and runs on what it returns; ``robustcnn run`` calls it on the
+    composed config before Hydra starts (for a sweep, on its first cell), so a bad value never
+    opens an MLflow run. A sweep's jobs may run on other machines (SLURM, Ray), so there
+    ``device=False`` leaves the device to them.
     """
-    build_defense(resolve_defense(config["defense"]))
+    defense = build_defense(resolve_defense(config["defense"]))
     check_threads(config.get("threads"))
     config_int(config.get("seed", 0), "seed", minimum=0)
     if device:
         resolve_device(config.get("device", "auto"))
     TrainConfig.from_mapping(config["training"])
-    plan_attacks(config)
-    EvalSettings.from_mapping(config.get("eval"))
-    BatterySettings.from_mapping(config.get("checks"))
+    threat, attacks = plan_attacks(config)
+    return JobPlan(
+        defense=defense,
+        threat=threat,
+        attacks=attacks,
+        evaluation=EvalSettings.from_mapping(config.get("eval")),
+        checks=BatterySettings.from_mapping(config.get("checks")),
+    )
 
 
-def check_model_config(config: dict[str, Any], data: Dataset) -> None:
+def check_model_config(config: dict[str, Any], data: Dataset, defense: Defense) -> None:
     """Build the model once before the run opens, so a bad ``model.*`` value is one line, not a FAILED run.
 
     The build runs under a forked random state: the model trained later draws the same initial
     weights as it would without this check (seeded runs stay reproducible).
     """
-    defense = build_defense(resolve_defense(config["defense"]))
     with torch.random.fork_rng(devices=[]):
         make_model(config, data, defense.model_overrides())
 
@@ -272,7 +288,8 @@ def run_job(
     """
     started = time.perf_counter()
     config = to_container(cfg) if isinstance(cfg, DictConfig) else dict(cfg)
-    check_config(config)
+    plan = check_config(config)
+    threat, attacks, evaluation = plan.threat, plan.attacks, plan.evaluation
     set_threads(config.get("threads"))
     seed = int(config.get("seed", 0))
     seed_everything(seed)
@@ -283,9 +300,6 @@ def run_job(
     check_store_writable(uri)
     if bool(config["training"].get("use_cache", True)):
         WeightCache(config["paths"]["cache_dir"]).ensure_writable()
-    threat, attacks = plan_attacks(config)
-    evaluation = EvalSettings.from_mapping(config.get("eval"))
-    battery_settings = BatterySettings.from_mapping(config.get("checks"))
     out = Path(output_dir) if output_dir is not None else None
     if out is not None:
         check_output_folder(out, "the job's output folder", "hydra.run.dir (hydra.sweep.dir in a sweep)")
@@ -304,7 +318,7 @@ def run_job(
     data = load_data(config)
     if threat is not None:
         threat.check_input_size(data.info.input_shape)
-    check_model_config(config, data)
+    check_model_config(config, data, plan.defense)
 
     run_name = (
         tracking.get("run_name") or f"{config['model']['name']}-{config['defense']['name']}-{data.info.name}"
@@ -394,7 +408,7 @@ def run_job(
                 threat,
                 attacks,
                 undefended=config["defense"]["name"] == "none",
-                settings=battery_settings,
+                settings=plan.checks,
                 clean_accuracy=None,
                 device=device,
                 progress=progress,

@@ -21,6 +21,7 @@ from typing import Any
 from urllib.parse import urlparse
 
 from robustcnn.errors import TrackingError
+from robustcnn.preflight import nearest_existing
 
 log = logging.getLogger(__name__)
 
@@ -55,9 +56,7 @@ def check_store_writable(uri: str) -> None:
         folder = Path(parsed.path if parsed.scheme == "file" else uri)
     else:
         return
-    probe_dir = folder
-    while not probe_dir.exists() and probe_dir != probe_dir.parent:
-        probe_dir = probe_dir.parent
+    probe_dir = nearest_existing(folder)
     if (
         not probe_dir.is_dir()
         or not os.access(probe_dir, os.W_OK)
