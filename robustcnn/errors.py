@@ -35,3 +35,7 @@ class TrackingError(RobustCNNError):
 
 class ReportError(RobustCNNError):
     """A dashboard cannot be built: the store or the experiment does not exist, or has no runs."""
+
+
+class AssetError(RobustCNNError):
+    """A pretrained asset (face-recognition weights, sample photos) is missing or does not verify."""
