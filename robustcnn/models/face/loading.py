@@ -1,0 +1,77 @@
+"""Pick the face embedder an experiment attacks: face-api's port, or a user's own TorchScript model.
+
+Why TorchScript for user models: it carries its architecture with it (no code of ours to match) and
+loads without unpickling arbitrary objects. A user's embedder must take [N, 3, 150, 150] RGB in [0, 1]
+(robustcnn's convention: the model owns its normalisation) and return [N, D] descriptors; this is
+checked on a blank crop at load time so a wrong model fails here, not in the middle of an attack.
+"""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from robustcnn.errors import ModelError
+from robustcnn.models.face.network import INPUT_SIZE, load_face_api
+from robustcnn.models.face.recognizer import DEFAULT_THRESHOLD, FaceRecognizer
+
+#: Name of the ported face-api recognizer.
+FACE_API = "face_api"
+
+
+def _check_embedder(module: nn.Module, path: Path, device: torch.device | str) -> int:
+    """Run a blank crop through ``module``; its descriptor length, or ModelError saying what is wrong."""
+    probe = torch.zeros(1, 3, INPUT_SIZE, INPUT_SIZE, device=device)
+    try:
+        with torch.no_grad():
+            out = module(probe)
+    except Exception as exc:  # a user's model can fail in any way: one clear message
+        detail = " ".join(str(exc).split())[:200]
+        raise ModelError(
+            f"the face embedder {path} fails on a [1, 3, {INPUT_SIZE}, {INPUT_SIZE}] crop "
+            f"({type(exc).__name__}: {detail}); it must map RGB crops in [0, 1] to [N, D] descriptors"
+        ) from exc
+    if not isinstance(out, torch.Tensor) or out.ndim != 2 or out.shape[0] != 1 or out.shape[1] < 1:
+        got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+        raise ModelError(
+            f"the face embedder {path} maps a [1, 3, {INPUT_SIZE}, {INPUT_SIZE}] crop to {got}; "
+            "it must return one descriptor per face, a [1, D] tensor"
+        )
+    if not torch.isfinite(out).all():
+        raise ModelError(f"the face embedder {path} returns non-finite descriptors for a blank crop")
+    return int(out.shape[1])
+
+
+def load_face_recognizer(
+    name_or_path: str = FACE_API, threshold: float = DEFAULT_THRESHOLD, device: torch.device | str = "cpu"
+) -> FaceRecognizer:
+    """``"face_api"``: the ported face-api net (from `robustcnn assets`); a file path: a TorchScript embedder.
+
+    ``threshold`` is the Euclidean distance below which two faces verify as the same person (0.6 is
+    face-api's; a user's embedder usually needs its own, e.g. from calibrate_threshold).
+    """
+    if name_or_path == FACE_API:
+        return FaceRecognizer(load_face_api(device=device), threshold=threshold, name=FACE_API)
+    path = Path(name_or_path).expanduser()
+    if not path.is_file():
+        raise ModelError(
+            f"face recognizer {name_or_path!r} is neither {FACE_API!r} nor an existing TorchScript file "
+            "(save yours with torch.jit.save(torch.jit.script(model), 'embedder.pt'))"
+        )
+    try:
+        # torch >= 2.9 deprecates TorchScript, yet it is still the format that carries its own architecture
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)
+            module = torch.jit.load(str(path), map_location=device)
+    except Exception as exc:  # torch raises RuntimeError or ValueError subclasses for non-TorchScript files
+        detail = " ".join(str(exc).split())[:200]
+        raise ModelError(
+            f"{path} is not a TorchScript file ({type(exc).__name__}: {detail}); save the embedder with "
+            "torch.jit.save(torch.jit.script(model), path) or torch.jit.trace"
+        ) from exc
+    module.eval()
+    _check_embedder(module, path, device)
+    return FaceRecognizer(module, threshold=threshold, name=path.stem)
