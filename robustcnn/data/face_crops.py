@@ -2,9 +2,12 @@
 
 Why one module: the embedded gallery, a user's identity folders, the port's parity fixture and the
 patch masks must all see the same geometry. The crop is square, centred on the box, with a margin of
-``margin`` x the box side split evenly around it (margin 1.0: the box is the central half of the crop;
-tighter crops separate identities better on unaligned faces). Parts of the crop outside the photo are
-zero (black), as face-api pads non-square inputs; the square is then resized bilinearly to ``size``.
+``margin`` x the box side split evenly around it (margin 0: the crop is the box; margin 1.0: the box is
+the central half of the crop). The default is the tight crop: on the embedded gallery it separates
+identities best (impostor distances: median 0.645 at margin 0 vs 0.499 at margin 1.0; the threshold at
+1% false accepts rises from 0.32 to 0.46), as face-api's own pipeline feeds it tight aligned boxes.
+Parts of the crop outside the photo are zero (black), as face-api pads non-square inputs; the square
+is then resized bilinearly to ``size``.
 """
 
 from __future__ import annotations
@@ -17,8 +20,8 @@ from robustcnn.errors import DataError
 
 #: Side of the face recognizer's input crop (face-api's ResNet-34-like net: 150x150 RGB).
 CROP_SIZE = 150
-#: Default margin around a detected box, as a multiple of the box side (0.5 box on every side).
-DEFAULT_MARGIN = 1.0
+#: Default margin around a detected box, as a multiple of the box side: 0, the crop is the box.
+DEFAULT_MARGIN = 0.0
 
 Box = tuple[int, int, int, int]
 

@@ -1,0 +1,366 @@
+"""Physical patch engine: masks, EOT draws, TV/NPS, the optimiser's invariants, face and classifier goals.
+
+Everything runs on a tiny, seeded, randomly initialised CNN embedder (faces: smooth random colour
+fields), so the suite takes seconds and never waits for the real face-api port.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from robustcnn.attacks.face_patch import (
+    attack_face,
+    evaluate_patch,
+    patch_to_image,
+    random_patch_baseline,
+    run_face_study,
+)
+from robustcnn.attacks.patch import PatchSettings, classifier_patch_loss, initial_patch, optimise_patch
+from robustcnn.attacks.patch_masks import area_percent, check_mask, from_png, make_mask
+from robustcnn.attacks.patch_transforms import PhysicalVariation, PrintModel, apply_patch, draw_generator
+from robustcnn.attacks.printability import (
+    DEFAULT_PALETTE,
+    load_palette,
+    non_printability_score,
+    total_variation,
+)
+from robustcnn.errors import ConfigError
+from robustcnn.models.face.recognizer import FaceRecognizer
+
+SIZE = 150
+NAMES = ["ann", "bob", "cid", "dee", "eve"]
+
+
+class _Scaled(nn.Module):
+    def __init__(self, inner: nn.Module, scale: float) -> None:
+        super().__init__()
+        self.inner, self.scale = inner, scale
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.inner(x) / self.scale
+
+
+def _tiny_embedder() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Conv2d(3, 8, 5, stride=2, padding=2),
+        nn.ReLU(),
+        nn.Conv2d(8, 16, 3, stride=2, padding=1),
+        nn.ReLU(),
+        nn.Conv2d(16, 16, 3, stride=2, padding=1),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(2),
+        nn.Flatten(),
+        nn.Linear(64, 16),
+    )
+
+
+@pytest.fixture(scope="module")
+def faces() -> torch.Tensor:
+    """Five 'identities': smooth random colour fields, [5, 3, 150, 150] in [0, 1]."""
+    g = torch.Generator().manual_seed(1)
+    return F.interpolate(
+        torch.rand(5, 3, 5, 5, generator=g), size=(SIZE, SIZE), mode="bilinear", align_corners=False
+    )
+
+
+@pytest.fixture(scope="module")
+def recognizer(faces: torch.Tensor) -> FaceRecognizer:
+    """Descriptors scaled to a median inter-identity distance of 1; threshold 0.6 x the smallest one."""
+    inner = _tiny_embedder()
+    with torch.no_grad():
+        d = torch.cdist(inner(faces), inner(faces))
+    off = d[~torch.eye(5, dtype=torch.bool)]
+    scale = float(off.median())
+    return FaceRecognizer(_Scaled(inner, scale), threshold=0.6 * float(off.min()) / scale, name="tiny")
+
+
+@pytest.fixture(scope="module")
+def gallery(recognizer: FaceRecognizer, faces: torch.Tensor) -> torch.Tensor:
+    return recognizer.embed_batched(faces)
+
+
+def _digital(**overrides: object) -> PatchSettings:
+    base = {
+        "steps": 60,
+        "eot_samples": 4,
+        "variation": PhysicalVariation.identity(),
+        "step_size": 4 / 255,
+        "early_stop_patience": 2,
+    }
+    base.update(overrides)
+    return PatchSettings(**base)  # type: ignore[arg-type]
+
+
+# -- masks -----------------------------------------------------------------------------------------
+def test_mask_areas_and_placement() -> None:
+    glasses = make_mask("eyeglasses")
+    assert glasses.shape == (1, 1, SIZE, SIZE) and glasses.dtype == torch.float32
+    assert set(glasses.unique().tolist()) == {0.0, 1.0}
+    assert 5.5 < area_percent(glasses) < 6.5  # Sharif et al.'s frames: ~6 % of the face crop
+    rows = glasses[0, 0].nonzero()[:, 0].float()
+    assert 50 < float(rows.mean()) < 60  # eye level of the (tight) face box (~55 px)
+    assert make_mask("sticker").sum() == 900 and area_percent(make_mask("sticker")) == pytest.approx(4.0)
+    band = make_mask("hat_band")[0, 0].nonzero()[:, 0]
+    assert int(band.max()) < 20 and int(band.min()) >= 0  # forehead, above the eyes
+    assert make_mask("eyeglasses", 112).shape == (1, 1, 112, 112)
+
+
+def test_mask_errors(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="eyeglasses.*hat_band|valid masks"):
+        make_mask("monocle")
+    with pytest.raises(ConfigError, match="empty"):
+        make_mask("sticker", center=(2.0, 2.0))
+    with pytest.raises(ConfigError, match="face crop is 150x150"):
+        check_mask(make_mask("sticker", 100), SIZE)
+    with pytest.raises(ConfigError, match="empty"):
+        check_mask(torch.zeros(1, 1, SIZE, SIZE), SIZE)
+
+
+def test_mask_from_png(tmp_path: Path) -> None:
+    from PIL import Image
+
+    grey = np.zeros((SIZE, SIZE), dtype=np.uint8)
+    grey[10:20, 30:50] = 200  # above 0.5: patch
+    grey[40:45, 40:45] = 100  # anti-aliased edge below 0.5: not patch
+    Image.fromarray(grey).save(tmp_path / "m.png")
+    mask = from_png(tmp_path / "m.png", SIZE)
+    assert int(mask.sum()) == 200 and mask[0, 0, 15, 40] == 1 and mask[0, 0, 42, 42] == 0
+    assert torch.equal(make_mask("png", SIZE, path=tmp_path / "m.png"), mask)
+    with pytest.raises(ConfigError, match="120x120 but the face crop is 150x150"):
+        Image.fromarray(grey[:120, :120]).save(tmp_path / "small.png")
+        from_png(tmp_path / "small.png", SIZE)
+    Image.fromarray(np.zeros((SIZE, SIZE), dtype=np.uint8)).save(tmp_path / "empty.png")
+    with pytest.raises(ConfigError, match="empty"):
+        from_png(tmp_path / "empty.png", SIZE)
+
+
+# -- EOT draws -------------------------------------------------------------------------------------
+def test_draws_are_seeded_and_held_out() -> None:
+    var = PhysicalVariation()
+    a = var.sample(16, draw_generator(0, "optimise"))
+    b = var.sample(16, draw_generator(0, "optimise"))
+    assert torch.equal(a.parameters(), b.parameters())  # reproducible
+    other_seed = var.sample(16, draw_generator(1, "optimise"))
+    held_out = var.sample(16, draw_generator(0, "evaluate"))
+    assert not torch.allclose(a.parameters(), other_seed.parameters())
+    assert not torch.allclose(a.parameters(), held_out.parameters())
+    # no optimisation seed ever equals an evaluation seed
+    opt = {draw_generator(s, "optimise").initial_seed() for s in range(200)}
+    ev = {draw_generator(s, "evaluate").initial_seed() for s in range(200)}
+    assert not opt & ev
+    with pytest.raises(ConfigError, match="purpose"):
+        draw_generator(0, "train")
+
+
+def test_physical_composite(faces: torch.Tensor) -> None:
+    mask = make_mask("eyeglasses")
+    patch = torch.rand(3, SIZE, SIZE) * mask[0]
+    # identity: exact composite, pixels outside the mask untouched bit for bit
+    digital = apply_patch(faces, patch, mask, None, PhysicalVariation.identity())
+    outside = (mask[0, 0] == 0).expand(3, -1, -1)
+    assert torch.equal(digital[:, outside], faces[:, outside])
+    assert torch.equal(digital[:, ~outside], patch[None].expand_as(faces)[:, ~outside])
+    var = PhysicalVariation()
+    draws = var.sample(5, draw_generator(3, "optimise"), (SIZE, SIZE), 5)
+    physical = apply_patch(faces, patch, mask, draws, var)
+    assert physical.shape == faces.shape and float(physical.min()) >= 0 and float(physical.max()) <= 1
+    assert not torch.allclose(physical, digital)
+    # only the patch moves: no face jitter, no photometry -> far from the frame nothing changes
+    only_patch = PhysicalVariation.from_dict(
+        {**PhysicalVariation.identity().to_dict(), "patch_translate_px": 3.0, "patch_rotation_deg": 4.0}
+    )
+    moved = apply_patch(faces, patch, mask, draws, only_patch)
+    assert torch.equal(moved[:, :, 120:, :], faces[:, :, 120:, :])
+    assert not torch.equal(moved[:, :, 50:85, :], digital[:, :, 50:85, :])
+    # the print model washes colours out: white prints as 0.91
+    white = PrintModel().apply(torch.ones(3, 2, 2))
+    assert torch.allclose(white, torch.full_like(white, 0.91))
+    with pytest.raises(ConfigError, match="no setting"):
+        PhysicalVariation.from_dict({"warp": 1})
+
+
+def test_patch_gradient_through_physical_draws(faces: torch.Tensor) -> None:
+    mask = make_mask("sticker")
+    patch = torch.full((3, SIZE, SIZE), 0.5, requires_grad=True)
+    var = PhysicalVariation()
+    out = apply_patch(faces, patch, mask, var.sample(5, draw_generator(0, "optimise"), (SIZE, SIZE), 5), var)
+    out.sum().backward()
+    assert patch.grad is not None and bool(torch.isfinite(patch.grad).all())
+    assert float(patch.grad[:, mask[0, 0] == 0].abs().max()) == 0.0  # no gradient outside the mask
+
+
+# -- TV / NPS --------------------------------------------------------------------------------------
+def test_tv_and_nps_on_known_inputs(tmp_path: Path) -> None:
+    mask = make_mask("eyeglasses")
+    constant = torch.full((3, SIZE, SIZE), 0.3)
+    assert float(total_variation(constant, mask)) == 0.0
+    checker = (torch.arange(SIZE)[:, None] + torch.arange(SIZE)[None, :]) % 2
+    assert float(total_variation(checker.float().expand(3, -1, -1), mask)) > 1.0
+    colour = torch.tensor(DEFAULT_PALETTE[5])[:, None, None].expand(3, SIZE, SIZE)
+    for variant in ("product", "min"):
+        assert float(non_printability_score(colour, mask, variant=variant)) < 1e-4
+        saturated = torch.tensor([0.0, 1.0, 0.0])[:, None, None].expand(3, SIZE, SIZE)
+        assert float(non_printability_score(saturated, mask, variant=variant)) > 0.05
+    with pytest.raises(ConfigError, match="variant"):
+        non_printability_score(colour, mask, variant="sum")
+    (tmp_path / "p.json").write_text(json.dumps([[255, 0, 0], [0, 0, 255]]))
+    palette = load_palette(tmp_path / "p.json")
+    assert torch.allclose(palette, torch.tensor([[1.0, 0, 0], [0, 0, 1.0]]))
+    red = torch.tensor([1.0, 0.0, 0.0])[:, None, None].expand(3, SIZE, SIZE)
+    assert float(non_printability_score(red, mask, palette, "min")) < 1e-4
+
+
+# -- the engine ------------------------------------------------------------------------------------
+def test_engine_invariants_and_model_state(
+    faces: torch.Tensor, recognizer: FaceRecognizer, gallery: torch.Tensor
+) -> None:
+    embedder = recognizer.embedder
+    embedder.train()  # the engine must switch to eval and restore this
+    for p in embedder.parameters():
+        p.requires_grad_(True)
+    try:
+        mask = make_mask("eyeglasses")
+        settings = _digital(steps=5, tv_weight=0.1, nps_weight=0.1, early_stop=False)
+        result = attack_face(recognizer, faces[:1], gallery, 0, None, mask, settings)
+        assert embedder.training
+        assert all(p.requires_grad and p.grad is None for p in embedder.parameters())
+    finally:
+        embedder.eval()
+        for p in embedder.parameters():
+            p.requires_grad_(False)
+    outside = (mask[0, 0] == 0).expand(3, -1, -1)
+    assert result.steps == 5 and len(result.history) == 5 and result.seconds > 0
+    assert float(result.patch.min()) >= 0 and float(result.patch.max()) <= 1
+    assert (
+        float(result.patch[outside].abs().max()) == 0.0 and float(result.initial[outside].abs().max()) == 0.0
+    )
+    assert not torch.equal(result.patch, result.initial)  # it moved, inside the mask only
+    composite = apply_patch(faces[:1], result.patch, mask, None, PhysicalVariation.identity())
+    assert torch.equal(composite[0][outside], faces[0][outside])
+    grey = initial_patch(mask, "grey")
+    assert float(grey[~outside].min()) == 0.5
+    with pytest.raises(ConfigError, match="optimizer"):
+        PatchSettings(optimizer="lbfgs")
+    with pytest.raises(ConfigError, match="target other than the attacker"):
+        attack_face(recognizer, faces[:1], gallery, 0, 0, mask, settings)
+
+
+def test_dodging_and_impersonation_study(faces: torch.Tensor, recognizer: FaceRecognizer) -> None:
+    mask = make_mask("eyeglasses")
+    study = run_face_study(
+        recognizer,
+        faces,
+        NAMES,
+        attackers=[0, 1],
+        targets=[2, 3],
+        mask=mask,
+        settings=_digital(steps=80),
+        eval_draws=4,
+        seed=5,
+    )
+    m = study.metrics
+    json.dumps(m)  # JSON-able, tensors kept apart
+    assert m["clean_dodging_success_rate"] == 0.0 and m["clean_impersonation_success_rate"] == 0.0
+    assert m["dodging_success_rate"] >= 0.99 and m["dodging_success_rate_identification"] >= 0.99
+    assert m["impersonation_success_rate"] >= 0.75 and m["impersonation_success_rate_identification"] >= 0.75
+    assert m["random_patch_success_rate"] is not None
+    assert m["random_patch_success_rate"] < m["dodging_success_rate"]
+    assert m["random_impersonation_success_rate"] < m["impersonation_success_rate"]
+    matrix = m["impersonation_matrix"]
+    assert matrix["attackers"] == ["ann", "bob"] and matrix["targets"] == ["cid", "dee"]
+    assert len(matrix["success_rate"]) == 2 and len(matrix["success_rate"][0]) == 2
+    assert set(study.patches) == {
+        "dodging/ann", "dodging/bob", "impersonation/ann__cid", "impersonation/ann__dee",
+        "impersonation/bob__cid", "impersonation/bob__dee",
+    }  # fmt: skip
+    assert study.adversarial_faces["dodging/ann"].shape == (3, SIZE, SIZE)
+    assert m["per_attacker"][0]["dodging"]["patch_area_percent"] == pytest.approx(area_percent(mask))
+
+
+def test_physical_evaluation_on_held_out_draws(
+    faces: torch.Tensor, recognizer: FaceRecognizer, gallery: torch.Tensor
+) -> None:
+    mask = make_mask("eyeglasses")
+    var = PhysicalVariation(face_translate_px=3.0)
+    settings = PatchSettings(
+        steps=15, eot_samples=4, step_size=8 / 255, variation=var, tv_weight=0.01, nps_weight=0.01, seed=1
+    )
+    found = attack_face(recognizer, faces[:2], gallery, 0, None, mask, settings, init="grey")
+    report = evaluate_patch(
+        recognizer, faces[:2], found.patch, mask, gallery, 0, None, var, n_draws=6, seed=1
+    )
+    assert report["n_evaluations"] == 12 and report["goal"] == "dodging"
+    assert report["distance_after"] > report["distance_before"]
+    assert report["success_rate"] >= report["random_patch"]["success_rate"]
+    assert 0 <= report["nps"] <= 1 and report["tv"] > 0
+    rp = random_patch_baseline(mask, 1)
+    assert float(rp[:, mask[0, 0] == 0].abs().max()) == 0.0
+
+
+def test_adam_optimizer(faces: torch.Tensor, recognizer: FaceRecognizer, gallery: torch.Tensor) -> None:
+    result = attack_face(
+        recognizer,
+        faces[:1],
+        gallery,
+        1,
+        None,
+        make_mask("sticker"),
+        _digital(optimizer="adam", step_size=0.05, steps=15),
+    )
+    assert result.history[-1] < result.history[0]
+
+
+def test_classifier_patch_lowers_accuracy() -> None:
+    torch.manual_seed(0)
+    # global max pooling: like a trained CNN, a local salient feature can take over the decision
+    model = nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.Conv2d(8, 16, 3, padding=1),
+        nn.AdaptiveMaxPool2d(1), nn.Flatten(), nn.Linear(16, 4, bias=False),
+    )  # fmt: skip
+    g = torch.Generator().manual_seed(2)
+    x = F.interpolate(
+        torch.rand(16, 3, 8, 8, generator=g), size=(32, 32), mode="bilinear", align_corners=False
+    )
+    with torch.no_grad():
+        y = model(x).argmax(1)  # the model is right on every image before the patch
+    mask = make_mask("sticker", 32, center=(0.5, 0.5), extent=(0.3, 0.3))
+    settings = PatchSettings(
+        steps=40, eot_samples=16, step_size=8 / 255, variation=PhysicalVariation.identity()
+    )
+    result = optimise_patch(classifier_patch_loss(model, y), x, mask, settings)  # the loss carries its model
+    with torch.no_grad():
+        patched = model(apply_patch(x, result.patch, mask, None, PhysicalVariation.identity())).argmax(1)
+        noisy = model(
+            apply_patch(x, random_patch_baseline(mask), mask, None, PhysicalVariation.identity())
+        ).argmax(1)
+    accuracy = float((patched == y).float().mean())
+    assert accuracy <= 0.5 and accuracy < float((noisy == y).float().mean())
+    # restored to its original (training) mode, parameters still trainable, no gradient accumulated
+    assert model.training and all(p.requires_grad and p.grad is None for p in model.parameters())
+    # targeted ("toaster") universal patch
+    target = int((y + 1).mode().values)
+    targeted = optimise_patch(classifier_patch_loss(model, y, target), x, mask, settings, modules=[model])
+    with torch.no_grad():
+        hits = (
+            model(apply_patch(x, targeted.patch, mask, None, PhysicalVariation.identity())).argmax(1)
+            == target
+        )
+    assert float(hits.float().mean()) >= 0.5
+
+
+def test_patch_to_image() -> None:
+    mask = make_mask("sticker")
+    patch = torch.zeros(3, SIZE, SIZE)  # black patch
+    image = patch_to_image(patch, mask)
+    assert image.shape == (SIZE, SIZE, 3) and image.dtype == np.uint8
+    assert (image[0, 0] == 255).all() and (image[93, 75] == 0).all()  # white paper, black ink
+    rgba = patch_to_image(patch, mask, transparent=True)
+    assert rgba.shape == (SIZE, SIZE, 4) and rgba[0, 0, 3] == 0 and rgba[93, 75, 3] == 255
