@@ -64,18 +64,20 @@ def eyeglasses(
     lens_spacing: float = 0.46,
     bridge: float = 0.03,
     temple_length: float = 0.05,
+    eye_level: float = EYE_LEVEL,
 ) -> Tensor:
     """An eyeglass-frame silhouette at eye level: two elliptic rims, a bridge and two temples.
 
     All lengths are fractions of the face box side, so the frame scales with the crop: ``rim`` the
     rim thickness, ``lens_width``/``lens_height`` the outer size of one lens, ``lens_spacing`` the
     distance between the lens centres, ``bridge`` the bridge/temple thickness, ``temple_length`` how
-    far the temples reach beyond the rims. The defaults give 6.22 % of a 150 crop at the default tight margin
-    (Sharif's ~6.5 %), centred on row ~55.
+    far the temples reach beyond the rims, ``eye_level`` the eyes' height below the box top (0.38 for
+    Haar boxes; face-api's landmark-aligned boxes put them at ~0.30). The defaults give 6.22 % of a
+    150 crop at the default tight margin (Sharif's ~6.5 %), centred on row ~55 (Haar eye level).
     """
     top, side = face_box(size, margin)
     y, x = _grid(size)
-    cy = top + EYE_LEVEL * side
+    cy = top + eye_level * side
     cx = size / 2.0
     a, b = lens_width * side / 2.0, lens_height * side / 2.0
     t = rim * side
