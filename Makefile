@@ -15,7 +15,7 @@ TORCHATTACKS_PIN ?= torchattacks>=3.5,<4
 # at once (an mlflow installed first brings joblib 1.6, which needs cloudpickle>=3).
 PIP := $(BIN)/python -m pip
 
-.PHONY: demo test test-fast lint install bench bench-audit soak clean
+.PHONY: demo test test-fast lint install assets bench bench-audit soak clean
 
 $(STAMP): pyproject.toml Makefile
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -27,14 +27,19 @@ $(STAMP): pyproject.toml Makefile
 
 install: $(STAMP)
 
+## The face study's pretrained assets: face-api 1.7.15 from the npm registry (needs node/npm),
+## sha256-checked, converted to safetensors under ~/.cache/robustcnn/assets (ROBUSTCNN_ASSETS_DIR).
+assets: $(STAMP)
+	$(BIN)/robustcnn assets
+
 ## The main job on the embedded defaults: a small sweep ending with MLflow runs (./mlflow.db) and
 ## reports/demo/index.html. Extra overrides: make demo ARGS="force=true".
 demo: $(STAMP)
 	$(BIN)/robustcnn run experiment=demo $(ARGS)
 
 ## Lint, then the whole test suite (unit + marked slow end-to-end tests; GPU tests skip without CUDA).
-test: $(STAMP) lint
-	$(BIN)/python -m pytest -q
+test: $(STAMP) lint assets
+	ROBUSTCNN_REQUIRE_ASSETS=1 $(BIN)/python -m pytest -q
 
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -q -m "not slow"

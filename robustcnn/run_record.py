@@ -74,8 +74,32 @@ def result_tags(results: Mapping[str, Any]) -> dict[str, Any]:
     return tags
 
 
+#: The face study's scalar results logged as metrics (rates on held-out draws, patch properties).
+FACE_METRIC_PREFIXES = (
+    "dodging_", "impersonation_", "random_", "clean_", "mean_", "patch_", "mask_", "threshold", "ms_per_step",
+    "study_seconds", "job_seconds",
+)  # fmt: skip
+
+
+def face_metric_rows(results: Mapping[str, Any]) -> list[MetricRow]:
+    """A face study's numbers: every top-level scalar rate/distance/size, and the verification error rates."""
+    rows: list[MetricRow] = [
+        (name, float(value), 0)
+        for name, value in results.items()
+        if _is_number(value) and name.startswith(FACE_METRIC_PREFIXES)
+    ]
+    verification = results.get("verification") or {}
+    for which in ("calibrated", "published"):
+        for key, value in (verification.get(which) or {}).items():
+            if _is_number(value):
+                rows.append((f"verification/{which}_{key}", float(value), 0))
+    return rows
+
+
 def all_metric_rows(results: Mapping[str, Any]) -> list[MetricRow]:
     """Every metric of a finished job, rebuilt from its results (what ``sync`` logs)."""
+    if results.get("task") == "face_patch":
+        return face_metric_rows(results)
     return (
         train_metric_rows(results.get("train_history") or [])
         + summary_metric_rows(results)

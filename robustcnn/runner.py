@@ -70,6 +70,11 @@ def load_data(config: dict[str, Any]) -> Dataset:
     name = section.pop("name", None)
     if not name:
         raise ConfigError("the data config has no 'name'; pick a preset such as data=mnist5k")
+    if name in ("faces", "face_folder"):
+        raise ConfigError(
+            f"data={name} holds face crops for the face patch study, not a classifier dataset; "
+            "run it with task=face_patch (e.g. experiment=face_smoke data=" + name + ")"
+        )
     return load_dataset(name, **section)
 
 
@@ -154,7 +159,15 @@ class JobPlan:
     checks: BatterySettings
 
 
-def check_config(config: dict[str, Any], *, device: bool = True) -> JobPlan:
+def is_face_task(config: dict[str, Any]) -> bool:
+    """A face patch study (``task=face_patch``) rather than a classifier battery (``task=classify``)."""
+    task = config.get("task", "classify")
+    if task not in ("classify", "face_patch"):
+        raise ConfigError(f"task={task!r} is unknown; use task=classify or task=face_patch")
+    return task == "face_patch"
+
+
+def check_config(config: dict[str, Any], *, device: bool = True) -> Any:
     """Every check of a job's settings that needs no data, store or cache: bad values fail here.
 
     ``run_job`` calls it first and runs on what it returns; ``robustcnn run`` calls it on the
@@ -162,6 +175,10 @@ def check_config(config: dict[str, Any], *, device: bool = True) -> JobPlan:
     opens an MLflow run. A sweep's jobs may run on other machines (SLURM, Ray), so there
     ``device=False`` leaves the device to them.
     """
+    if is_face_task(config):
+        from robustcnn.face_job import check_face_config
+
+        return check_face_config(config, device=device)
     defense = build_defense(resolve_defense(config["defense"]))
     check_threads(config.get("threads"))
     config_int(config.get("seed", 0), "seed", minimum=0)
@@ -272,6 +289,117 @@ def store_lost_error(uri: str, run: RunLogger, out: Path | None) -> TrackingErro
     )
 
 
+@dataclass
+class JobContext:
+    """What every job kind settles before it opens a run: device, store, output folder, job key."""
+
+    started: float
+    config: dict[str, Any]
+    seed: int
+    device: torch.device
+    uri: str
+    experiment: str
+    experiment_id: str
+    out: Path | None
+    key: str
+    sweep: SweepLink | None
+    previous: dict[str, Any] | None  # a finished identical job's results (reused unless force=true)
+
+
+def prepare_job(
+    config: dict[str, Any], output_dir: str | Path | None, sweep: SweepLink | None, *, uses_cache: bool
+) -> JobContext:
+    """Threads, seed, device, tracking store, cache and output folder checks, then the dedupe lookup.
+
+    Shared by every kind of job (classifier battery, face patch study) so they fail, resume and
+    reuse results the same way.
+    """
+    started = time.perf_counter()
+    set_threads(config.get("threads"))
+    seed = int(config.get("seed", 0))
+    seed_everything(seed)
+    device = resolve_device(config.get("device", "auto"))
+    tracking = config.get("tracking") or {}
+    experiment = tracking.get("experiment") or "robustcnn"
+    uri = sweep.tracking_uri if sweep else resolve_tracking_uri(tracking.get("uri"))
+    check_store_writable(uri)
+    if uses_cache:
+        WeightCache(config["paths"]["cache_dir"]).ensure_writable()
+    out = Path(output_dir) if output_dir is not None else None
+    if out is not None:
+        check_output_folder(out, "the job's output folder", "hydra.run.dir (hydra.sweep.dir in a sweep)")
+        out.mkdir(parents=True, exist_ok=True)
+    key = job_key(config)
+    experiment_id = sweep.experiment_id if sweep else ensure_experiment(uri, experiment)
+    previous = None
+    if not config.get("force", False):
+        previous = find_finished(uri, experiment_id, key)
+        if previous is not None:
+            log.info(
+                "identical job already finished in run %s: reused (force=true runs it again)",
+                previous["reused_from"],
+            )
+            write_results(out, previous)
+    return JobContext(
+        started, config, seed, device, uri, experiment, experiment_id, out, key, sweep, previous
+    )
+
+
+def job_run_tags(ctx: JobContext, tags: dict[str, Any], job_tags: dict[str, Any] | None) -> dict[str, Any]:
+    """The tags every run starts with: version, job key, code version, the sweep cell's tags."""
+    return {
+        "robustcnn.version": __version__,
+        **tags,
+        JOB_KEY_TAG: ctx.key,
+        "robustcnn.code_version": code_version(),
+        **(job_tags or {}),
+    }
+
+
+def record_run_start(
+    run: RunLogger, ctx: JobContext, run_name: str, tags: dict[str, Any], params: dict[str, Any]
+) -> None:
+    """config.json and run.json on disk (what ``robustcnn sync`` needs), params and config in the run."""
+    write_json(ctx.out, "config.json", ctx.config)
+    write_json(
+        ctx.out,
+        "run.json",
+        {
+            "tracking_uri": ctx.uri,
+            "experiment": ctx.experiment,
+            "experiment_id": ctx.experiment_id,
+            "run_id": run.run_id,
+            "run_name": run_name,
+            "parent_run_id": ctx.sweep.parent_run_id if ctx.sweep else None,
+            "tags": tags,
+            "params": {k: str(v) for k, v in params.items()},
+        },
+    )
+    run.log_params(params)
+    run.log_dict(ctx.config, "config.json")
+
+
+def record_results(run: RunLogger, ctx: JobContext, results: dict[str, Any]) -> OutputError | None:
+    """results.json on disk and in the run; a disk failure is returned (raised after the run ends)."""
+    results["job_seconds"] = time.perf_counter() - ctx.started  # wall time, bookkeeping included
+    unwritten: OutputError | None = None
+    try:
+        write_results(ctx.out, results)
+    except OutputError as exc:  # e.g. the disk filled up: the store still gets the results
+        unwritten = exc
+    run.log_dict(results, "results.json")
+    return unwritten
+
+
+def raise_unrecorded(run: RunLogger, ctx: JobContext, unwritten: OutputError | None) -> None:
+    """After the run closed: say where results are when the disk or the store failed."""
+    if unwritten is not None:
+        where = f"MLflow run {run.run_id} (results.json)" if run.lost is None else "no store either"
+        raise OutputError(f"{unwritten}; the job's results are in {where}")
+    if run.lost is not None:
+        raise store_lost_error(ctx.uri, run, ctx.out)
+
+
 def run_job(
     cfg: DictConfig | dict[str, Any],
     output_dir: str | Path | None = None,
@@ -286,79 +414,44 @@ def run_job(
     ``sweep`` puts the run under a sweep's parent run; ``job_tags`` (Hydra's job number and
     overrides) make the sweep's cells tell apart in the MLflow UI.
     """
-    started = time.perf_counter()
     config = to_container(cfg) if isinstance(cfg, DictConfig) else dict(cfg)
+    if is_face_task(config):
+        from robustcnn.face_job import run_face_job
+
+        return run_face_job(config, output_dir, progress=progress, sweep=sweep, job_tags=job_tags)
     plan = check_config(config)
     threat, attacks, evaluation = plan.threat, plan.attacks, plan.evaluation
-    set_threads(config.get("threads"))
-    seed = int(config.get("seed", 0))
-    seed_everything(seed)
-    device = resolve_device(config.get("device", "auto"))
-    tracking = config.get("tracking") or {}
-    experiment = tracking.get("experiment") or "robustcnn"
-    uri = sweep.tracking_uri if sweep else resolve_tracking_uri(tracking.get("uri"))
-    check_store_writable(uri)
-    if bool(config["training"].get("use_cache", True)):
-        WeightCache(config["paths"]["cache_dir"]).ensure_writable()
-    out = Path(output_dir) if output_dir is not None else None
-    if out is not None:
-        check_output_folder(out, "the job's output folder", "hydra.run.dir (hydra.sweep.dir in a sweep)")
-        out.mkdir(parents=True, exist_ok=True)
-    key = job_key(config)
-    experiment_id = sweep.experiment_id if sweep else ensure_experiment(uri, experiment)
-    if not config.get("force", False):
-        previous = find_finished(uri, experiment_id, key)
-        if previous is not None:
-            log.info(
-                "identical job already finished in run %s: reused (force=true runs it again)",
-                previous["reused_from"],
-            )
-            write_results(out, previous)
-            return previous
+    ctx = prepare_job(
+        config, output_dir, sweep, uses_cache=bool(config["training"].get("use_cache", True))
+    )
+    if ctx.previous is not None:
+        return ctx.previous
+    seed, device, out = ctx.seed, ctx.device, ctx.out
     data = load_data(config)
     if threat is not None:
         threat.check_input_size(data.info.input_shape)
     check_model_config(config, data, plan.defense)
 
     run_name = (
-        tracking.get("run_name") or f"{config['model']['name']}-{config['defense']['name']}-{data.info.name}"
+        (config.get("tracking") or {}).get("run_name")
+        or f"{config['model']['name']}-{config['defense']['name']}-{data.info.name}"
     )
-    tags = {
-        "robustcnn.version": __version__,
-        "model": config["model"]["name"],
-        "defense": config["defense"]["name"],
-        "data": data.info.name,
-        JOB_KEY_TAG: key,
-        "robustcnn.code_version": code_version(),
-        **(job_tags or {}),
-    }
+    tags = job_run_tags(
+        ctx,
+        {"model": config["model"]["name"], "defense": config["defense"]["name"], "data": data.info.name},
+        job_tags,
+    )
     with start_run(
-        uri,
-        experiment,
+        ctx.uri,
+        ctx.experiment,
         run_name,
         tags,
-        experiment_id=experiment_id,
+        experiment_id=ctx.experiment_id,
         parent_run_id=sweep.parent_run_id if sweep else None,
     ) as run:
         params = flatten({k: v for k, v in config.items() if k != "hydra"})
         params.update(flatten(data.info.identity, prefix="data_identity."))
-        write_json(out, "config.json", config)
-        write_json(
-            out,
-            "run.json",
-            {
-                "tracking_uri": uri,
-                "experiment": experiment,
-                "experiment_id": experiment_id,
-                "run_id": run.run_id,
-                "run_name": run_name,
-                "parent_run_id": sweep.parent_run_id if sweep else None,
-                "tags": tags,
-                "params": {k: str(v) for k, v in params.items()},
-            },
-        )
-        run.log_params(params)
-        run.log_dict(config, "config.json")
+        record_run_start(run, ctx, run_name, tags, params)
 
         trained = obtain_model(config, data, device, progress=progress)
         # a cached model's curves come from the cache entry, so every run of a job shows them
@@ -420,18 +513,8 @@ def run_job(
                 battery.verdict,
                 [round(v, 3) for v in battery.worst_case_robust_accuracy()],
             )
-        results["job_seconds"] = time.perf_counter() - started  # wall time of the job, bookkeeping included
-        unwritten: OutputError | None = None
-        try:
-            write_results(out, results)
-        except OutputError as exc:  # e.g. the disk filled up: the store still gets the results
-            unwritten = exc
-        run.log_dict(results, "results.json")
-    if unwritten is not None:
-        where = f"MLflow run {run.run_id} (results.json)" if run.lost is None else "no store either"
-        raise OutputError(f"{unwritten}; the job's results are in {where}")
-    if run.lost is not None:
-        raise store_lost_error(uri, run, out)
+        unwritten = record_results(run, ctx, results)
+    raise_unrecorded(run, ctx, unwritten)
     log.info(
         "%s: clean accuracy %.4f on %d test images (%s)",
         run_name,

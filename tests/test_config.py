@@ -9,6 +9,7 @@ import zipfile
 from pathlib import Path
 
 import pytest
+from face_assets import require_face_assets
 
 from robustcnn.config import compose, conf_dir, config_groups
 from robustcnn.runner import run_job, to_container
@@ -22,6 +23,8 @@ TINY = [
     "training.max_batches=2",
     "training.batch_size=32",
 ]
+#: The same for a face patch study: one attacker, two targets, a few steps and held-out draws.
+FACE_TINY = ["face.attackers=1", "face.targets=2", "face.steps=2", "face.eot_samples=2", "face.eval_draws=4"]
 #: Datasets that need files the machine does not have (their loaders are unit-tested on fixtures).
 NEEDS_FILES = {"mnist", "fashion_mnist", "cifar10", "image_folder"}
 
@@ -68,11 +71,17 @@ def experiment_cells() -> list[tuple[str, ...]]:
 
 @pytest.mark.parametrize("cell", experiment_cells(), ids=lambda cell: " ".join(cell))
 def test_every_experiment_runs_tiny(cell: tuple[str, ...], isolated: dict) -> None:
-    cfg = compose([*cell, *TINY])
+    face = compose(list(cell)).task == "face_patch"
+    cfg = compose([*cell, *(FACE_TINY if face else TINY)])
     if cfg.data.name in NEEDS_FILES:
         pytest.skip(f"{cell[0]} needs dataset files that are not on this machine")
+    if face:
+        require_face_assets()
     results = run_job(cfg, output_dir=isolated["root"] / "out", progress=False)
-    assert 0.0 <= results["clean_accuracy"] <= 1.0
+    if face:
+        assert 0.0 <= results["dodging_success_rate"] <= 1.0
+    else:
+        assert 0.0 <= results["clean_accuracy"] <= 1.0
     assert (isolated["root"] / "out" / "results.json").is_file()
     assert read_run(isolated["store"], results["mlflow_run_id"])["status"] == "FINISHED"
 
