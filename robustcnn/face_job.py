@@ -94,9 +94,37 @@ def mask_geometry(mask_name: str, data: dict[str, Any]) -> dict[str, Any]:
     return geometry
 
 
-def _identity_count(value: Any, key: str) -> int | None:
-    """How many gallery identities (the first N); null means all of them."""
-    return None if value is None else config_int(value, key, minimum=0, hint=" (or null for all)")
+IdentitySelection = int | list[str] | None
+
+
+def _identity_selection(value: Any, key: str) -> IdentitySelection:
+    """The first N gallery identities (an int), all of them (null), or a list of identity names."""
+    if value is None:
+        return None
+    if isinstance(value, (list, tuple)):
+        if not value or not all(isinstance(name, str) and name for name in value):
+            raise ConfigError(
+                f"{key}={show(value)} must be a count, null (all) or a non-empty list of identity names, "
+                f"e.g. {key}=[grace_hopper,sample1_face0]"
+            )
+        return list(dict.fromkeys(value))
+    return config_int(value, key, minimum=0, hint=" (a count, null for all, or a list of identity names)")
+
+
+def select_identities(selection: IdentitySelection, names: list[str], key: str) -> list[int]:
+    """Indices of the selected identities; an unknown name is an error that lists the gallery's names."""
+    if selection is None:
+        return list(range(len(names)))
+    if isinstance(selection, int):
+        return list(range(min(selection, len(names))))
+    unknown = [name for name in selection if name not in names]
+    if unknown:
+        shown = ", ".join(names[:12]) + (", ..." if len(names) > 12 else "")
+        raise ConfigError(
+            f"{key} names {unknown}, not in the face data's {len(names)} identities ({shown}); "
+            "pick names from the gallery (results.json lists them) or give a count"
+        )
+    return [names.index(name) for name in selection]
 
 
 @dataclass(frozen=True)
@@ -106,8 +134,8 @@ class FacePlan:
     recognizer: str
     threshold: float | None  # None: calibrated at ``far`` on the gallery's impostor pairs
     far: float
-    attackers: int | None  # the first N identities attack (dodging); None: all
-    targets: int | None  # impersonation targets: the first M identities; 0: no impersonation
+    attackers: IdentitySelection  # the first N identities, or these names, attack; None: all
+    targets: IdentitySelection  # impersonation targets (count or names); 0: no impersonation
     mask_name: str
     mask: torch.Tensor
     patch: PatchSettings
@@ -132,10 +160,13 @@ class FacePlan:
             raise ConfigError(f"face.mask={show(mask_name)} must be a mask name or a PNG path")
         mask_params = config_section(values.get("mask_params") or {}, "face.mask_params")
         mask_params = {**mask_geometry(mask_name, data or {}), **mask_params}
+        if mask_name.lower().endswith(".png"):  # a user's mask file: white = patch, crop-sized
+            mask_params = {**mask_params, "path": mask_name}
         try:
-            mask = make_mask(mask_name, **mask_params)
-        except TypeError as exc:
-            raise ConfigError(f"face.mask_params: {' '.join(str(exc).split())}") from exc
+            mask = make_mask("png" if "path" in mask_params else mask_name, **mask_params)
+        except (ConfigError, TypeError) as exc:
+            detail = " ".join(str(exc).split())
+            raise ConfigError(f"face.mask={mask_name} with face.mask_params={mask_params}: {detail}") from exc
         variation = _variation(values.get("variation"), "face.variation")
         eval_raw = values.get("eval_variation")
         eval_variation = variation if eval_raw is None else _variation(eval_raw, "face.eval_variation")
@@ -161,8 +192,8 @@ class FacePlan:
             recognizer=str(values.get("recognizer", "face_api")),
             threshold=threshold_value,
             far=config_float(values.get("far", 0.01), "face.far", minimum=0.0, maximum=1.0, below=True),
-            attackers=_identity_count(values.get("attackers"), "face.attackers"),
-            targets=_identity_count(values.get("targets", 0), "face.targets"),
+            attackers=_identity_selection(values.get("attackers"), "face.attackers"),
+            targets=_identity_selection(values.get("targets", 0), "face.targets"),
             mask_name=mask_name,
             mask=mask,
             patch=patch,
@@ -250,7 +281,9 @@ def genuine_distances(
         return torch.empty(0), "none (one photo per identity)"
     from robustcnn.data.faces import genuine_jitter_pairs
 
-    original, jittered, _ = genuine_jitter_pairs(margin=float(data.get("margin", 1.0)))
+    original, jittered, _ = genuine_jitter_pairs(
+        margin=float(data.get("margin", 0.0)), boxes=str(data.get("boxes", "aligned"))
+    )
     return (
         recognizer.distance(recognizer.embed_batched(original), recognizer.embed_batched(jittered)),
         "re-crops of the same photo with a jittered box (a lower bound on real same-person distances)",
@@ -365,8 +398,8 @@ def run_face_job(
             f"the face data has {n_ids} identities; a study needs at least 3 (impostor pairs for the "
             "threshold, a target to impersonate): add identity folders or use data=faces"
         )
-    attackers = list(range(n_ids if plan.attackers is None else min(plan.attackers, n_ids)))
-    targets = list(range(n_ids if plan.targets is None else min(plan.targets, n_ids)))
+    attackers = select_identities(plan.attackers, enrolment.names, "face.attackers")
+    targets = select_identities(plan.targets, enrolment.names, "face.targets")
     if not attackers:
         raise ConfigError("face.attackers=0 leaves nobody to attack; set face.attackers to 1 or more")
 

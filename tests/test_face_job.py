@@ -1,0 +1,157 @@
+"""The face patch study as a job: results, artifacts, MLflow, resume, and every bad input a user can
+give it (one clear error before any work). Real weights and photos: `robustcnn assets` (CI fetches
+them; without them these tests skip, or fail under ROBUSTCNN_REQUIRE_ASSETS=1)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from face_assets import require_face_assets
+from PIL import Image
+from test_cli import robustcnn
+
+from robustcnn.config import compose
+from robustcnn.errors import AssetError, ConfigError, DataError, RobustCNNError
+from robustcnn.face_job import check_face_config, select_identities
+from robustcnn.runner import check_config, run_job, to_container
+from robustcnn.tracking import read_run
+
+#: A face study in seconds: one attacker, one impersonation target, a few steps and held-out draws.
+TINY_FACE = [
+    "experiment=face_smoke",
+    "face.attackers=1",
+    "face.targets=2",
+    "face.steps=3",
+    "face.eot_samples=2",
+    "face.eval_draws=4",
+]
+
+
+def face_config(*overrides: str) -> dict:
+    return to_container(compose([*TINY_FACE, *overrides]))
+
+
+def test_tiny_face_study_writes_results_artifacts_and_a_run(isolated: dict) -> None:
+    require_face_assets()
+    out = isolated["root"] / "out"
+    results = run_job(compose(TINY_FACE), output_dir=out, progress=False)
+    for key in ("dodging_success_rate", "impersonation_success_rate", "random_patch_success_rate"):
+        assert 0.0 <= results[key] <= 1.0, key
+    assert results["task"] == "face_patch" and results["identities"] == 22
+    assert results["attackers"] == ["sample1_face0"]
+    assert results["targets"] == ["sample1_face0", "sample1_face1"]
+    # the threshold is calibrated at FAR 1% on the gallery's impostor pairs, and the report says so
+    verification = results["verification"]
+    assert results["threshold_source"] == "calibrated"
+    assert verification["calibrated"]["false_accept_rate"] <= 0.01
+    assert verification["impostor_pairs"] == 22 * 21 // 2 and verification["genuine_pairs"] > 0
+    assert 5.5 < results["mask_area_percent"] < 6.5
+    matrix = results["impersonation_matrix"]
+    assert matrix["success_rate"][0][0] is None and 0.0 <= matrix["success_rate"][0][1] <= 1.0
+    on_disk = json.loads((out / "results.json").read_text())
+    assert on_disk["mlflow_run_id"] == results["mlflow_run_id"]
+    for name in ("adversarial_faces.png", "impersonation_matrix.png", "distance_distributions.png"):
+        assert (out / name).stat().st_size > 1000, name
+    patch_png = Image.open(out / "patches" / "dodging" / "sample1_face0.png")
+    assert patch_png.mode == "RGBA" and patch_png.size == (150, 150)
+    alpha = np.asarray(patch_png)[..., 3]
+    assert 5.5 < 100 * (alpha > 0).mean() < 6.5  # opaque exactly on the eyeglass frame
+    run = read_run(isolated["store"], results["mlflow_run_id"])
+    assert run["status"] == "FINISHED" and run["tags"]["task"] == "face_patch"
+    assert "dodging_success_rate" in run["metrics"] and "verification/calibrated_threshold" in run["metrics"]
+    # the same job again is reused, not recomputed
+    again = run_job(compose(TINY_FACE), output_dir=isolated["root"] / "again", progress=False)
+    assert again["reused_from"] == results["mlflow_run_id"]
+
+
+def test_identities_by_name_and_unknown_names() -> None:
+    names = ["a", "b", "c"]
+    assert select_identities(None, names, "face.attackers") == [0, 1, 2]
+    assert select_identities(2, names, "face.attackers") == [0, 1]
+    assert select_identities(["c", "a"], names, "face.targets") == [2, 0]
+    with pytest.raises(ConfigError, match=r"face.targets names \['zed'\].*3 identities \(a, b, c\)"):
+        select_identities(["zed"], names, "face.targets")
+
+
+@pytest.mark.parametrize(
+    ("overrides", "match"),
+    [
+        (["face.threshold=-1"], "face.threshold"),
+        (["face.threshold=maybe"], "face.threshold"),
+        (["face.far=1.5"], "face.far"),
+        (["face.steps=0"], "face.steps"),
+        (["face.mask=monocle"], "monocle|valid"),
+        (["face.mask=sticker", "+face.mask_params.center=[2.0,2.0]"], "empty"),
+        (["+face.mask_params.lens_size=3"], "face.mask_params"),
+        (["face.variation=wobbly"], "face.variation"),
+        (["+face.variation.spin=3"], "spin"),
+        (["face.optimizer=sgd"], "optimizer"),
+        (["face.attackers=[]"], "face.attackers"),
+        (["+face.bogus=1"], "bogus"),
+        (["data=mnist5k"], "task=face_patch needs face data"),
+    ],
+    ids=lambda v: " ".join(v) if isinstance(v, list) else None,
+)
+def test_bad_face_settings_fail_before_any_work(overrides: list[str], match: str) -> None:
+    with pytest.raises(RobustCNNError, match=match):
+        check_config(face_config(*overrides), device=False)
+
+
+def test_a_mask_png_of_the_wrong_size_is_refused(tmp_path: Path) -> None:
+    png = tmp_path / "mask.png"
+    Image.fromarray(np.full((64, 64), 255, dtype=np.uint8)).save(png)
+    with pytest.raises(ConfigError, match="150"):
+        check_face_config(face_config(f"face.mask={png}"), device=False)
+    square = np.zeros((150, 150), dtype=np.uint8)
+    square[60:90, 30:60] = 255  # a 30x30 sticker on the left cheek
+    Image.fromarray(square).save(png)
+    plan = check_face_config(face_config(f"face.mask={png}"), device=False)
+    assert int(plan.mask.sum()) == 900
+
+
+def test_face_data_in_a_classifier_job_names_the_fix() -> None:
+    with pytest.raises(ConfigError, match="task=face_patch"):
+        run_job(compose(["data=faces"]), output_dir=None, progress=False)
+
+
+def test_missing_face_weights_say_how_to_fetch_them(isolated: dict, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("ROBUSTCNN_ASSETS_DIR", str(isolated["root"] / "no-assets"))
+    with pytest.raises(AssetError, match="robustcnn assets"):
+        run_job(compose(TINY_FACE), output_dir=isolated["root"] / "out", progress=False)
+    missing = {"ROBUSTCNN_ASSETS_DIR": "/nonexistent"}
+    proc = robustcnn("run", *TINY_FACE, cwd=isolated["root"], env_extra=missing)
+    assert proc.returncode == 2, proc.stderr
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("robustcnn: error:")]
+    assert len(errors) == 1 and "robustcnn assets" in errors[0] and "Traceback" not in proc.stderr
+
+
+def test_a_photo_without_a_face_is_a_clear_error(isolated: dict) -> None:
+    root = isolated["root"] / "people"
+    for person in ("ann", "bob", "cy"):
+        (root / person).mkdir(parents=True)
+        Image.fromarray(np.full((120, 120, 3), 128, dtype=np.uint8)).save(root / person / "1.png")
+    cfg = compose([*TINY_FACE, "data=face_folder", f"data.root={root}"])
+    with pytest.raises(DataError, match="no face detected"):
+        run_job(cfg, output_dir=isolated["root"] / "out", progress=False)
+
+
+def test_face_folder_with_pre_cropped_faces_runs(isolated: dict) -> None:
+    require_face_assets()
+    from robustcnn.data.faces import load_face_gallery
+
+    gallery = load_face_gallery(boxes="aligned")
+    root = isolated["root"] / "people"
+    for i in range(3):  # three people, two photos each (a mirrored copy as the second photo)
+        person = root / gallery.identities[i]
+        person.mkdir(parents=True)
+        Image.fromarray(gallery.crops[i]).save(person / "1.png")
+        Image.fromarray(gallery.crops[i][:, ::-1].copy()).save(person / "2.png")
+    cfg = compose([*TINY_FACE, "data=face_folder", f"data.root={root}", "data.detect=false"])
+    results = run_job(cfg, output_dir=isolated["root"] / "out", progress=False)
+    assert results["identities"] == 3 and results["faces"] == 6
+    # real same-person pairs (the second photos) rather than the re-crop proxy
+    assert results["verification"]["genuine_source"] == "same-person photo pairs"
+    assert results["verification"]["genuine_pairs"] == 3
