@@ -137,6 +137,31 @@ def test_shortcuts_change_no_number(trained_lenet, mnist_small, make) -> None:
     assert fast.gradient_passes <= plain.gradient_passes
 
 
+@pytest.mark.parametrize(
+    "threat",
+    [
+        ThreatModel(norm="linf", eps=(0.0, 0.05, 0.1, 0.3)),
+        ThreatModel(norm="l2", eps=(0.0, 1.0, 3.0)),
+        ThreatModel(norm="linf", eps=(0.0, 0.1, 0.3), targeted=True, target="least_likely"),
+    ],
+    ids=["linf", "l2", "targeted"],
+)
+def test_vouched_logits_change_no_number(trained_lenet, mnist_small, threat: ThreatModel) -> None:
+    """PGD hands the base the logits of its first hits instead of a second forward pass: same numbers."""
+    x, y = mnist_small.x_test[:120], mnist_small.y_test[:120]
+    for early in (True, False):
+        fast = PGD(steps=10, restarts=2, early_stop=early)
+        plain = PGD(steps=10, restarts=2, early_stop=early)
+        plain.reuse_vouched_logits = False
+        a, b = fast.run(trained_lenet, x, y, threat), plain.run(trained_lenet, x, y, threat)
+        for field in ("success", "correct", "clean_correct", "adv_examples"):
+            assert torch.equal(getattr(a, field), getattr(b, field)), field
+        assert torch.equal(a.norms, b.norms)
+        assert torch.allclose(a.true_prob_adv, b.true_prob_adv, atol=1e-6)
+        assert a.gradient_passes == b.gradient_passes
+        assert a.forward_passes < b.forward_passes  # the shortcut did save forward passes
+
+
 def test_same_seed_same_result(trained_lenet, mnist_small) -> None:
     x, y = mnist_small.x_test[:64], mnist_small.y_test[:64]
     a = PGD(steps=5, seed=3).run(trained_lenet, x, y, LINF)

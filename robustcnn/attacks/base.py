@@ -9,8 +9,10 @@ writes ``perturb`` (how to find a candidate inside one eps ball):
   and it is verified that none were accumulated;
 * every candidate is checked against the eps ball and the bounds (a violation is a bug and
   raises) and then projected, so float round-off can never leave the ball;
-* success is always re-measured on the returned candidate with a fresh forward pass, so an
-  attack's own bookkeeping cannot inflate it;
+* success is always measured by the base on the returned (projected) candidate, so an attack's
+  own bookkeeping cannot inflate it: with a fresh forward pass, or, where the attack vouches for
+  them (:meth:`PerturbContext.vouch`), with the deterministic model's own fp32 logits of exactly
+  that tensor from the attack's gradient step (the same forward pass, not run twice);
 * shortcuts that never change a reported number: a sample fooled at a smaller eps keeps that
   adversarial example at every larger eps (it lies inside the larger ball) and is not attacked
   again; samples the model already gets wrong are not attacked at all.
@@ -116,6 +118,26 @@ class PerturbContext:
     bounds: tuple[float, float] = (0.0, 1.0)
     amp: bool = False
     counters: dict[str, int] = field(default_factory=lambda: {"forward": 0, "gradient": 0})
+    #: Logits an attack already computed for some of the candidates it returns (see :meth:`vouch`).
+    known_logits: Tensor | None = None
+    known: Tensor | None = None
+    known_model: nn.Module | None = None
+
+    def amp_active(self) -> bool:
+        """bf16 autocast is really on (CUDA only): logits computed under it are not the fp32 answer."""
+        return self.amp and self.device.type == "cuda"
+
+    def vouch(self, model: nn.Module, logits: Tensor, known: Tensor) -> None:
+        """Hand the base ``model``'s fp32 logits of the returned candidates where ``known`` is True.
+
+        Why: an iterative attack checks every iterate with the forward pass of its gradient step,
+        so for the candidates it returns the base's re-measurement is a second identical forward
+        pass (for PGD-10 at a large eps, 5% of the whole cost). Only what the base would compute
+        itself may be vouched for: the deterministic model's plain fp32 output on exactly the
+        returned tensor (not an EOT average, not a bf16 pass, not a surrogate's output). The base
+        re-measures every row that is not vouched for or that its projection changes by a bit.
+        """
+        self.known_logits, self.known, self.known_model = logits, known, model
 
     def random(self, shape: tuple[int, ...], stream: int = 0, kind: str = "uniform") -> Tensor:
         """Noise for the attacked samples that does not depend on which other samples are attacked.
@@ -148,14 +170,26 @@ def goal_reached(logits: Tensor, y: Tensor, targets: Tensor | None) -> Tensor:
     return pred == targets if targets is not None else pred != y
 
 
-def record_first_hits(hit: Tensor, candidate: Tensor, idx: Tensor, result: Tensor, fooled: Tensor) -> None:
+def record_first_hits(
+    hit: Tensor,
+    candidate: Tensor,
+    idx: Tensor,
+    result: Tensor,
+    fooled: Tensor,
+    logits: Tensor | None = None,
+    result_logits: Tensor | None = None,
+) -> None:
     """The first candidate that reaches the goal is the sample's result; later ones are ignored.
 
     ``hit``/``candidate`` cover the samples ``idx`` of the batch; ``result``/``fooled`` the whole batch.
+    With ``logits``/``result_logits`` the candidate's logits are kept too (for :meth:`PerturbContext.vouch`).
     """
     newly = hit & ~fooled.index_select(0, idx)
-    result[idx[newly]] = candidate[newly]
-    fooled[idx[newly]] = True
+    rows = idx[newly]
+    result[rows] = candidate[newly]
+    fooled[rows] = True
+    if logits is not None and result_logits is not None:
+        result_logits[rows] = logits[newly]
 
 
 @contextlib.contextmanager
@@ -226,6 +260,9 @@ class Attack(ABC):
     backend: ClassVar[str] = "native"
     #: Show a bar over the attack's batches (the battery turns it on when a person watches).
     progress: bool = False
+    #: Use the logits an attack vouches for instead of a second forward pass (tests turn it off to
+    #: show that it changes no number).
+    reuse_vouched_logits: bool = True
 
     def __init__(
         self,
@@ -410,12 +447,10 @@ class Attack(ABC):
                     )
                     tx, ty = x.index_select(0, active), y.index_select(0, active)
                     tt = targets.index_select(0, active) if targets is not None else None
-                    candidate = self.perturb(model, tx, ty, float(eps), threat, tt, ctx).detach()
-                    self._check_candidate(candidate, tx, float(eps), threat.norm, bounds)
-                    candidate = project(candidate, tx, float(eps), threat.norm, bounds)
-                    with torch.no_grad():
-                        logits = model(candidate).float()
-                    counters["forward"] += active.numel()
+                    raw = self.perturb(model, tx, ty, float(eps), threat, tt, ctx).detach()
+                    self._check_candidate(raw, tx, float(eps), threat.norm, bounds)
+                    candidate = project(raw, tx, float(eps), threat.norm, bounds)
+                    logits = self._measure(model, candidate, raw, ctx, counters)
                     hit = goal_reached(logits, ty, tt)
                     # a sample already fooled at a smaller eps keeps that (smaller) example, so the
                     # plain computation (early_stop off) reports exactly what the shortcut does
@@ -443,6 +478,38 @@ class Attack(ABC):
         if keep:
             out["adv_examples"] = torch.stack(adv_rows)
         return out
+
+    def _measure(
+        self, model: nn.Module, candidate: Tensor, raw: Tensor, ctx: PerturbContext, counters: dict[str, int]
+    ) -> Tensor:
+        """fp32 logits of the (projected) candidates: a fresh forward pass, except where vouched for.
+
+        A vouched row is reused only if the attack vouched with this very model and the projection
+        left the row bit-identical, so the logits are the model's output on the reported example
+        itself (computed in the attack's working batch: as with any batch size, the backend's
+        kernels may round differently in the last bits; tests assert that no reported number moves).
+        """
+        known, known_logits = ctx.known, ctx.known_logits
+        reuse = None
+        if (
+            self.reuse_vouched_logits
+            and known is not None
+            and known_logits is not None
+            and ctx.known_model is model
+            and known.shape[0] == candidate.shape[0]
+        ):
+            reuse = known & (candidate == raw).flatten(1).all(1)
+        if reuse is None or known_logits is None or not bool(reuse.any()):
+            counters["forward"] += candidate.shape[0]
+            with torch.no_grad():
+                return model(candidate).float()
+        logits = known_logits.clone()
+        rest = (~reuse).nonzero().flatten()
+        if rest.numel():
+            counters["forward"] += rest.numel()
+            with torch.no_grad():
+                logits[rest] = model(candidate.index_select(0, rest)).float()
+        return logits
 
     def _check_candidate(
         self, candidate: Tensor, x: Tensor, eps: float, norm: str, bounds: tuple[float, float]
