@@ -45,7 +45,7 @@ test-fast: $(STAMP)
 	$(BIN)/python -m pytest -q -m "not slow"
 
 lint: $(STAMP)
-	$(BIN)/ruff check robustcnn tests benchmarks
+	$(BIN)/ruff check robustcnn tests benchmarks tools
 
 ## Speed benchmarks (JSON under reports/benchmarks/): training, attacks, defenses.
 bench: $(STAMP)

@@ -26,7 +26,7 @@ from robustcnn.device import check_threads, resolve_device
 from robustcnn.errors import ConfigError
 from robustcnn.models.face.recognizer import Calibration, FaceRecognizer, calibrate_threshold, impostor_pairs
 from robustcnn.sweep import SweepLink
-from robustcnn.tracking import flatten, start_run
+from robustcnn.tracking import flatten
 
 log = logging.getLogger(__name__)
 
@@ -378,10 +378,10 @@ def run_face_job(
     from robustcnn.runner import (
         environment_info,
         job_run_tags,
+        open_job_run,
         prepare_job,
         raise_unrecorded,
         record_results,
-        record_run_start,
     )
 
     plan = check_face_config(config)
@@ -412,17 +412,9 @@ def run_face_job(
         job_tags,
     )
     device = ctx.device
-    with start_run(
-        ctx.uri,
-        ctx.experiment,
-        run_name,
-        tags,
-        experiment_id=ctx.experiment_id,
-        parent_run_id=sweep.parent_run_id if sweep else None,
-    ) as run:
-        params = flatten({k: v for k, v in config.items() if k in ("task", "data", "face", "seed", "device")})
-        params.update(flatten(gallery.identity, prefix="data_identity."))
-        record_run_start(run, ctx, run_name, tags, params)
+    params = flatten({k: v for k, v in config.items() if k in ("task", "data", "face", "seed", "device")})
+    params.update(flatten(gallery.identity, prefix="data_identity."))
+    with open_job_run(ctx, run_name, tags, params) as run:
 
         started = time.perf_counter()
         images = enrolment.images.to(device)

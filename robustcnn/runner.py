@@ -7,6 +7,7 @@ is opened before training so that a job that dies is recorded as FAILED rather t
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -14,6 +15,7 @@ import math
 import os
 import platform
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -379,6 +381,23 @@ def record_run_start(
     run.log_dict(ctx.config, "config.json")
 
 
+@contextlib.contextmanager
+def open_job_run(
+    ctx: JobContext, run_name: str, tags: dict[str, Any], params: dict[str, Any]
+) -> Iterator[RunLogger]:
+    """The job's MLflow run (under the sweep's parent, if any), its params and files recorded first."""
+    with start_run(
+        ctx.uri,
+        ctx.experiment,
+        run_name,
+        tags,
+        experiment_id=ctx.experiment_id,
+        parent_run_id=ctx.sweep.parent_run_id if ctx.sweep else None,
+    ) as run:
+        record_run_start(run, ctx, run_name, tags, params)
+        yield run
+
+
 def record_results(run: RunLogger, ctx: JobContext, results: dict[str, Any]) -> OutputError | None:
     """results.json on disk and in the run; a disk failure is returned (raised after the run ends)."""
     results["job_seconds"] = time.perf_counter() - ctx.started  # wall time, bookkeeping included
@@ -441,17 +460,9 @@ def run_job(
         {"model": config["model"]["name"], "defense": config["defense"]["name"], "data": data.info.name},
         job_tags,
     )
-    with start_run(
-        ctx.uri,
-        ctx.experiment,
-        run_name,
-        tags,
-        experiment_id=ctx.experiment_id,
-        parent_run_id=sweep.parent_run_id if sweep else None,
-    ) as run:
-        params = flatten({k: v for k, v in config.items() if k != "hydra"})
-        params.update(flatten(data.info.identity, prefix="data_identity."))
-        record_run_start(run, ctx, run_name, tags, params)
+    params = flatten({k: v for k, v in config.items() if k != "hydra"})
+    params.update(flatten(data.info.identity, prefix="data_identity."))
+    with open_job_run(ctx, run_name, tags, params) as run:
 
         trained = obtain_model(config, data, device, progress=progress)
         # a cached model's curves come from the cache entry, so every run of a job shows them

@@ -155,3 +155,23 @@ def test_face_folder_with_pre_cropped_faces_runs(isolated: dict) -> None:
     # real same-person pairs (the second photos) rather than the re-crop proxy
     assert results["verification"]["genuine_source"] == "same-person photo pairs"
     assert results["verification"]["genuine_pairs"] == 3
+
+
+@pytest.mark.slow
+def test_face_smoke_preset_beats_its_random_baseline(isolated: dict) -> None:
+    """The acceptance run: `robustcnn run experiment=face_smoke` (about 40 s on 2 idle cores)."""
+    require_face_assets()
+    proc = robustcnn("run", "experiment=face_smoke", cwd=isolated["root"], timeout=900)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    line = next(line for line in proc.stdout.splitlines() if line.startswith("dodging_success_rate="))
+    fields = dict(part.split("=", 1) for part in line.split())
+    results = json.loads(Path(fields["results"]).read_text())
+    # a real attack and a failing baseline on the same held-out draws (the sanity check of the issue)
+    assert results["dodging_success_rate"] >= 0.75
+    assert results["random_patch_success_rate"] < 0.1
+    assert results["dodging_success_rate"] > results["clean_dodging_success_rate"] + 0.5
+    assert results["impersonation_success_rate"] > results["random_impersonation_success_rate"]
+    folder = Path(fields["results"]).parent
+    for name in ("adversarial_faces.png", "impersonation_matrix.png", "distance_distributions.png"):
+        assert (folder / name).is_file(), name
+    assert len(list((folder / "patches").rglob("*.png"))) == 2  # one dodging, one impersonation patch
