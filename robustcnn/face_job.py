@@ -337,7 +337,10 @@ def write_face_artifacts(
         index = {name: i for i, name in enumerate(enrolment.names)}
         clean = torch.stack([enrolment.images[index[key.split("/", 1)[1].split("__")[0]]] for key, _ in kept])
         patched = torch.stack([face for _, face in kept])
-        titles = [key.split("/", 1)[1].replace("__", " as ") for key, _ in kept]
+        titles = [  # two short lines: who, and what for
+            name.replace("__", "\nas ") if "__" in name else f"{name}\ndodging"
+            for name in (key.split("/", 1)[1] for key, _ in kept)
+        ]
         written.append(
             face_grid([("clean", clean), ("with patch", patched)], titles, out / "adversarial_faces.png")
         )

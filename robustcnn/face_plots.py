@@ -49,7 +49,7 @@ def face_grid(
             if c == 0:
                 ax.set_ylabel(label, fontsize=8)
             if r == 0 and c < len(column_titles):
-                ax.set_title(column_titles[c], fontsize=7)
+                ax.set_title(column_titles[c], fontsize=6)
     return _save(fig, path)
 
 
