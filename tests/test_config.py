@@ -46,7 +46,7 @@ def test_conf_dir_is_the_checkout_conf() -> None:
     ],
 )
 def test_every_config_composes(override: str) -> None:
-    extra = ["data.root=/nonexistent"] if override == "data=image_folder" else []
+    extra = ["data.root=/nonexistent"] if override in ("data=image_folder", "data=face_folder") else []
     cfg = compose([override, *extra])
     resolved = to_container(cfg)
     for section in ("data", "model", "training", "defense", "paths", "tracking", "eval"):
