@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -142,7 +142,6 @@ class FacePlan:
     eval_variation: PhysicalVariation
     eval_draws: int
     keep_faces: int
-    summary: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
     def from_mapping(cls, section: Any, seed: int, data: dict[str, Any] | None = None) -> FacePlan:
@@ -320,7 +319,7 @@ def calibration_report(calibration: Calibration, published: float, genuine_sourc
 
 
 def write_face_artifacts(
-    out: Path, study: Any, plan: FacePlan, report: dict[str, Any], enrolment: Enrolment
+    out: Path, study: Any, plan: FacePlan, calibration: Calibration, published: float, enrolment: Enrolment
 ) -> list[Path]:
     """Patch PNGs (as printed), clean vs. patched faces, the impersonation matrix, the distances."""
     from robustcnn.face_plots import distance_histogram, face_grid, save_patch_png, success_matrix
@@ -354,13 +353,13 @@ def write_face_artifacts(
                 out / "impersonation_matrix.png",
             )
         )
-    thresholds = {
-        "published": report["published"]["threshold"],
-        "calibrated": report["calibrated"]["threshold"],
-    }
+    thresholds = {"published": published, "calibrated": calibration.threshold}
     written.append(
         distance_histogram(
-            report["_impostor"], report["_genuine"], thresholds, out / "distance_distributions.png"
+            calibration.impostor_distances,
+            calibration.genuine_distances,
+            thresholds,
+            out / "distance_distributions.png",
         )
     )
     return written
@@ -461,7 +460,7 @@ def run_face_job(
             "targets": [enrolment.names[t] for t in targets],
             "threshold": recognizer.threshold,
             "threshold_source": "calibrated" if plan.threshold is None else "config",
-            "verification": {k: v for k, v in report.items()},
+            "verification": report,
             "patch_settings": plan.patch.to_dict(),
             "eval_variation": plan.eval_variation.to_dict(),
             "eval_draws": plan.eval_draws,
@@ -479,11 +478,8 @@ def run_face_job(
         run.log_metric_rows(face_metric_rows(results))
         run.set_tags({"dodging_success_rate": results.get("dodging_success_rate")})
         if ctx.out is not None:
-            report_lists = {
-                "_impostor": calibration.impostor_distances,
-                "_genuine": calibration.genuine_distances,
-            }
-            for path in write_face_artifacts(ctx.out, study, plan, {**report, **report_lists}, enrolment):
+            artifacts = write_face_artifacts(ctx.out, study, plan, calibration, DEFAULT_THRESHOLD, enrolment)
+            for path in artifacts:
                 relative = path.parent.relative_to(ctx.out)
                 run.log_artifact(path, "plots" if str(relative) == "." else f"plots/{relative}")
         unwritten = record_results(run, ctx, results)
