@@ -145,6 +145,7 @@ def test_warmup_reaches_the_loop_per_batch(slice_data: Any) -> None:
         (FastAdversarialTraining, {"guard_samples": 0}),
         (FastAdversarialTraining, {"collapse_drop": 0}),
         (FastAdversarialTraining, {"warmup_epochs": -0.5}),
+        (FastAdversarialTraining, {"escalate_steps": 0}),
     ],
 )
 def test_bad_settings_raise_config_error(cls: type, kwargs: dict) -> None:
@@ -291,6 +292,26 @@ def test_guard_keeps_a_flagged_epoch_that_still_beats_the_best(slice_data: Any) 
     assert result.epochs_run == 2 and report["collapse_epochs"] == [2]
     assert report["kept_epoch"] == 2 and not report["checkpoint_restored"] and _same(model, spy.states[1])
     assert report["collapses"][0]["best_before"] == 0.0 and report["collapses"][0]["best_epoch"] == 1
+
+
+def test_guard_escalate_switches_to_pgd_once_and_then_only_logs(slice_data: Any) -> None:
+    # epoch 2: collapse -> best checkpoint (epoch 1) reloaded, training attack becomes PGD-3;
+    # epoch 3: the ratio test fails again while PGD-3 rebuilds robustness: logged, not reloaded
+    sequence = [(0.50, 0.60), (0.05, 0.70), (0.20, 0.60), (0.55, 0.65)]
+    defense, model, spy, result = _fake_guard_fit(slice_data, sequence, "escalate")
+    trainer = defense._hooks[0]
+    assert trainer.settings.steps == 3 and trainer.attack.steps == 3
+    assert trainer.settings.alpha(0.1) == pytest.approx(2.5 * 0.1 / 3)
+    report = defense.report()
+    assert result.epochs_run == 4 and report["collapse_epochs"] == [2, 3] and report["escalated_epoch"] == 2
+    assert report["collapses"][0]["action"] == "escalate: PGD-3 from here on"
+    assert report["collapses"][1]["action"] == "continue (already escalated)"
+    def equal(a: dict, b: dict) -> bool:
+        return all(torch.equal(v, b[k]) for k, v in a.items())
+
+    assert equal(spy.states[1], spy.states[0])  # reloaded at the collapse
+    assert not equal(spy.states[2], spy.states[0])  # trained on (with PGD-2) after the second one
+    assert report["kept_epoch"] == 4 and _same(model, spy.states[3])
 
 
 def test_fgsm_at_guard_runs_a_real_pgd(slice_data: Any) -> None:

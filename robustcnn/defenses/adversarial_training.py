@@ -23,6 +23,7 @@ checkpoint kept and restored.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping
@@ -46,7 +47,7 @@ from robustcnn.training import TrainContext, TrainHook
 #: TRADES starts its inner maximisation at x + TRADES_INIT_STD * N(0, 1), as the paper's code does
 #: (at x itself the KL term has a zero gradient).
 TRADES_INIT_STD = 0.001
-ON_COLLAPSE = ("stop", "restore", "continue")
+ON_COLLAPSE = ("stop", "restore", "escalate", "continue")
 #: Relative slack under which the warm-up counts as finished (float round-off of epochs x steps).
 _WARMUP_TOLERANCE = 1e-9
 
@@ -260,6 +261,17 @@ class PGDTrainingHook(AdversarialHook):
         super().__init__(settings, seed)
         self.attack = settings.pgd(seed)
 
+    def escalate(self, steps: int) -> None:
+        """Train on PGD-``steps`` (Madry's step rule, random start) from the next batch on.
+
+        What fast training falls back to once the guard has seen the single step fail: a few PGD
+        steps cost ``(steps + 1) / 2`` x an FGSM batch, not the ``(10 + 1) / 2`` of PGD-10.
+        """
+        self.settings = dataclasses.replace(
+            self.settings, steps=steps, step_size=None, rel_step_size=2.5, random_start=True
+        )
+        self.attack = self.settings.pgd(self.seed)
+
     def craft(self, ctx: TrainContext, x: Tensor, y: Tensor, eps: float, pctx: PerturbContext) -> Tensor:
         return self.attack.ascend(
             ctx.model, x, y, eps, self.settings.norm, None, pctx, self.settings.alpha(eps)
@@ -330,7 +342,10 @@ class CollapseGuard(TrainHook):
     resists the single step it trains on but not the attack; during the warm-up a model trained at
     a smaller eps fails this test without having collapsed). ``on_collapse``: ``stop`` ends
     training; ``restore`` reloads the best checkpoint (weights and optimizer state) and trains on;
-    ``continue`` only logs. In every mode the best checkpoint is restored at the end of the fit.
+    ``escalate`` reloads the best checkpoint and calls ``escalate`` (the fast-training hook switches
+    to a few PGD steps), once; later collapses are only logged (the stronger attack needs epochs to
+    build robustness from the restored checkpoint). ``continue`` only logs. In
+    every mode the best checkpoint is restored at the end of the fit.
     """
 
     def __init__(
@@ -344,8 +359,12 @@ class CollapseGuard(TrainHook):
         ratio: float,
         on_collapse: str,
         seed: int,
+        escalate: Callable[[], str] | None = None,
     ) -> None:
         self.settings = settings
+        #: Called on the first collapse when on_collapse="escalate"; returns what it switched to.
+        self.escalate = escalate
+        self.escalated_epoch: int | None = None
         self.x_hold, self.y_hold = x_hold, y_hold
         self.steps, self.drop, self.ratio, self.on_collapse = steps, drop, ratio, on_collapse
         self.seed = int(seed)
@@ -372,6 +391,7 @@ class CollapseGuard(TrainHook):
         self.history, self.collapses = [], []
         self.best_accuracy = self.best_epoch = self.kept_epoch = None
         self.restored = False
+        self.escalated_epoch = None
         self._best_model = self._best_optimizer = None
 
     def on_epoch_end(self, ctx: TrainContext, metrics: dict[str, float]) -> None:
@@ -408,12 +428,21 @@ class CollapseGuard(TrainHook):
             "fgsm_accuracy": fgsm_accuracy,
             "action": self.on_collapse,
         }
+        escalating = self.on_collapse == "escalate" and self.escalated_epoch is None
+        if self.on_collapse == "escalate" and not escalating:
+            # the stronger attack needs epochs to build robustness from the restored checkpoint;
+            # reloading it again at every ratio-test failure would never let it
+            event["action"] = "continue (already escalated)"
+        elif escalating and self.escalate is not None:
+            event["action"] = f"escalate: {self.escalate()}"
+            self.escalated_epoch = epoch
+            ctx.notes["escalated_epoch"] = epoch
         self.collapses.append(event)
         ctx.notes.setdefault("collapses", []).append(event)
         metrics["guard_collapse"] = 1.0
         if self.on_collapse == "stop":
             ctx.stop = True
-        elif self.on_collapse == "restore" and self.best_epoch != epoch:
+        elif (self.on_collapse == "restore" or escalating) and self.best_epoch != epoch:
             self._load(ctx)
 
     def on_fit_end(self, ctx: TrainContext) -> None:
@@ -446,6 +475,7 @@ class CollapseGuard(TrainHook):
             "kept_epoch": self.kept_epoch,
             "kept_guard_robust_accuracy": self.best_accuracy,
             "checkpoint_restored": self.restored,
+            "escalated_epoch": self.escalated_epoch,
             "guard_robust_accuracy": [float(r["guard_robust_accuracy"]) for r in self.history],
         }
 
@@ -547,7 +577,8 @@ class FastAdversarialTraining(_AdversarialDefense):
         guard_steps: int = 10,
         collapse_drop: float = 0.2,
         collapse_ratio: float = 0.5,
-        on_collapse: str = "stop",
+        on_collapse: str = "escalate",
+        escalate_steps: int = 3,
         finetune_epochs: int = 1,
         base: str | Mapping[str, Any] | None = None,
     ) -> None:
@@ -567,6 +598,11 @@ class FastAdversarialTraining(_AdversarialDefense):
         self.collapse_drop = _number("collapse_drop", collapse_drop)
         self.collapse_ratio = _number("collapse_ratio", collapse_ratio)
         self.on_collapse = str(on_collapse).lower()
+        self.escalate_steps = _number("escalate_steps", escalate_steps, int)
+        if self.escalate_steps < 1:
+            raise ConfigError(
+                f"defense.escalate_steps={self.escalate_steps} must be >= 1 (PGD steps after a collapse)"
+            )
         if self.guard_samples < 1:
             raise ConfigError(f"defense.guard_samples={self.guard_samples} must be >= 1")
         if self.guard_steps < 1:
@@ -593,11 +629,18 @@ class FastAdversarialTraining(_AdversarialDefense):
             "collapse_drop": self.collapse_drop,
             "collapse_ratio": self.collapse_ratio,
             "on_collapse": self.on_collapse,
+            "escalate_steps": self.escalate_steps,
         }
 
     def make_hooks(self, seed: int, x_train: Tensor, y_train: Tensor) -> list[TrainHook]:
         generator = torch.Generator().manual_seed(int(seed) + 1)
         pick = torch.randperm(x_train.shape[0], generator=generator)[: self.guard_samples].to(x_train.device)
+        trainer = PGDTrainingHook(self.settings, seed)
+
+        def escalate() -> str:
+            trainer.escalate(self.escalate_steps)
+            return f"PGD-{self.escalate_steps} from here on"
+
         guard = CollapseGuard(
             self.settings,
             x_train.index_select(0, pick),
@@ -607,8 +650,9 @@ class FastAdversarialTraining(_AdversarialDefense):
             ratio=self.collapse_ratio,
             on_collapse=self.on_collapse,
             seed=seed,
+            escalate=escalate,
         )
-        return [PGDTrainingHook(self.settings, seed), guard]
+        return [trainer, guard]
 
 
 @register_defense("trades")
