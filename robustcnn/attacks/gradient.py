@@ -101,7 +101,9 @@ class GradientAttack(Attack):
         whether it stays within 5% of the bare forward + backward floor.
         """
         x = x.detach().requires_grad_(True)
-        if self.eot_samples == 1:
+        saved = getattr(model, "inference_samples", 1)
+        single_draw = saved > 1
+        if self.eot_samples == 1 and not single_draw:
             with ctx.autocast():
                 logits = model(x).float()
             value = objective(logits, y, targets, self.loss).sum()
@@ -110,9 +112,11 @@ class GradientAttack(Attack):
             ctx.counters["forward"] += x.shape[0]
             raw = logits.detach()
             return grad, raw.log_softmax(1), None if ctx.amp_active() else raw
+        # EOT, or the naive attack on a model that averages draws at inference: single draws. The
+        # naive attack's gradient is then one draw's (Athalye et al.'s single-sample gradient, at
+        # one pass per step instead of inference_samples), and its logits are not the deployed
+        # model's output, so none are vouched for.
         total = torch.zeros_like(x)
-        single_draw = getattr(model, "inference_samples", 1) > 1
-        saved = getattr(model, "inference_samples", 1)
         log_probs = []
         try:
             if single_draw:
