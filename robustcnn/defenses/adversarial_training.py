@@ -344,8 +344,8 @@ class CollapseGuard(TrainHook):
     training; ``restore`` reloads the best checkpoint (weights and optimizer state) and trains on;
     ``escalate`` reloads the best checkpoint and calls ``escalate`` (the fast-training hook switches
     to a few PGD steps), once; later collapses are only logged (the stronger attack needs epochs to
-    build robustness from the restored checkpoint). ``continue`` only logs. In
-    every mode the best checkpoint is restored at the end of the fit.
+    build robustness from the restored checkpoint). ``continue`` only logs. In every mode the best
+    checkpoint is restored at the end of the fit.
     """
 
     def __init__(
