@@ -10,13 +10,13 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import signal
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
 from robustcnn import __version__
 from robustcnn.errors import RobustCNNError
+from robustcnn.interrupts import catch_interrupts, raise_if_requested
 from robustcnn.launchers import launcher_failure, quiet_schema_matching
 from robustcnn.preflight import check_run_arguments, is_multirun
 
@@ -104,32 +104,33 @@ def cmd_run(hydra_args: Sequence[str]) -> None:
     check_composed_config(hydra_args)
     saved_argv = sys.argv
     sys.argv = [f"{PROG} run", *hydra_args]
-    previous_handler = signal.signal(signal.SIGTERM, _terminate)
-    status = "FAILED"
-    try:
-        _job()
-        status = "FINISHED"
-    except KeyboardInterrupt:
-        status = "KILLED"
-        fail("interrupted; finished jobs are kept (re-run the same command to compute the rest)", 130)
-    except Exception as exc:
-        # with submitit and Ray, a failed job (or a bad override) arrives here as an exception
-        # (robustcnn.launchers): one error line, with the job's log, instead of a stack trace
-        message = launcher_failure(exc)
-        if message is None:
-            raise
-        fail(message)
-    except SweepFailed:
-        raise  # the sweep ran; some job did not finish (already said, exit 1)
-    except SystemExit as exc:
-        # Hydra reports a config it cannot compose (unknown choice, bad override syntax) with the
-        # valid options and exit code 1; in robustcnn's codes that is bad input: 2
-        raise SystemExit(2 if exc.code == 1 else exc.code) from None
-    finally:
-        # a sweep whose job failed never reaches Hydra's end callback: end its parent run here
-        close_open_sweeps("FAILED" if status == "FINISHED" else status)
-        signal.signal(signal.SIGTERM, previous_handler)
-        sys.argv = saved_argv
+    # SIGTERM ends a job like Ctrl-C (runs KILLED, finished results kept), and neither can be lost
+    with catch_interrupts():
+        status = "FAILED"
+        try:
+            _job()
+            raise_if_requested()  # a stop Python discarded in a callback (robustcnn.interrupts)
+            status = "FINISHED"
+        except KeyboardInterrupt:
+            status = "KILLED"
+            fail("interrupted; finished jobs are kept (re-run the same command to compute the rest)", 130)
+        except Exception as exc:
+            # with submitit and Ray, a failed job (or a bad override) arrives here as an exception
+            # (robustcnn.launchers): one error line, with the job's log, instead of a stack trace
+            message = launcher_failure(exc)
+            if message is None:
+                raise
+            fail(message)
+        except SweepFailed:
+            raise  # the sweep ran; some job did not finish (already said, exit 1)
+        except SystemExit as exc:
+            # Hydra reports a config it cannot compose (unknown choice, bad override syntax) with the
+            # valid options and exit code 1; in robustcnn's codes that is bad input: 2
+            raise SystemExit(2 if exc.code == 1 else exc.code) from None
+        finally:
+            # a sweep whose job failed never reaches Hydra's end callback: end its parent run here
+            close_open_sweeps("FAILED" if status == "FINISHED" else status)
+            sys.argv = saved_argv
 
 
 #: Hydra options that take a value (the next argument); the rest of the command line is overrides.
@@ -193,11 +194,6 @@ def check_composed_config(hydra_args: Sequence[str]) -> None:
     check_config(to_container(cfg), device=not multirun)
 
 
-def _terminate(signum: int, frame: object) -> None:
-    """SIGTERM ends a job like Ctrl-C: runs are marked KILLED and finished results are kept."""
-    raise KeyboardInterrupt
-
-
 def cmd_list() -> None:
     """Print every config group with its choices, and the registered datasets and models."""
     from robustcnn.config import conf_dir, config_groups
@@ -237,7 +233,9 @@ def cmd_audit(ns: argparse.Namespace) -> None:
 
     _quiet_libraries()
     try:
-        code, results = run_audit(ns.model, ns.overrides, progress=progress_enabled())
+        with catch_interrupts():
+            code, results = run_audit(ns.model, ns.overrides, progress=progress_enabled())
+            raise_if_requested()
     except KeyboardInterrupt:
         fail("interrupted; files already written are kept", 130)
     except RobustCNNError:

@@ -21,6 +21,7 @@ from typing import Any
 from urllib.parse import urlparse
 
 from robustcnn.errors import TrackingError
+from robustcnn.interrupts import raise_if_requested
 from robustcnn.preflight import nearest_existing
 
 log = logging.getLogger(__name__)
@@ -214,6 +215,7 @@ def ensure_experiment(uri: str, experiment: str) -> str:
     A sweep calls this in its parent process before any worker starts: a sqlite store first
     touched by several processes at once can break during its schema migration.
     """
+    raise_if_requested()  # a sweep told to stop starts no new run
     check_store_writable(uri)
     logging.getLogger("alembic").setLevel(logging.WARNING)
     try:
@@ -328,6 +330,7 @@ def start_run(
     create experiments, see :func:`ensure_experiment`) and the parent run's id. The caller checks
     :attr:`RunLogger.lost` afterwards: a store that failed mid-run does not stop the job.
     """
+    raise_if_requested()  # a sweep told to stop starts no new run
     check_store_writable(uri)
     logging.getLogger("alembic").setLevel(logging.WARNING)
     all_tags = {**owner_tags(), **{k: _param_value(v) for k, v in (tags or {}).items()}}
@@ -344,6 +347,7 @@ def start_run(
     status = "FAILED"
     try:
         yield logger
+        raise_if_requested()  # a stop discarded inside a callback still ends the run as KILLED
         status = "FINISHED"
     except KeyboardInterrupt:
         status = "KILLED"

@@ -24,6 +24,7 @@ from torch import Tensor, nn
 from robustcnn.config import config_bool, config_float, config_int, config_section
 from robustcnn.errors import ConfigError
 from robustcnn.evaluation import autocast_for
+from robustcnn.interrupts import raise_if_requested
 from robustcnn.progress import progress_bar
 
 OPTIMIZERS = ("adam", "sgd")
@@ -271,6 +272,7 @@ def fit(
         epoch_start = time.perf_counter()
         bar = progress_bar(steps, f"epoch {epoch + 1}/{config.epochs}", progress)
         for step in range(steps):
+            raise_if_requested()
             idx = order[step * config.batch_size : (step + 1) * config.batch_size]
             x, y = random_shift(x_all[idx], config.shift, generator), y_all[idx]
             loss = None

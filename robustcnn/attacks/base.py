@@ -33,6 +33,7 @@ from torch import Tensor, nn
 
 from robustcnn.errors import ConfigError, RobustCNNError
 from robustcnn.evaluation import autocast_for, in_batches, is_out_of_memory, out_of_memory_error
+from robustcnn.interrupts import raise_if_requested
 from robustcnn.progress import progress_bar
 from robustcnn.threat import ThreatModel, perturbation_norms, project
 
@@ -338,6 +339,7 @@ class Attack(ABC):
             # a slice that runs out of memory is redone smaller (in_batches): only finished
             # slices may count passes or advance the batch index that seeds the noise
             nonlocal batches_done
+            raise_if_requested()
             slice_counters = {"forward": 0, "gradient": 0}
             part = self._run_batch(
                 model,

@@ -1,0 +1,65 @@
+"""A stop request (SIGTERM, Ctrl-C) survives landing where Python discards exceptions.
+
+The CI failure this guards against: SIGTERM arrived while SQLAlchemy ran a weakref callback, the
+KeyboardInterrupt raised there was printed as "Exception ignored" and the sweep ran to the end, exit 0.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+
+import pytest
+import torch
+
+from robustcnn.interrupts import catch_interrupts, raise_if_requested, requested
+from robustcnn.tracking import read_run, start_run
+
+
+class _SignalsItselfWhenCollected:
+    """Its ``__del__`` is where the signal handler runs: an exception there is discarded."""
+
+    def __del__(self) -> None:
+        os.kill(os.getpid(), signal.SIGTERM)
+        for _ in range(1000):  # the handler runs between bytecodes, still inside __del__
+            pass
+
+
+def _signal_inside_a_destructor() -> None:
+    _SignalsItselfWhenCollected()  # collected at once (refcount 0): __del__ runs here
+
+
+def test_a_discarded_interrupt_is_raised_again_at_the_next_safe_point(capfd: pytest.CaptureFixture) -> None:
+    handler_before = signal.getsignal(signal.SIGTERM)
+    with catch_interrupts():
+        _signal_inside_a_destructor()  # did not raise: Python discarded the KeyboardInterrupt
+        assert requested()
+        with pytest.raises(KeyboardInterrupt):
+            raise_if_requested()
+    assert "Traceback" not in capfd.readouterr().err, "the discarded interrupt is not reported as an error"
+    assert signal.getsignal(signal.SIGTERM) == handler_before, "the previous handler is restored"
+    with catch_interrupts():
+        assert not requested(), "each use starts without a pending request"
+
+
+def test_a_run_whose_stop_was_discarded_ends_killed_and_no_new_run_starts(isolated: dict) -> None:
+    store = isolated["store"]
+    with catch_interrupts():
+        with pytest.raises(KeyboardInterrupt):
+            with start_run(store, "interrupts") as run:
+                _signal_inside_a_destructor()
+        assert read_run(store, run.run_id)["status"] == "KILLED"
+        with pytest.raises(KeyboardInterrupt):
+            with start_run(store, "interrupts"):
+                pytest.fail("a sweep told to stop must not start its next job")
+
+
+def test_training_stops_at_the_next_step_after_a_discarded_interrupt() -> None:
+    from robustcnn.training import TrainConfig, fit
+
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(4, 2))
+    x, y = torch.rand(8, 1, 2, 2), torch.tensor([0, 1] * 4)
+    with catch_interrupts():
+        _signal_inside_a_destructor()
+        with pytest.raises(KeyboardInterrupt):
+            fit(model, x, y, TrainConfig(epochs=1, batch_size=4), torch.device("cpu"), progress=False)
