@@ -59,7 +59,9 @@ def summary_line(results: dict, output_dir: str) -> str:
             f"robust_accuracy@{results['reference_eps']:.4g}={results['reference_robust_accuracy']:.4f}"
         )
         parts.append(f"verdict={results['verdict'].replace(' ', '_')}")
-    parts += [f"{key}={results[key]}" for key in ("model", "data", "defense", "cache_hit")]
+    defense = str(results.get("defense_label") or results["defense"]).replace(" ", ",")  # one token
+    parts += [f"model={results['model']}", f"data={results['data']}", f"defense={defense}"]
+    parts.append(f"cache_hit={results['cache_hit']}")
     if results.get("reused_from"):
         parts.append(f"reused_from={results['reused_from']}")
     parts += [f"run_id={results['mlflow_run_id']}", f"results={output_dir}/results.json"]
@@ -80,7 +82,7 @@ def cmd_run(hydra_args: Sequence[str]) -> None:
         _quiet_libraries()
         from robustcnn.progress import progress_enabled
         from robustcnn.runner import run_job
-        from robustcnn.sweep import SweepLink, job_tags
+        from robustcnn.sweep import SweepLink, defense_label, job_tags
 
         hydra_cfg = HydraConfig.get()
         output_dir = hydra_cfg.runtime.output_dir
@@ -92,6 +94,7 @@ def cmd_run(hydra_args: Sequence[str]) -> None:
                 progress=progress_enabled(),
                 sweep=SweepLink.find(hydra_cfg.sweep.dir) if multirun else None,
                 job_tags=job_tags(hydra_cfg) if multirun else None,
+                defense_label=defense_label(hydra_cfg),
             )
         except RobustCNNError as exc:
             fail(str(exc), exc.exit_code)

@@ -425,13 +425,16 @@ def run_job(
     progress: bool = True,
     sweep: SweepLink | None = None,
     job_tags: dict[str, Any] | None = None,
+    defense_label: str | None = None,
 ) -> dict[str, Any]:
     """Run one job end to end and return its results (also written to ``output_dir/results.json``).
 
     A job whose identical config (and code) already finished in the same experiment is not run
     again unless ``force=true``: its results are linked (``reused_from``) and returned.
     ``sweep`` puts the run under a sweep's parent run; ``job_tags`` (Hydra's job number and
-    overrides) make the sweep's cells tell apart in the MLflow UI.
+    overrides) make the sweep's cells tell apart in the MLflow UI; ``defense_label`` (the Hydra
+    preset and its overrides, :func:`robustcnn.sweep.defense_label`) names the defense in run names,
+    summaries and the report, where ``defense.name`` is only its type.
     """
     config = to_container(cfg) if isinstance(cfg, DictConfig) else dict(cfg)
     if is_face_task(config):
@@ -451,13 +454,17 @@ def run_job(
         threat.check_input_size(data.info.input_shape)
     check_model_config(config, data, plan.defense)
 
-    run_name = (
-        (config.get("tracking") or {}).get("run_name")
-        or f"{config['model']['name']}-{config['defense']['name']}-{data.info.name}"
-    )
+    label = defense_label or config["defense"]["name"]
+    default_name = f"{config['model']['name']}-{label}-{data.info.name}"
+    run_name = (config.get("tracking") or {}).get("run_name") or default_name
     tags = job_run_tags(
         ctx,
-        {"model": config["model"]["name"], "defense": config["defense"]["name"], "data": data.info.name},
+        {
+            "model": config["model"]["name"],
+            "defense": config["defense"]["name"],
+            "defense_label": label,
+            "data": data.info.name,
+        },
         job_tags,
     )
     params = flatten({k: v for k, v in config.items() if k != "hydra"})
@@ -481,6 +488,7 @@ def run_job(
             "model": config["model"]["name"],
             "data": data.info.name,
             "defense": config["defense"]["name"],
+            "defense_label": label,
             "seed": seed,
             "device": str(device),
             "n_test": int(y_test.shape[0]),

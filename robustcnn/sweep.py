@@ -78,6 +78,21 @@ def job_tags(hydra_cfg: Any) -> dict[str, str]:
     }
 
 
+def defense_label(hydra_cfg: Any) -> str | None:
+    """The defense as the user chose it: the preset's name plus the job's own ``defense.*`` overrides.
+
+    Why: the config's ``defense.name`` is the defense's type, so ``prune_robust`` and
+    ``prune_robust_no_finetune`` (or ``defense.sparsity=0.5,0.9``) would share one name in the
+    sweep summary, the report's charts and the run names.
+    """
+    choice = hydra_cfg.runtime.choices.get("defense")
+    if not choice:
+        return None
+    task = [o.lstrip("+~") for o in hydra_cfg.overrides.task]
+    own = [o.split(".", 1)[1] for o in task if o.startswith("defense.")]
+    return " ".join([str(choice), *own])
+
+
 def absolute_uri(uri: str) -> str:
     """A relative sqlite path made absolute, so workers started elsewhere open the same file."""
     prefix = "sqlite:///"
@@ -236,7 +251,9 @@ def _cell(job: str, run_id: str | None, status: str, results: dict[str, Any]) ->
         "status": status,
         "reused": bool(results.get("reused_from")),
         "model": results.get("model"),
-        "defense": results.get("defense"),
+        "defense": results.get("defense_label") or results.get("defense"),
+        "epoch_cost": (results.get("defense_report") or {}).get("epoch_cost_ratio"),
+        "train_seconds": results.get("train_seconds"),
         "clean_accuracy": results.get("clean_accuracy"),
         "reference_eps": results.get("reference_eps"),
         "reference_robust_accuracy": results.get("reference_robust_accuracy"),
@@ -246,7 +263,9 @@ def _cell(job: str, run_id: str | None, status: str, results: dict[str, Any]) ->
 
 def summary_table(cells: list[dict[str, Any]]) -> str:
     """The sweep summary as a Markdown table (readable in the MLflow UI's artifact view)."""
-    columns = ("job", "model", "defense", "clean", "robust@ref", "verdict", "status", "run")
+    columns = (
+        "job", "model", "defense", "clean", "robust@ref", "epoch cost", "train s", "verdict", "status", "run"
+    )  # fmt: skip
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     for c in cells:
         values = (
@@ -255,6 +274,8 @@ def summary_table(cells: list[dict[str, Any]]) -> str:
             c["defense"],
             _fmt(c["clean_accuracy"]),
             _fmt(c["reference_robust_accuracy"]),
+            None if c.get("epoch_cost") is None else f"{c['epoch_cost']:.1f}x",
+            None if c.get("train_seconds") is None else f"{c['train_seconds']:.0f}",
             c["verdict"],
             c["status"] + (" (reused)" if c["reused"] else ""),
             c["run_id"],

@@ -156,6 +156,25 @@ def test_charts_one_per_defense_and_pareto_trace(mixed_runs: list[RunRecord]) ->
     assert list(zip(front["x"], front["y"], strict=True)) == [(0.95, 0.9), (0.98, 0.0)]
 
 
+def test_two_presets_of_one_defense_type_stay_apart_and_show_their_epoch_cost() -> None:
+    """prune_robust and prune_robust_no_finetune are both ``defense.name: prune``: labels tell them apart."""
+    tuned = results("prune", 0.97, [0.97, 0.9, 0.88, 0.86], defense_label="prune_robust",
+                    defense_report={"epoch_cost_ratio": 11.43, "epoch_seconds": 45.2})  # fmt: skip
+    plain = results("prune", 0.96, [0.96, 0.9, 0.86, 0.84], defense_label="prune_robust_no_finetune")
+    old = results("prune", 0.95, [0.95, 0.9, 0.8, 0.7])  # written before labels existed: its type
+    done = [RunRecord(f"id-{i}", "", "FINISHED", results=r) for i, r in enumerate((tuned, plain, old))]
+    assert [c.title for c in robustness_curves(done)] == [
+        "defense: prune", "defense: prune_robust", "defense: prune_robust_no_finetune"
+    ]
+    table = leaderboard(done)
+    defense, cost = table.columns.index("defense"), table.columns.index("epoch cost")
+    shown = [row.cells[defense].text for row in table.rows]
+    assert shown == ["prune_robust", "prune_robust_no_finetune", "prune"]
+    assert [row.cells[0].text for row in table.rows][0] == "lenet5-prune_robust-mnist5k"
+    assert (table.rows[0].cells[cost].text, table.rows[0].cells[cost].title) == ("11.4×", "45.2 s per epoch")
+    assert table.rows[1].cells[cost].text == "–"
+
+
 def _page(runs: list[RunRecord]) -> str:
     split = split_runs("exp", runs)
     charts = robustness_curves(split.finished)

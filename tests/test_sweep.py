@@ -14,7 +14,7 @@ import pytest
 from omegaconf import OmegaConf
 
 from robustcnn.hashing import job_key
-from robustcnn.sweep import absolute_uri, count_jobs, summary_table
+from robustcnn.sweep import absolute_uri, count_jobs, defense_label, summary_table
 from robustcnn.tracking import create_run, ensure_experiment, owner_tags, reap_orphaned_runs, search_runs
 
 #: A job of a few seconds: lenet5 on 256 images, FGSM+PGD on 64 test images.
@@ -84,6 +84,8 @@ def test_summary_table_has_one_row_per_cell() -> None:
             "defense": "none",
             "clean_accuracy": 0.97,
             "reference_robust_accuracy": 0.0,
+            "epoch_cost": 11.43,
+            "train_seconds": 546.2,
             "verdict": "not robust",
             "status": "FINISHED",
             "reused": True,
@@ -104,6 +106,23 @@ def test_summary_table_has_one_row_per_cell() -> None:
     table = summary_table(cells).strip().splitlines()
     assert len(table) == 4
     assert "0.9700" in table[2] and "FINISHED (reused)" in table[2] and "FAILED" in table[3]
+    assert "| 11.4x | 546 |" in table[2] and "| - | - |" in table[3]
+
+
+def test_defense_label_is_the_preset_and_the_jobs_own_defense_overrides() -> None:
+    """Two presets of one defense type (prune_robust, prune_robust_no_finetune) must not share a name."""
+    from omegaconf import OmegaConf
+
+    def hydra_cfg(choice: str | None, *task: str) -> object:
+        return OmegaConf.create(
+            {"runtime": {"choices": {"defense": choice}}, "overrides": {"task": list(task)}}
+        )
+
+    chosen = hydra_cfg("prune_robust_no_finetune", "defense=prune_robust_no_finetune", "seed=1")
+    assert defense_label(chosen) == "prune_robust_no_finetune"
+    varied = hydra_cfg("prune", "defense.sparsity=0.5", "+defense.note=x", "training.epochs=2")
+    assert defense_label(varied) == "prune sparsity=0.5 note=x"
+    assert defense_label(hydra_cfg(None, "seed=0")) is None
 
 
 def test_runs_of_dead_processes_are_marked_killed(isolated: dict) -> None:
@@ -135,6 +154,8 @@ def test_sweep_parent_children_dedupe_and_force(isolated: dict) -> None:
     assert all("seed=" in r["tags"]["robustcnn.overrides"] for r in jobs)
     summary = json.loads(next(root.glob("multirun/*/*/sweep_summary.json")).read_text())
     assert [c["status"] for c in summary["cells"]] == ["FINISHED", "FINISHED"]
+    assert [c["defense"] for c in summary["cells"]] == ["none", "none"]
+    assert {r["tags"]["defense_label"] for r in jobs} == {"none"}
     assert {c["run_id"] for c in summary["cells"]} == {r["run_id"] for r in jobs}
 
     again = run("run", "-m", *TINY, "seed=0,1", cwd=root)

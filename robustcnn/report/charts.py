@@ -65,7 +65,7 @@ def robustness_curves(runs: Sequence[RunRecord]) -> list[Chart]:
     by_defense: dict[str, list[RunRecord]] = {}
     for run in runs:
         if worst_case(run):
-            by_defense.setdefault(str(run.result("defense") or "–"), []).append(run)
+            by_defense.setdefault(str(run.defense or "–"), []).append(run)
     charts = []
     for index, (defense, group) in enumerate(sorted(by_defense.items())):
         traces = []
@@ -99,7 +99,7 @@ def tradeoff(runs: Sequence[RunRecord]) -> Chart | None:
     traces: list[Any] = []
     by_defense: dict[str, list[int]] = {}
     for i, (run, _) in enumerate(placed):
-        by_defense.setdefault(str(run.result("defense") or "–"), []).append(i)
+        by_defense.setdefault(str(run.defense or "–"), []).append(i)
     for defense, indices in sorted(by_defense.items()):
         traces.append(
             go.Scatter(

@@ -131,7 +131,7 @@ def example_grids(runs: Sequence[RunRecord]) -> str:
         data = base64.b64encode(png).decode("ascii")
         figures.append(
             f'<figure><img src="data:image/png;base64,{data}" alt="adversarial examples of {esc(run.label)}">'
-            f"<figcaption>{esc(run.label)} ({esc(run.result('model'))}, {esc(run.result('defense'))})"
+            f"<figcaption>{esc(run.label)} ({esc(run.result('model'))}, {esc(run.defense)})"
             "</figcaption></figure>"
         )
     return "".join(figures) or '<p class="note">no run logged an example grid</p>'

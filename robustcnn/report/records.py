@@ -59,11 +59,20 @@ class RunRecord:
         return (self.results or {}).get(key, default)
 
     @property
+    def defense(self) -> str | None:
+        """The defense as chosen (preset and overrides, e.g. ``prune_robust``), else its type."""
+        for value in (self.result("defense_label"), self.result("defense")):
+            if value:
+                return str(value)
+        return self.tags.get("defense_label") or self.tags.get("defense")
+
+    @property
     def label(self) -> str:
         """A short human name: the run name, else model/defense/data, else the id."""
         if self.name:
             return self.name
-        parts = [str(self.result(k) or self.tags.get(k) or "") for k in ("model", "defense", "data")]
+        parts = [str(self.result("model") or self.tags.get("model") or ""), self.defense or ""]
+        parts.append(str(self.result("data") or self.tags.get("data") or ""))
         return "-".join(p for p in parts if p) or self.run_id[:8]
 
 

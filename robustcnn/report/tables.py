@@ -146,7 +146,7 @@ def leaderboard(runs: Sequence[RunRecord]) -> Table:
     table = Table(
         ["run", "model", "defense", "data", "norm", "clean acc.",
          *[f"robust @ ε={fmt_eps(e)}" for e in eps_cols],
-         "robust @ ref. ε", "AUC (robust vs ε)", "verdict", "train s"]
+         "robust @ ref. ε", "AUC (robust vs ε)", "verdict", "train s", "epoch cost"]
     )
     for run in sorted(runs, key=_leaderboard_order):
         curve = worst_case(run)
@@ -165,7 +165,7 @@ def leaderboard(runs: Sequence[RunRecord]) -> Table:
                 [
                     Cell(run.label, title=run.run_id),
                     Cell(str(run.result("model") or "–")),
-                    Cell(str(run.result("defense") or "–")),
+                    Cell(str(run.defense or "–")),
                     Cell(str(run.result("data") or "–")),
                     Cell(str((run.result("threat") or {}).get("norm", "–"))),
                     num_cell(run.result("clean_accuracy")),
@@ -175,12 +175,24 @@ def leaderboard(runs: Sequence[RunRecord]) -> Table:
                     Cell(("⚠ " if flagged else "") + verdict, css="fail" if flagged else None,
                          title=", ".join(failed_checks(run)) or None),
                     train,
+                    _epoch_cost_cell(run),
                 ],
                 run_id=run.run_id,
                 flagged=flagged,
             )
         )
     return table
+
+
+def _epoch_cost_cell(run: RunRecord) -> Cell:
+    """A defense's training epoch over a standard one (an AT method's price), e.g. "11.4×"."""
+    report = run.result("defense_report") or {}
+    ratio = report.get("epoch_cost_ratio")
+    if not isinstance(ratio, (int, float)) or not math.isfinite(ratio):
+        return Cell("–")
+    seconds = report.get("epoch_seconds")
+    title = f"{seconds:.1f} s per epoch" if isinstance(seconds, (int, float)) else None
+    return Cell(f"{ratio:.1f}×", float(ratio), title=title)
 
 
 def attack_breakdown(runs: Sequence[RunRecord]) -> Table:
@@ -248,7 +260,8 @@ def incomplete_runs(runs: Sequence[RunRecord]) -> Table:
         table.rows.append(
             Row(
                 [Cell(run.label), Cell(run.status, css="fail"), Cell(started),
-                 *[Cell(run.tags.get(k, "–")) for k in ("model", "defense", "data")], Cell(run.run_id)],
+                 Cell(run.tags.get("model", "–")), Cell(run.defense or "–"), Cell(run.tags.get("data", "–")),
+                 Cell(run.run_id)],
                 run_id=run.run_id,
             )
         )
