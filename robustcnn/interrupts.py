@@ -53,7 +53,9 @@ def catch_interrupts(signals: tuple[int, ...] = (signal.SIGINT, signal.SIGTERM))
     """Turn ``signals`` into a KeyboardInterrupt that is raised again at the next safe point.
 
     Outside the main thread (signal handlers cannot be set there) this is a no-op. The previous
-    handlers and hook are restored on exit, and the request is cleared on entry.
+    handlers and hook are restored on exit and the request is cleared on entry and on exit: a stop
+    belongs to the block it arrived in (the KeyboardInterrupt leaving it), never to later work in the
+    same process (a test suite, a notebook).
     """
     global _requested
     import threading
@@ -71,3 +73,4 @@ def catch_interrupts(signals: tuple[int, ...] = (signal.SIGINT, signal.SIGTERM))
         for sig, handler in previous.items():
             signal.signal(sig, handler)
         sys.unraisablehook = previous_hook
+        _requested = None

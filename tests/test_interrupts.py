@@ -38,6 +38,8 @@ def test_a_discarded_interrupt_is_raised_again_at_the_next_safe_point(capfd: pyt
             raise_if_requested()
     assert "Traceback" not in capfd.readouterr().err, "the discarded interrupt is not reported as an error"
     assert signal.getsignal(signal.SIGTERM) == handler_before, "the previous handler is restored"
+    assert not requested(), "a stop belongs to its block: later work in the process is not interrupted"
+    raise_if_requested()
     with catch_interrupts():
         assert not requested(), "each use starts without a pending request"
 
@@ -63,3 +65,4 @@ def test_training_stops_at_the_next_step_after_a_discarded_interrupt() -> None:
         _signal_inside_a_destructor()
         with pytest.raises(KeyboardInterrupt):
             fit(model, x, y, TrainConfig(epochs=1, batch_size=4), torch.device("cpu"), progress=False)
+    fit(model, x, y, TrainConfig(epochs=1, batch_size=4), torch.device("cpu"), progress=False)  # cleared
