@@ -215,7 +215,6 @@ def ensure_experiment(uri: str, experiment: str) -> str:
     A sweep calls this in its parent process before any worker starts: a sqlite store first
     touched by several processes at once can break during its schema migration.
     """
-    raise_if_requested()  # a sweep told to stop starts no new run
     check_store_writable(uri)
     logging.getLogger("alembic").setLevel(logging.WARNING)
     try:
