@@ -30,7 +30,8 @@ import robustcnn.attacks.backends  # noqa: F401  (registers the torchattacks and
 from robustcnn.attacks import build_attack
 from robustcnn.config import compose
 from robustcnn.device import resolve_device, seed_everything
-from robustcnn.runner import load_data, obtain_model, to_container
+from robustcnn.jobs.inputs import load_data, to_container
+from robustcnn.jobs.trained import obtain_model
 from robustcnn.threat import ThreatModel
 
 EPS = 0.3

@@ -38,7 +38,8 @@ from robustcnn.attacks import PGD
 from robustcnn.audit import run_audit
 from robustcnn.config import compose
 from robustcnn.device import resolve_device, seed_everything
-from robustcnn.runner import load_data, obtain_model, to_container
+from robustcnn.jobs.inputs import load_data, to_container
+from robustcnn.jobs.trained import obtain_model
 from robustcnn.threat import ThreatModel
 
 EPS = 0.3

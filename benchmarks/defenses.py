@@ -26,7 +26,7 @@ from robustcnn.defenses.adversarial_training import FastAdversarialTraining, PGD
 from robustcnn.defenses.base import Defense
 from robustcnn.device import resolve_device, seed_everything, set_threads
 from robustcnn.models import build_model
-from robustcnn.training import TrainConfig, fit
+from robustcnn.training.loop import TrainConfig, fit
 
 #: name -> (defense factory, gradient passes per batch relative to one standard training pass)
 VARIANTS: dict[str, tuple[Callable[[], Defense | None], int]] = {

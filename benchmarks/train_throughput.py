@@ -17,7 +17,7 @@ from _report import write_report
 
 from robustcnn.device import seed_everything
 from robustcnn.models import available_models, build_model, count_parameters
-from robustcnn.training import TrainConfig, fit
+from robustcnn.training.loop import TrainConfig, fit
 
 #: Natural input shape per model: the MNIST nets on 1x28x28, the CIFAR nets on 3x32x32.
 SHAPES = {"lenet5": (1, 28, 28), "madry_cnn": (1, 28, 28)}

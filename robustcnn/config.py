@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib.util
 import math
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -44,13 +45,24 @@ def config_groups() -> dict[str, list[str]]:
     return groups
 
 
+_SCHEMA_WARNING = r"\s*'hydra/launcher/[^']+' is validated against ConfigStore schema with the same name"
+
+
+def quiet_schema_matching() -> None:
+    """Silence Hydra's deprecation warning for our same-named launcher presets (nothing else).
+
+    Why: conf/hydra/launcher/ presets share the launcher plugins' structured-config names on purpose
+    (so ``hydra/launcher=joblib`` picks our preset, merged onto the plugin's schema), and Hydra 1.3
+    warns about that merge each time it composes.
+    """
+    warnings.filterwarnings("ignore", message=_SCHEMA_WARNING, category=UserWarning)
+
+
 def compose(overrides: Sequence[str] = (), config_name: str = "config") -> Any:
     """Compose the config with Hydra's compose API (no output folder, no logging changes)."""
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
-
-    from robustcnn.launchers import quiet_schema_matching
 
     quiet_schema_matching()  # conf/hydra/launcher/ presets share the plugins' names on purpose
     GlobalHydra.instance().clear()

@@ -15,7 +15,7 @@ torch.set_num_threads(min(2, os.cpu_count() or 1))
 @pytest.fixture(scope="session")
 def empty_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """An MLflow sqlite store with its schema created once (mlflow's migrations take seconds)."""
-    from robustcnn.tracking import start_run
+    from robustcnn.tracking.store import start_run
 
     path = tmp_path_factory.mktemp("store") / "mlflow.db"
     with start_run(f"sqlite:///{path}", "warmup"):
@@ -63,7 +63,7 @@ def mnist_small():
 def trained_lenet(mnist_small):
     """An undefended lenet5 trained briefly on mnist5k (~97% clean): the standard attack target."""
     from robustcnn.models import build_model
-    from robustcnn.training import TrainConfig, fit
+    from robustcnn.training.loop import TrainConfig, fit
 
     info = mnist_small.info
     torch.manual_seed(0)

@@ -16,7 +16,7 @@ from robustcnn.errors import AssetError
 
 def require_face_assets() -> Path:
     """The fetched face-api folder, or a skip (a failure under ROBUSTCNN_REQUIRE_ASSETS=1)."""
-    from robustcnn.assets import face_api_dir
+    from robustcnn.models.face.assets import face_api_dir
 
     try:
         return face_api_dir()

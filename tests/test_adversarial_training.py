@@ -23,7 +23,7 @@ from robustcnn.defenses.base import build_defense
 from robustcnn.errors import ConfigError
 from robustcnn.models import build_model
 from robustcnn.threat import ThreatModel
-from robustcnn.training import TrainConfig, TrainContext, TrainHook, build_optimizer, fit
+from robustcnn.training.loop import TrainConfig, TrainContext, TrainHook, build_optimizer, fit
 
 CPU = torch.device("cpu")
 CONF = Path(__file__).resolve().parents[1] / "conf" / "defense"

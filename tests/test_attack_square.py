@@ -19,7 +19,7 @@ from robustcnn.data import load_dataset
 from robustcnn.errors import ConfigError
 from robustcnn.models.classifier import Classifier
 from robustcnn.threat import ThreatModel
-from robustcnn.training import TrainConfig, fit
+from robustcnn.training.loop import TrainConfig, fit
 
 
 @pytest.fixture(scope="module", autouse=True)

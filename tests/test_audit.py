@@ -22,8 +22,8 @@ from torch import nn
 from robustcnn.audit import formats
 from robustcnn.audit.loading import load_model_file
 from robustcnn.audit.onnx_torch import OnnxModule, UnsupportedOnnx
-from robustcnn.audit.run import run_audit
 from robustcnn.errors import ModelError, RobustCNNError
+from robustcnn.jobs.audit import run_audit
 
 # torch 2.13 deprecates TorchScript; deployed models still ship in it, so the audit must read it
 pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.*:DeprecationWarning")
@@ -437,7 +437,8 @@ def save_cached_model(overrides: tuple[str, ...], target: Path) -> Path:
     """Train (or take from the test's weight cache) a model through the runner's own path; save it."""
     from robustcnn.config import compose
     from robustcnn.device import resolve_device
-    from robustcnn.runner import load_data, obtain_model, to_container
+    from robustcnn.jobs.inputs import load_data, to_container
+    from robustcnn.jobs.trained import obtain_model
 
     config = to_container(compose(list(overrides)))
     trained = obtain_model(config, load_data(config), resolve_device("cpu"), progress=False)

@@ -57,7 +57,7 @@ from hypothesis import strategies as st
 
 from robustcnn.errors import RobustCNNError
 
-# Our launcher presets share the plugins' schema names on purpose (robustcnn.launchers); the CLI
+# Our launcher presets share the plugins' schema names on purpose (robustcnn.sweeps.launchers); the CLI
 # silences Hydra's warning at import, but pytest resets warning filters per test.
 pytestmark = pytest.mark.filterwarnings("ignore:(?s).*is validated against ConfigStore schema:UserWarning")
 
@@ -484,8 +484,8 @@ def test_in_process_rows_behave_like_the_real_command(workspace: dict) -> None:
 
 
 def test_a_batch_size_of_zero_never_loops_forever() -> None:
+    from robustcnn.batching import in_batches
     from robustcnn.errors import ConfigError
-    from robustcnn.evaluation import in_batches
 
     calls = []
 
@@ -504,7 +504,8 @@ def test_a_batch_size_of_zero_never_loops_forever() -> None:
 def test_empty_attack_list_is_accepted_as_documented() -> None:
     """`attack=[]` is documented (conf/config.yaml) as "no attacks": clean accuracy only."""
     from robustcnn.config import compose
-    from robustcnn.runner import plan_attacks, to_container
+    from robustcnn.evaluation.settings import plan_attacks
+    from robustcnn.jobs.inputs import to_container
 
     config = to_container(compose(["attack=[]"]))
     assert plan_attacks(config) == (None, [])
@@ -563,7 +564,7 @@ def _nested(path: str, value: Any) -> dict[str, Any]:
 
 
 def _train(path: str) -> Callable[[Any], Any]:
-    from robustcnn.training import TrainConfig
+    from robustcnn.training.loop import TrainConfig
 
     return lambda v: TrainConfig.from_mapping(_nested(path, v))
 
@@ -587,7 +588,7 @@ def _threat(mapping: Callable[[Any], dict[str, Any]]) -> Callable[[Any], Any]:
 
 
 def _checks(key: str) -> Callable[[Any], Any]:
-    from robustcnn.battery import BatterySettings
+    from robustcnn.evaluation.battery import BatterySettings
 
     return lambda v: BatterySettings.from_mapping({key: v})
 

@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from robustcnn.attacks import FGSM, PGD
-from robustcnn.battery import BatterySettings, is_stochastic, run_battery
+from robustcnn.evaluation.battery import BatterySettings, is_stochastic, run_battery
 from robustcnn.models import Classifier, set_inference_dropout
 from robustcnn.threat import ThreatModel
 

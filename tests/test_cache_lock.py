@@ -18,11 +18,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from robustcnn.cache import WeightCache
 from robustcnn.config import compose
 from robustcnn.errors import CacheError
-from robustcnn.runner import load_data, to_container
-from robustcnn.trained import make_model, obtain_model
+from robustcnn.jobs.inputs import load_data, to_container
+from robustcnn.jobs.trained import make_model, obtain_model
+from robustcnn.training.cache import WeightCache
 
 TINY = [
     "data.max_train=128",
@@ -40,8 +40,8 @@ from pathlib import Path
 import torch
 torch.set_num_threads(1)
 from robustcnn.config import compose
-from robustcnn.runner import load_data, to_container
-import robustcnn.trained as trained
+from robustcnn.jobs.inputs import load_data, to_container
+import robustcnn.jobs.trained as trained
 
 overrides, barrier, me = json.loads(sys.argv[1]), Path(sys.argv[2]), sys.argv[3]
 waits = []
@@ -51,7 +51,7 @@ class Spy(logging.Handler):
         if "waiting for another process" in record.getMessage():
             waits.append(record.getMessage())
 
-cache_log = logging.getLogger("robustcnn.cache")
+cache_log = logging.getLogger("robustcnn.training.cache")
 cache_log.setLevel(logging.INFO)
 cache_log.addHandler(Spy())
 config = to_container(compose(overrides))
@@ -75,7 +75,7 @@ print(json.dumps({"cache_hit": got.cache_hit, "key": got.key, "digest": digest, 
 #: Holds ``WeightCache(root).lock(key)`` for a while; prints when it has it and when it lets go.
 HOLDER = r"""
 import sys, time
-from robustcnn.cache import WeightCache
+from robustcnn.training.cache import WeightCache
 root, key, seconds = sys.argv[1], sys.argv[2], float(sys.argv[3])
 with WeightCache(root).lock(key):
     print("locked", flush=True)
@@ -142,7 +142,7 @@ def test_the_lock_excludes_another_process_until_it_lets_go(
     cache = WeightCache(tmp_path)
     holder = _hold_lock(tmp_path, "k", 1.5)
     asked = time.time()
-    with caplog.at_level(logging.INFO, logger="robustcnn.cache"), cache.lock("k"):
+    with caplog.at_level(logging.INFO, logger="robustcnn.training.cache"), cache.lock("k"):
         got = time.time()
     out, _ = holder.communicate(timeout=30)
     released = float(out.strip().splitlines()[-1])

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from robustcnn.tracking import download_json_artifact
+from robustcnn.tracking.store import download_json_artifact
 
 
 def robustcnn(

@@ -12,8 +12,9 @@ import pytest
 from face_assets import require_face_assets
 
 from robustcnn.config import compose, conf_dir, config_groups
-from robustcnn.runner import run_job, to_container
-from robustcnn.tracking import read_run
+from robustcnn.jobs.dispatch import run_job
+from robustcnn.jobs.inputs import to_container
+from robustcnn.tracking.store import read_run
 
 #: Overrides that shrink any job to seconds: a sliver of data, a couple of batches, one epoch.
 TINY = [

@@ -6,8 +6,9 @@ import pytest
 
 from robustcnn.config import compose
 from robustcnn.errors import ConfigError
-from robustcnn.runner import load_data, run_job, to_container
-from robustcnn.trained import obtain_model, resolve_defense
+from robustcnn.jobs.dispatch import run_job
+from robustcnn.jobs.inputs import load_data, to_container
+from robustcnn.jobs.trained import obtain_model, resolve_defense
 
 TINY = ["data.max_train=600", "data.max_test=100", "training.epochs=1", "training.batch_size=50", "attack=[]"]
 

@@ -15,9 +15,10 @@ from test_cli import robustcnn
 
 from robustcnn.config import compose
 from robustcnn.errors import AssetError, ConfigError, DataError, RobustCNNError
-from robustcnn.face_job import check_face_config, select_identities
-from robustcnn.runner import check_config, run_job, to_container
-from robustcnn.tracking import read_run
+from robustcnn.jobs.dispatch import check_config, run_job
+from robustcnn.jobs.face import check_face_config, select_identities
+from robustcnn.jobs.inputs import to_container
+from robustcnn.tracking.store import read_run
 
 #: A face study in seconds: one attacker, one impersonation target, a few steps and held-out draws.
 TINY_FACE = [
@@ -140,7 +141,7 @@ def test_a_photo_without_a_face_is_a_clear_error(isolated: dict) -> None:
 
 def test_face_folder_with_pre_cropped_faces_runs(isolated: dict) -> None:
     require_face_assets()
-    from robustcnn.data.faces import load_face_gallery
+    from robustcnn.face.gallery import load_face_gallery
 
     gallery = load_face_gallery(boxes="aligned")
     root = isolated["root"] / "people"

@@ -22,11 +22,11 @@ from face_assets import require_face_assets
 from torch import nn
 
 from robustcnn import assets
-from robustcnn.data.face_crops import crop_face
 from robustcnn.errors import AssetError, ModelError
+from robustcnn.face.crops import crop_face
 from robustcnn.models.face import convert
-from robustcnn.models.face.loading import load_face_recognizer
-from robustcnn.models.face.network import FaceApiResNet, load_face_api, pad_to_square, to_face_input
+from robustcnn.models.face.loading import load_face_api, load_face_recognizer
+from robustcnn.models.face.network import FaceApiResNet, pad_to_square, to_face_input
 
 pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.*:DeprecationWarning")
 

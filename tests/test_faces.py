@@ -15,8 +15,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from robustcnn.data.face_crops import CROP_SIZE, crop_face
-from robustcnn.data.faces import (
+from robustcnn.errors import AssetError, DataError
+from robustcnn.face.crops import CROP_SIZE, crop_face
+from robustcnn.face.gallery import (
     GALLERY_JSON,
     JITTERS,
     detect_faces,
@@ -29,14 +30,13 @@ from robustcnn.data.faces import (
     read_gallery_boxes,
     read_rgb,
 )
-from robustcnn.errors import AssetError, DataError
 
 
 @pytest.fixture(scope="module")
 def face_api() -> Path:
     """The fetched face-api folder, or a skip (a failure under ROBUSTCNN_REQUIRE_ASSETS=1)."""
     try:
-        from robustcnn.assets import face_api_dir
+        from robustcnn.models.face.assets import face_api_dir
 
         return Path(face_api_dir())
     except (ImportError, AssetError) as exc:

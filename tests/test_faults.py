@@ -13,9 +13,9 @@ from test_sync import TINY_JOB
 
 from robustcnn.cli import main
 from robustcnn.config import compose
-from robustcnn.preflight import OutputError, check_output_folder
-from robustcnn.runner import run_job
-from robustcnn.tracking import download_json_artifact, ensure_experiment, read_run, search_runs
+from robustcnn.files import OutputError, check_output_folder
+from robustcnn.jobs.dispatch import run_job
+from robustcnn.tracking.store import download_json_artifact, ensure_experiment, read_run, search_runs
 
 
 def _cli_error(args: list[str], capsys: pytest.CaptureFixture[str]) -> str:

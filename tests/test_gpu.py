@@ -6,10 +6,10 @@ import pytest
 import torch
 
 from robustcnn.attacks import FGSM, PGD
-from robustcnn.evaluation import clean_accuracy
+from robustcnn.batching import clean_accuracy
 from robustcnn.models import build_model
 from robustcnn.threat import ThreatModel
-from robustcnn.training import TrainConfig, fit
+from robustcnn.training.loop import TrainConfig, fit
 
 pytestmark = pytest.mark.gpu
 CUDA = torch.device("cuda")

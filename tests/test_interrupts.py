@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from robustcnn.interrupts import catch_interrupts, raise_if_requested, requested
-from robustcnn.tracking import read_run, start_run
+from robustcnn.tracking.store import read_run, start_run
 
 
 class _SignalsItselfWhenCollected:
@@ -57,7 +57,7 @@ def test_a_run_whose_stop_was_discarded_ends_killed_and_no_new_run_starts(isolat
 
 
 def test_training_stops_at_the_next_step_after_a_discarded_interrupt() -> None:
-    from robustcnn.training import TrainConfig, fit
+    from robustcnn.training.loop import TrainConfig, fit
 
     model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(4, 2))
     x, y = torch.rand(8, 1, 2, 2), torch.tensor([0, 1] * 4)

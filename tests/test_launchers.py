@@ -21,9 +21,9 @@ from pathlib import Path
 import pytest
 from test_sweep import TINY  # tiny jobs of a few seconds each
 
-from robustcnn.launchers import launcher_failure, prepare_launcher, quiet_schema_matching
-from robustcnn.sweep import MARKER_FILE
-from robustcnn.tracking import ensure_experiment, search_runs
+from robustcnn.sweeps.launchers import launcher_failure, prepare_launcher, quiet_schema_matching
+from robustcnn.tracking.store import ensure_experiment, search_runs
+from robustcnn.tracking.sweep_link import MARKER_FILE
 
 #: A local Ray instance kept small: 2 CPUs, the smallest object store Ray accepts (75 MiB).
 RAY_LOCAL = (

@@ -13,9 +13,9 @@ import torch
 from torch import Tensor, nn
 
 from robustcnn.attacks import FGSM, PGD, AttackResult
-from robustcnn.battery import BatterySettings, gradient_stats, is_stochastic, run_battery
+from robustcnn.batching import clean_accuracy, in_batches, is_out_of_memory
 from robustcnn.errors import ConfigError
-from robustcnn.evaluation import clean_accuracy, in_batches, is_out_of_memory
+from robustcnn.evaluation.battery import BatterySettings, gradient_stats, is_stochastic, run_battery
 from robustcnn.threat import ThreatModel
 
 LINF = ThreatModel(norm="linf", eps=(0.0, 0.1, 0.3))

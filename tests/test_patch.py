@@ -15,23 +15,23 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from robustcnn.attacks.face_patch import (
+from robustcnn.errors import ConfigError
+from robustcnn.face.masks import area_percent, check_mask, from_png, make_mask
+from robustcnn.face.patch import PatchSettings, classifier_patch_loss, initial_patch, optimise_patch
+from robustcnn.face.printability import (
+    DEFAULT_PALETTE,
+    load_palette,
+    non_printability_score,
+    total_variation,
+)
+from robustcnn.face.study import (
     attack_face,
     evaluate_patch,
     patch_to_image,
     random_patch_baseline,
     run_face_study,
 )
-from robustcnn.attacks.patch import PatchSettings, classifier_patch_loss, initial_patch, optimise_patch
-from robustcnn.attacks.patch_masks import area_percent, check_mask, from_png, make_mask
-from robustcnn.attacks.patch_transforms import PhysicalVariation, PrintModel, apply_patch, draw_generator
-from robustcnn.attacks.printability import (
-    DEFAULT_PALETTE,
-    load_palette,
-    non_printability_score,
-    total_variation,
-)
-from robustcnn.errors import ConfigError
+from robustcnn.face.transforms import PhysicalVariation, PrintModel, apply_patch, draw_generator
 from robustcnn.models.face.recognizer import FaceRecognizer
 
 SIZE = 150

@@ -15,8 +15,8 @@ import torch
 from matplotlib.figure import Figure
 from PIL import Image
 
-from robustcnn import plots
-from robustcnn.plots import example_grid, robustness_curve
+from robustcnn.report import figures as plots
+from robustcnn.report.figures import example_grid, robustness_curve
 
 
 def _png_size(path: Path) -> tuple[int, int]:

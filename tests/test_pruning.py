@@ -17,7 +17,7 @@ from robustcnn.defenses import build_defense
 from robustcnn.defenses.pruning import PruneDefense, channel_masks, prunable_weights
 from robustcnn.errors import ConfigError, ModelError
 from robustcnn.models import build_model
-from robustcnn.training import TrainConfig, fit
+from robustcnn.training.loop import TrainConfig, fit
 
 CPU = torch.device("cpu")
 

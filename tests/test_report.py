@@ -246,7 +246,7 @@ def _png() -> bytes:
 
 
 def test_report_from_a_store_skips_parents_and_lists_failed_runs(store_uri: str, tmp_path: Path) -> None:
-    from robustcnn.tracking import start_run
+    from robustcnn.tracking.store import start_run
 
     png = tmp_path / "examples.png"
     png.write_bytes(_png())

@@ -72,9 +72,9 @@ def store(tmp_path_factory: pytest.TempPathFactory, empty_store: Path) -> Iterat
     from omegaconf import OmegaConf
 
     from robustcnn.config import compose
+    from robustcnn.jobs.dispatch import run_job
     from robustcnn.report import build_report
-    from robustcnn.runner import run_job
-    from robustcnn.tracking import start_run
+    from robustcnn.tracking.store import start_run
 
     root = tmp_path_factory.mktemp("report-store")
     shutil.copy(empty_store, root / "mlflow.db")

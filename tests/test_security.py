@@ -20,8 +20,8 @@ import pytest
 import torch
 
 from robustcnn.errors import RobustCNNError
+from robustcnn.files import safe_file_name
 from robustcnn.hashing import file_sha256
-from robustcnn.safe_names import safe_file_name
 
 PACKAGE = Path(__file__).resolve().parent.parent / "robustcnn"
 
@@ -47,7 +47,7 @@ def _evil_file(path: Path, marker: Path, zipped: bool = False) -> Path:
 
 def _weight_cache(tmp: Path, marker: Path) -> None:
     """A cache entry whose weights are a pickle with a matching checksum: discarded, never loaded."""
-    from robustcnn.cache import WeightCache
+    from robustcnn.training.cache import WeightCache
 
     cache = WeightCache(tmp / "cache")
     cache.ensure_writable()
@@ -87,7 +87,7 @@ def _image_folder(tmp: Path, marker: Path) -> None:
 
 
 def _sync_folder(tmp: Path, marker: Path) -> None:
-    from robustcnn.sync import sync_folder
+    from robustcnn.tracking.sync import sync_folder
 
     folder = tmp / "job"
     _evil_file(folder / "results.json", marker)

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 from test_sync import TINY_JOB
 
-from robustcnn.tracking import ensure_experiment, search_runs
+from robustcnn.tracking.store import ensure_experiment, search_runs
 
 JOBS = 50
 #: What the parent may grow while 40 jobs run (allocator noise; a leak of 1 MB a job would be 40).

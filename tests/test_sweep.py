@@ -14,8 +14,14 @@ import pytest
 from omegaconf import OmegaConf
 
 from robustcnn.hashing import job_key
-from robustcnn.sweep import absolute_uri, count_jobs, defense_label, summary_table
-from robustcnn.tracking import create_run, ensure_experiment, owner_tags, reap_orphaned_runs, search_runs
+from robustcnn.sweeps.callback import absolute_uri, count_jobs, defense_label, summary_table
+from robustcnn.tracking.store import (
+    create_run,
+    ensure_experiment,
+    owner_tags,
+    reap_orphaned_runs,
+    search_runs,
+)
 
 #: A job of a few seconds: lenet5 on 256 images, FGSM+PGD on 64 test images.
 TINY = (

@@ -18,9 +18,9 @@ import pytest
 from robustcnn.cli import main
 from robustcnn.config import compose
 from robustcnn.errors import ConfigError, TrackingError
-from robustcnn.runner import run_job
-from robustcnn.sync import ORIGINAL_TAG, sync
-from robustcnn.tracking import ensure_experiment, read_run, search_runs
+from robustcnn.jobs.dispatch import run_job
+from robustcnn.tracking.store import ensure_experiment, read_run, search_runs
+from robustcnn.tracking.sync import ORIGINAL_TAG, sync
 
 #: A whole job (train, clean accuracy, FGSM battery, checks) in a few seconds; shared by the fault tests.
 TINY_JOB = [

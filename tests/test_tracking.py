@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from robustcnn.errors import TrackingError
-from robustcnn.tracking import (
+from robustcnn.tracking.store import (
     download_json_artifact,
     flatten,
     read_run,

@@ -9,9 +9,9 @@ import pytest
 import torch
 from torch import nn
 
-from robustcnn.cache import WeightCache
 from robustcnn.errors import CacheError, ConfigError
-from robustcnn.training import TrainConfig, TrainContext, TrainHook, fit
+from robustcnn.training.cache import WeightCache
+from robustcnn.training.loop import TrainConfig, TrainContext, TrainHook, fit
 
 
 def _toy_problem(n: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
@@ -152,7 +152,7 @@ def test_cache_unwritable_folder_is_one_clear_error(tmp_path: Path) -> None:
 
 
 def test_random_shift_moves_each_image_within_bounds() -> None:
-    from robustcnn.training import random_shift
+    from robustcnn.training.loop import random_shift
 
     x = torch.zeros(64, 1, 8, 8)
     x[:, :, 3:5, 3:5] = 1.0

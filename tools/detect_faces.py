@@ -1,9 +1,9 @@
 """Regenerate the candidate face boxes of the embedded gallery, with contact sheets for review.
 
-This is how ``robustcnn/data/face_gallery.json`` was made:
+This is how ``robustcnn/face/face_gallery.json`` was made:
 
 1. ``python tools/detect_faces.py --out /tmp/faces_review`` runs the Haar-cascade union
-   (:func:`robustcnn.data.faces.detect_faces`) on face-api's six demo photos and matplotlib's
+   (:func:`robustcnn.face.gallery.detect_faces`) on face-api's six demo photos and matplotlib's
    ``grace_hopper.jpg``, and writes ``candidates.json`` (image name, sha256, boxes), one
    ``<image>_boxes.png`` per photo (boxes drawn and numbered) and ``<image>_crops.png`` (each candidate
    cut with the gallery's crop rule, numbered).
@@ -33,8 +33,8 @@ from pathlib import Path
 
 import numpy as np
 
-from robustcnn.data.face_crops import crop_face
-from robustcnn.data.faces import (
+from robustcnn.face.crops import crop_face
+from robustcnn.face.gallery import (
     CASCADES,
     GALLERY_JSON,
     GALLERY_NOTE,

@@ -2,7 +2,7 @@
 
 Why: the torch port (robustcnn.models.face.network) is only trustworthy if it gives the descriptors
 face-api's own JavaScript gives. This script cuts crops from the package's demo photos with the shared
-crop rule (robustcnn.data.face_crops.crop_face), runs tools/face_api_reference/describe.js on them under
+crop rule (robustcnn.face.crops.crop_face), runs tools/face_api_reference/describe.js on them under
 node (tfjs 4.22.0, pure-JS CPU backend), and stores per crop: the photo, its sha256, the box, the sha256
 of the uint8 crop bytes and the JS descriptor. No image bytes go into the fixture.
 
@@ -32,15 +32,15 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from robustcnn.assets import (  # noqa: E402
+from robustcnn.face.crops import CROP_SIZE, DEFAULT_MARGIN, crop_face  # noqa: E402
+from robustcnn.hashing import file_sha256  # noqa: E402
+from robustcnn.models.face.assets import (  # noqa: E402
     FACE_API_PACKAGE,
     FACE_API_SHA256,
     FACE_API_VERSION,
     face_api_dir,
     fetch_face_api,
 )
-from robustcnn.data.face_crops import CROP_SIZE, DEFAULT_MARGIN, crop_face  # noqa: E402
-from robustcnn.hashing import file_sha256  # noqa: E402
 
 REFERENCE_DIR = ROOT / "tools" / "face_api_reference"
 FIXTURE = ROOT / "tests" / "fixtures" / "face_api_reference.json"
@@ -72,7 +72,7 @@ RAW_REGIONS: tuple[tuple[str, tuple[int, int, int, int]], ...] = (
 
 
 def read_rgb(path: Path) -> np.ndarray:
-    """A photo as RGB uint8 [H, W, 3] with EXIF rotation applied (as robustcnn.data.faces reads photos)."""
+    """A photo as RGB uint8 [H, W, 3] with EXIF rotation applied (as robustcnn.face.gallery reads photos)."""
     from PIL import Image, ImageOps
 
     with Image.open(path) as image:
@@ -165,7 +165,7 @@ def main() -> None:
             "seconds_per_crop": round(result["seconds_per_crop"], 3),
         },
         "crop_rule": {
-            "function": "robustcnn.data.face_crops.crop_face",
+            "function": "robustcnn.face.crops.crop_face",
             "margin": DEFAULT_MARGIN,
             "size": CROP_SIZE,
         },

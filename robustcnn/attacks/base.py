@@ -31,8 +31,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from robustcnn.batching import autocast_for, in_batches, is_out_of_memory, out_of_memory_error
 from robustcnn.errors import ConfigError, RobustCNNError
-from robustcnn.evaluation import autocast_for, in_batches, is_out_of_memory, out_of_memory_error
 from robustcnn.interrupts import raise_if_requested
 from robustcnn.progress import progress_bar
 from robustcnn.threat import ThreatModel, perturbation_norms, project

@@ -1,5 +1,5 @@
-"""``robustcnn audit``: load a deployed model safely, attack it with the full battery, give a verdict."""
+"""Deployed models as untrusted input: format detection, safe loading, ONNX -> torch, the model card.
 
-from robustcnn.audit.run import run_audit
-
-__all__ = ["run_audit"]
+The audit *job* (``robustcnn audit``: battery, checks, verdict, MLflow) is :mod:`robustcnn.jobs.audit`;
+this package only turns a file or an MLflow model into a checked :class:`~robustcnn.models.Classifier`.
+"""

@@ -12,7 +12,7 @@ from pathlib import Path
 import yaml
 
 from robustcnn.errors import ModelError
-from robustcnn.safe_names import safe_file_name
+from robustcnn.files import safe_file_name
 
 MLFLOW_SCHEMES = ("runs:/", "models:/", "mlflow-artifacts:/")
 #: Files that can hold a network, in the order an MLflow model folder is searched.
@@ -33,14 +33,6 @@ def model_name(source: str) -> str:
     else:
         stem = Path(source).stem or "model"
     return safe_file_name(stem, "model")
-
-
-def fetch(source: str, tracking_uri: str, dst: Path) -> Path:
-    """Download an MLflow model URI into ``dst``; return the model file inside it."""
-    from robustcnn.tracking import fetch_artifacts
-
-    path = fetch_artifacts(tracking_uri, source, dst)
-    return path if path.is_file() else model_file_in(path, source)
 
 
 def model_file_in(folder: Path, source: str) -> Path:

@@ -1,6 +1,6 @@
 """Adversarial training: PGD-AT (Madry et al. 2018), fast FGSM-AT (Wong et al. 2020) and TRADES.
 
-All three are train-time hooks on the one training loop (:func:`robustcnn.training.fit`): each
+All three are train-time hooks on the one training loop (:func:`robustcnn.training.loop.fit`): each
 batch is replaced by (or augmented with) adversarial examples crafted on the fly against the
 current weights. Why they live together: they share everything but the inner maximisation and
 the loss, i.e. the settings (eps, norm, steps, step rule), their validation, the per-batch eps
@@ -42,7 +42,7 @@ from robustcnn.config import show
 from robustcnn.defenses.base import Defense, register_defense
 from robustcnn.errors import ConfigError
 from robustcnn.threat import NORMS, ThreatModel, project
-from robustcnn.training import TrainContext, TrainHook
+from robustcnn.training.loop import TrainContext, TrainHook
 
 #: TRADES starts its inner maximisation at x + TRADES_INIT_STD * N(0, 1), as the paper's code does
 #: (at x itself the KL term has a zero gradient).

@@ -23,7 +23,7 @@ from torch import nn
 
 from robustcnn.config import show
 from robustcnn.errors import ConfigError
-from robustcnn.training import TrainHook
+from robustcnn.training.loop import TrainHook
 
 _REGISTRY: dict[str, type[Defense]] = {}
 

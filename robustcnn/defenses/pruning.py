@@ -38,7 +38,7 @@ from robustcnn.defenses.shrink import (
     shrink_to_counts,
 )
 from robustcnn.errors import ConfigError
-from robustcnn.training import TrainContext, TrainHook
+from robustcnn.training.loop import TrainContext, TrainHook
 
 METHODS = ("magnitude_global", "l1_structured")
 SCHEDULES = ("one_shot", "iterative")

@@ -11,11 +11,11 @@ import time
 from pathlib import Path
 
 from robustcnn.errors import ReportError
+from robustcnn.files import safe_file_name
 from robustcnn.report import store
 from robustcnn.report.charts import robustness_curves, tradeoff
 from robustcnn.report.page import render
 from robustcnn.report.records import ExperimentRuns, split_runs
-from robustcnn.safe_names import safe_file_name
 
 INDEX = "index.html"
 

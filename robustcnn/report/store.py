@@ -1,6 +1,6 @@
 """Read-only access to the MLflow store for the dashboard: experiments, runs and their artifacts.
 
-mlflow is reached only through :func:`robustcnn.tracking.mlflow_module` (tracking.py stays the one
+mlflow is reached only through :func:`robustcnn.tracking.store.mlflow_module` (tracking.py stays the one
 module that imports it), and lazily, so ``robustcnn --help`` never pays for it. Reading must never
 create a store: a mistyped URI would otherwise leave an empty ``mlflow.db`` behind and produce an
 empty report instead of an error that names the problem.
@@ -74,7 +74,7 @@ def _store_errors(uri: str, what: str) -> Iterator[None]:
 
 
 def _client(uri: str) -> Any:
-    from robustcnn.tracking import mlflow_module
+    from robustcnn.tracking.store import mlflow_module
 
     check_store_exists(uri)
     with _store_errors(uri, "opening the store"):

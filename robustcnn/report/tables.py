@@ -15,7 +15,7 @@ from typing import Any
 
 from robustcnn.report.records import RunRecord
 
-#: Verdict of a run whose sanity checks failed (see robustcnn.checks).
+#: Verdict of a run whose sanity checks failed (see robustcnn.evaluation.checks).
 UNRELIABLE = "unreliable"
 
 

@@ -14,12 +14,58 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from robustcnn.errors import ModelError
-from robustcnn.models.face.network import INPUT_SIZE, load_face_api
+from robustcnn.errors import AssetError, ModelError
+from robustcnn.hashing import file_sha256
+from robustcnn.models.face.assets import face_api_dir
+from robustcnn.models.face.network import INPUT_SIZE, WEIGHTS_FILE, FaceApiResNet
 from robustcnn.models.face.recognizer import DEFAULT_THRESHOLD, FaceRecognizer
 
 #: Name of the ported face-api recognizer.
 FACE_API = "face_api"
+
+
+def load_face_api(path: str | Path | None = None, device: torch.device | str = "cpu") -> FaceApiResNet:
+    """The ported net with face-api's weights (safetensors only: no pickle is ever loaded).
+
+    ``path``: the converted weights file; default: ``face_recognition.safetensors`` in the assets folder
+    (:func:`robustcnn.models.face.assets.face_api_dir` says how to fetch it when missing). When a
+    ``.sha256`` sidecar sits next to the file, the file must match it (a damaged download fails here,
+    not as wrong faces).
+    """
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    if path is None:
+        path = face_api_dir() / WEIGHTS_FILE
+    path = Path(path)
+    if not path.is_file():
+        raise AssetError(
+            f"face-api weights {path} do not exist; run `robustcnn assets` to fetch and convert them"
+        )
+    sidecar = path.with_name(path.name + ".sha256")
+    if sidecar.is_file():
+        expected = sidecar.read_text().split()[0]
+        actual = file_sha256(path)
+        if actual != expected:
+            raise AssetError(
+                f"{path} has sha256 {actual} but {sidecar.name} says {expected} (damaged); "
+                "run `robustcnn assets --force` to convert it again"
+            )
+    try:
+        state = load_file(str(path))
+    except (SafetensorError, OSError) as exc:
+        raise AssetError(
+            f"{path} is not a readable safetensors file ({exc}); run `robustcnn assets --force`"
+        ) from exc
+    model = FaceApiResNet()
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        detail = " ".join(str(exc).split())[:300]
+        raise AssetError(f"{path} does not hold face-api's recognizer weights ({detail})") from exc
+    return model.eval().to(device)
+
+
 
 
 def _check_embedder(module: nn.Module, path: Path, device: torch.device | str) -> int:

@@ -12,13 +12,9 @@ Layout of the state dict mirrors the TF.js manifest: ``conv32_1/conv1/conv/filte
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import torch
 import torch.nn.functional as F
 from torch import nn
-
-from robustcnn.errors import AssetError
 
 #: Side of the square RGB crop the net was trained on.
 INPUT_SIZE = 150
@@ -26,7 +22,7 @@ INPUT_SIZE = 150
 MEAN_RGB = (122.782, 117.001, 104.298)
 #: Length of a descriptor.
 DESCRIPTOR_SIZE = 128
-#: File name of the converted weights inside the assets folder (robustcnn.assets).
+#: File name of the converted weights inside the assets folder (robustcnn.models.face.assets).
 WEIGHTS_FILE = "face_recognition.safetensors"
 
 
@@ -182,46 +178,3 @@ class FaceApiResNet(nn.Module):
         return self.fc(out.mean(dim=(2, 3)))
 
 
-def load_face_api(path: str | Path | None = None, device: torch.device | str = "cpu") -> FaceApiResNet:
-    """The ported net with face-api's weights (safetensors only: no pickle is ever loaded).
-
-    ``path``: the converted weights file; default: ``face_recognition.safetensors`` in the assets folder
-    (robustcnn.assets.face_api_dir, which says how to fetch it when missing). When a ``.sha256`` sidecar
-    sits next to the file, the file must match it (a damaged download fails here, not as wrong faces).
-    """
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
-    from robustcnn.hashing import file_sha256
-
-    if path is None:
-        from robustcnn.assets import face_api_dir
-
-        path = face_api_dir() / WEIGHTS_FILE
-    path = Path(path)
-    if not path.is_file():
-        raise AssetError(
-            f"face-api weights {path} do not exist; run `robustcnn assets` to fetch and convert them"
-        )
-    sidecar = path.with_name(path.name + ".sha256")
-    if sidecar.is_file():
-        expected = sidecar.read_text().split()[0]
-        actual = file_sha256(path)
-        if actual != expected:
-            raise AssetError(
-                f"{path} has sha256 {actual} but {sidecar.name} says {expected} (damaged); "
-                "run `robustcnn assets --force` to convert it again"
-            )
-    try:
-        state = load_file(str(path))
-    except (SafetensorError, OSError) as exc:
-        raise AssetError(
-            f"{path} is not a readable safetensors file ({exc}); run `robustcnn assets --force`"
-        ) from exc
-    model = FaceApiResNet()
-    try:
-        model.load_state_dict(state, strict=True)
-    except RuntimeError as exc:
-        detail = " ".join(str(exc).split())[:300]
-        raise AssetError(f"{path} does not hold face-api's recognizer weights ({detail})") from exc
-    return model.eval().to(device)

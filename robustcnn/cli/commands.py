@@ -1,0 +1,92 @@
+"""The subcommands besides ``run``: list, report, ui, audit, sync, assets (each imports what it needs)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+
+from robustcnn.cli.output import fail, quiet_libraries
+from robustcnn.errors import RobustCNNError
+from robustcnn.interrupts import catch_interrupts, raise_if_requested
+
+
+def cmd_list() -> None:
+    """Print every config group with its choices, and the registered datasets and models."""
+    from robustcnn.config import conf_dir, config_groups
+    from robustcnn.data import available_datasets
+    from robustcnn.models import available_models
+
+    print(f"configs: {conf_dir()}")
+    for group, choices in config_groups().items():
+        print(f"  {group}: {', '.join(choices)}")
+    print(f"datasets: {', '.join(available_datasets())}")
+    print(f"models: {', '.join(available_models())}")
+
+
+def cmd_report(ns: argparse.Namespace) -> None:
+    """Build the HTML dashboard of one experiment (or all) from the MLflow store; print the paths."""
+    from robustcnn.report import build_report
+    from robustcnn.tracking.store import resolve_tracking_uri
+
+    quiet_libraries()
+    uri = ns.tracking_uri or resolve_tracking_uri(None)
+    for path in build_report(uri, ns.experiment, Path(ns.out)):
+        print(path)
+
+
+def cmd_ui(ns: argparse.Namespace) -> None:
+    """Serve the MLflow UI on the project's store (tracking.ui); 127.0.0.1 unless --host says otherwise."""
+    from robustcnn.tracking.store import resolve_tracking_uri
+    from robustcnn.tracking.ui import serve
+
+    serve(ns.tracking_uri or resolve_tracking_uri(None), ns.host, ns.port)
+
+
+def cmd_audit(ns: argparse.Namespace) -> None:
+    """Audit one model file or MLflow model; the exit code is the verdict (robustcnn.jobs.audit)."""
+    from robustcnn.jobs.audit import output_folder_of, run_audit, summary_line
+    from robustcnn.progress import progress_enabled
+
+    quiet_libraries()
+    try:
+        with catch_interrupts():
+            code, results = run_audit(ns.model, ns.overrides, progress=progress_enabled())
+            raise_if_requested()
+    except KeyboardInterrupt:
+        fail("interrupted; files already written are kept", 130)
+    except RobustCNNError:
+        raise
+    except Exception as exc:  # an untrusted model can fail anywhere: one line, never a traceback
+        if os.environ.get("ROBUSTCNN_DEBUG"):
+            raise
+        fail(
+            f"the audit stopped: {type(exc).__name__}: {' '.join(str(exc).split())[:300]} "
+            "(set ROBUSTCNN_DEBUG=1 for the traceback and report it if the model is valid)"
+        )
+    print(summary_line(results, output_folder_of(results)))
+    raise SystemExit(code)
+
+
+def cmd_sync(ns: argparse.Namespace) -> None:
+    """Import jobs whose tracking store failed while they ran (tracking.sync); exit 1 if any is damaged."""
+    from robustcnn.tracking.sync import sync
+
+    quiet_libraries()
+    outcomes = sync(ns.paths, ns.tracking_uri)
+    for outcome in outcomes:
+        print(outcome.line())
+    count = {s: sum(o.status == s for o in outcomes) for s in ("imported", "present", "damaged")}
+    print(
+        f"sync: {count['imported']} imported, {count['present']} already present, {count['damaged']} damaged"
+    )
+    if count["damaged"]:
+        raise SystemExit(1)
+
+
+def cmd_assets(ns: argparse.Namespace) -> None:
+    """Fetch, verify and convert the face-recognition assets (models.face.assets); print where they are."""
+    from robustcnn.models.face.assets import fetch_face_api
+
+    print(fetch_face_api(dest=ns.dir, tarball=ns.tarball, force=ns.force))
+

@@ -1,0 +1,184 @@
+"""``robustcnn run``: one job, or a sweep with ``-m``, through Hydra.
+
+Why the checks before Hydra: a bad value would otherwise surface inside the job, after Hydra created
+the output folder (and, for a sweep, an MLflow parent run). The job's config is composed and checked
+here first (a sweep's first cell), and Hydra runs only what passed.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Sequence
+
+from robustcnn.cli.arguments import check_run_arguments, is_multirun
+from robustcnn.cli.output import PROG, fail, quiet_libraries
+from robustcnn.config import quiet_schema_matching
+from robustcnn.errors import RobustCNNError
+from robustcnn.interrupts import catch_interrupts, raise_if_requested
+from robustcnn.sweeps.launchers import launcher_failure
+
+# Our launcher presets share their names with the plugins' schemas on purpose (robustcnn.sweeps.launchers);
+# set at import because sweep workers (joblib, submitit) import this module (the task function's) before
+# they compose.
+quiet_schema_matching()
+
+
+def summary_line(results: dict, output_dir: str) -> str:
+    """The one line a finished job prints (key=value pairs, easy to grep and to parse)."""
+    if results.get("task") == "face_patch":
+        parts = [
+            f"{key}={results[key]:.4f}"
+            for key in ("dodging_success_rate", "impersonation_success_rate", "random_patch_success_rate")
+            if isinstance(results.get(key), (int, float))
+        ]
+        parts += [f"threshold={results['threshold']:.4f}"]
+        parts += [f"{key}={results[key]}" for key in ("model", "data")]
+        parts += [f"run_id={results['mlflow_run_id']}", f"results={output_dir}/results.json"]
+        return " ".join(parts)
+    parts = [f"clean_accuracy={results['clean_accuracy']:.4f}"]
+    if "reference_robust_accuracy" in results:
+        parts.append(
+            f"robust_accuracy@{results['reference_eps']:.4g}={results['reference_robust_accuracy']:.4f}"
+        )
+        parts.append(f"verdict={results['verdict'].replace(' ', '_')}")
+    defense = str(results.get("defense_label") or results["defense"]).replace(" ", ",")  # one token
+    parts += [f"model={results['model']}", f"data={results['data']}", f"defense={defense}"]
+    parts.append(f"cache_hit={results['cache_hit']}")
+    if results.get("reused_from"):
+        parts.append(f"reused_from={results['reused_from']}")
+    parts += [f"run_id={results['mlflow_run_id']}", f"results={output_dir}/results.json"]
+    return " ".join(parts)
+
+
+def cmd_run(hydra_args: Sequence[str]) -> None:
+    """Run one job (or a multirun with -m) through Hydra."""
+    import hydra
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+    from omegaconf import DictConfig
+
+    from robustcnn.config import conf_dir
+
+    @hydra.main(version_base="1.3", config_path=str(conf_dir()), config_name="config")
+    def _job(cfg: DictConfig) -> float:
+        quiet_libraries()
+        from robustcnn.jobs.dispatch import run_job
+        from robustcnn.progress import progress_enabled
+        from robustcnn.sweeps.callback import defense_label, job_tags
+        from robustcnn.tracking.sweep_link import SweepLink
+
+        hydra_cfg = HydraConfig.get()
+        output_dir = hydra_cfg.runtime.output_dir
+        multirun = hydra_cfg.mode == RunMode.MULTIRUN
+        try:
+            results = run_job(
+                cfg,
+                output_dir=output_dir,
+                progress=progress_enabled(),
+                sweep=SweepLink.find(hydra_cfg.sweep.dir) if multirun else None,
+                job_tags=job_tags(hydra_cfg) if multirun else None,
+                defense_label=defense_label(hydra_cfg),
+            )
+        except RobustCNNError as exc:
+            fail(str(exc), exc.exit_code)
+        print(summary_line(results, output_dir))
+        return float(results.get("clean_accuracy", results.get("dodging_success_rate")) or 0.0)
+
+    from robustcnn.sweeps.callback import SweepFailed, close_open_sweeps
+
+    check_run_arguments(hydra_args)
+    check_composed_config(hydra_args)
+    saved_argv = sys.argv
+    sys.argv = [f"{PROG} run", *hydra_args]
+    # SIGTERM ends a job like Ctrl-C (runs KILLED, finished results kept), and neither can be lost
+    with catch_interrupts():
+        status = "FAILED"
+        try:
+            _job()
+            raise_if_requested()  # a stop Python discarded in a callback (robustcnn.interrupts)
+            status = "FINISHED"
+        except KeyboardInterrupt:
+            status = "KILLED"
+            fail("interrupted; finished jobs are kept (re-run the same command to compute the rest)", 130)
+        except Exception as exc:
+            # with submitit and Ray, a failed job (or a bad override) arrives here as an exception
+            # (robustcnn.sweeps.launchers): one error line, with the job's log, instead of a stack trace
+            message = launcher_failure(exc)
+            if message is None:
+                raise
+            fail(message)
+        except SweepFailed:
+            raise  # the sweep ran; some job did not finish (already said, exit 1)
+        except SystemExit as exc:
+            # Hydra reports a config it cannot compose (unknown choice, bad override syntax) with the
+            # valid options and exit code 1; in robustcnn's codes that is bad input: 2
+            raise SystemExit(2 if exc.code == 1 else exc.code) from None
+        finally:
+            # a sweep whose job failed never reaches Hydra's end callback: end its parent run here
+            close_open_sweeps("FAILED" if status == "FINISHED" else status)
+            sys.argv = saved_argv
+
+
+#: Hydra options that take a value (the next argument); the rest of the command line is overrides.
+_VALUE_OPTIONS = {
+    "--config-path", "-cp", "--config-name", "-cn", "--config-dir", "-cd", "--experimental-rerun"
+}  # fmt: skip
+
+
+#: Options after which Hydra does not run a job (help, config printing, shell completion).
+_NO_JOB_OPTIONS = {
+    "--help", "-h", "--hydra-help", "--cfg", "-c", "--info", "-i", "--shell-completion", "-sc"
+}  # fmt: skip
+
+
+def _first_cell(overrides: Sequence[str]) -> list[str] | None:
+    """The overrides of a sweep's first job (``seed=0,1`` -> ``seed=0``); None if Hydra cannot parse them."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import HydraException
+
+    try:
+        parsed = OverridesParser.create().parse_overrides(list(overrides))
+    except HydraException:
+        return None  # Hydra reports its own syntax errors (with the grammar) when it starts
+    first = []
+    for text, override in zip(overrides, parsed, strict=True):
+        if override.is_sweep_override():
+            value = next(iter(override.sweep_string_iterator()), None)
+            if value is None:
+                return None
+            first.append(f"{override.get_key_element()}={value}")
+        else:
+            first.append(text)
+    return first
+
+
+def check_composed_config(hydra_args: Sequence[str]) -> None:
+    """Compose the job's config (a sweep's first job) and run the job's checks before Hydra starts.
+
+    Why: a bad value would otherwise surface inside the job, after Hydra created the output folder
+    (and, for a sweep, an MLflow parent run); and a few malformed overrides (``training=[1]``) make
+    Hydra itself fail with a traceback. Composition errors Hydra reports well (an unknown choice,
+    override syntax) are left to it: its message lists the valid choices.
+    """
+    if any(arg in _NO_JOB_OPTIONS or arg.split("=", 1)[0] in _VALUE_OPTIONS for arg in hydra_args):
+        return  # help/printing, or a user's own config folder: Hydra's own path
+    multirun = is_multirun(hydra_args)
+    overrides = _first_cell([a for a in hydra_args if not a.startswith("-")])
+    if overrides is None:
+        return
+    from hydra.errors import HydraException
+
+    from robustcnn.config import compose
+    from robustcnn.jobs.dispatch import check_config
+    from robustcnn.jobs.inputs import to_container
+
+    try:
+        cfg = compose(overrides)
+    except HydraException:
+        return  # an unknown choice or a bad override: Hydra says so, listing the options
+    except Exception as exc:  # what Hydra does not catch itself (e.g. a list given to a group)
+        detail = " ".join(str(exc).split())[:200]
+        fail(f"the overrides {' '.join(overrides)} cannot be composed ({type(exc).__name__}: {detail}); "
+             "check each group=choice and key=value (`robustcnn run --help` lists the groups)")
+    check_config(to_container(cfg), device=not multirun)
+

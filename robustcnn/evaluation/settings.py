@@ -1,0 +1,74 @@
+"""The ``eval`` section and the attacks a job's config selects, validated before any training.
+
+Why here: both the classifier job and the audit build their battery from these, and a bad attack
+or eval value must fail in seconds, before an epoch is spent.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+from robustcnn.attacks import Attack, attack_specs, build_attack
+from robustcnn.config import config_bool, config_int, config_section
+from robustcnn.errors import ConfigError
+from robustcnn.threat import ThreatModel
+
+
+@dataclass(frozen=True)
+class EvalSettings:
+    """The ``eval`` section, checked: how many test images, in which batches."""
+
+    batch_size: int = 1000
+    max_samples: int | None = None  # None: the whole test split
+    attack_samples: int | None = None  # None: every evaluated image
+    attack_batch_size: int = 500
+    amp: bool = False
+    keep_examples: int = 8
+
+    @classmethod
+    def from_mapping(cls, section: Any) -> EvalSettings:
+        known = [f.name for f in dataclasses.fields(cls)]
+        values = config_section(section, "eval", known)
+
+        def count(key: str, minimum: int = 1) -> int | None:
+            value = values.get(key, getattr(cls, key))
+            if value is None and key in ("max_samples", "attack_samples"):
+                return None
+            hint = f" (or null for all); e.g. eval.{key}=1000" if key.endswith("samples") else ""
+            return config_int(value, f"eval.{key}", minimum=minimum, hint=hint)
+
+        return cls(
+            batch_size=count("batch_size"),  # type: ignore[arg-type]
+            max_samples=count("max_samples"),
+            attack_samples=count("attack_samples"),
+            attack_batch_size=count("attack_batch_size"),  # type: ignore[arg-type]
+            amp=config_bool(values.get("amp", cls.amp), "eval.amp"),
+            keep_examples=count("keep_examples", minimum=0),  # type: ignore[arg-type]
+        )
+
+
+def plan_attacks(config: dict[str, Any]) -> tuple[ThreatModel | None, list[Attack]]:
+    """Validate the threat model and build every selected attack before any training starts."""
+    specs = attack_specs(config.get("attack"))
+    if not specs:
+        return None, []
+    threat = ThreatModel.from_mapping(config.get("threat") or {})
+    settings = EvalSettings.from_mapping(config.get("eval"))
+    common = {
+        "seed": config.get("seed", 0),
+        "batch_size": settings.attack_batch_size,
+        "amp": settings.amp,
+        "keep_examples": settings.keep_examples,
+    }
+    attacks = [build_attack(spec, common) for spec in specs]
+    if threat.knowledge == "black_box":
+        white = [a.name for a in attacks if a.uses_gradients]
+        if white:
+            raise ConfigError(
+                f"threat.knowledge=black_box excludes the gradient attacks {white}; "
+                "select query/transfer attacks, e.g. attack=[square,transfer]"
+            )
+    return threat, attacks
+

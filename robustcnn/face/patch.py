@@ -1,0 +1,253 @@
+"""The one patch engine: optimise the pixels of a mask under EOT, for faces and classifiers alike.
+
+Why one engine: eyeglasses (Sharif et al. 2016), a hat sticker (AdvHat 2019) and a universal
+classifier patch (Brown et al. 2017) differ only in the mask and the loss; the optimisation, the
+physical variation, the TV/NPS regularisers and the invariants are the same. The engine minimises
+
+    E_{face k, draw t} [ loss(t(face_k (+) patch)) ] + tv_weight * TV(patch) + nps_weight * NPS(patch)
+
+with a fresh batch of ``eot_samples`` draws every step (each draw paired with one of the attacker's
+photos, so several photos give a universal patch). Only mask pixels are parameters: the patch is
+exactly the initial value (0) outside the mask, and every composite leaves the rest of the face
+untouched. The models the loss uses are put in eval mode with frozen parameters and restored.
+
+``loss_fn(x_adv [n, 3, H, W], face_index [n]) -> loss [n]`` (to minimise) or ``(loss, success)``
+with ``success`` bool [n]; with ``success`` the engine can stop early once every draw of
+``early_stop_patience`` consecutive steps succeeds.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from robustcnn.attacks.base import attack_mode
+from robustcnn.batching import autocast_for
+from robustcnn.errors import ConfigError
+from robustcnn.face.masks import check_mask
+from robustcnn.face.printability import NPS_VARIANTS, non_printability_score, total_variation
+from robustcnn.face.transforms import PhysicalVariation, apply_patch, draw_generator
+
+LossOutput = Tensor | tuple[Tensor, Tensor]
+LossFn = Callable[[Tensor, Tensor], LossOutput]
+
+OPTIMIZERS = ("sign", "adam")
+INITS = ("random", "grey")
+
+
+@dataclass
+class PatchSettings:
+    """How a patch is optimised. Defaults: a digital-to-physical face patch in a few hundred steps.
+
+    * ``optimizer``: "sign" (signed gradient with momentum, AdvHat / MI-FGSM style: robust to the
+      loss scale) or "adam" (``step_size`` is Adam's learning rate, ``momentum`` its beta1).
+    * ``eot_samples``: draws per step (a fresh batch every step).
+    * ``tv_weight`` / ``nps_weight``: regulariser weights (loss units; Sharif used 3 and 5 on a
+      softmax loss, AdvHat 1e-4 TV on cosine similarity); ``nps_variant``: "product" | "min".
+    * ``early_stop``: stop once all draws of ``early_stop_patience`` consecutive steps succeed.
+    * ``amp``: bf16 autocast for the model's forward/backward on CUDA (the patch itself stays float32;
+      evaluation is always float32).
+    """
+
+    steps: int = 300
+    step_size: float = 2.0 / 255.0
+    optimizer: str = "sign"
+    momentum: float = 0.9
+    eot_samples: int = 8
+    tv_weight: float = 0.0
+    nps_weight: float = 0.0
+    nps_variant: str = "product"
+    variation: PhysicalVariation = field(default_factory=PhysicalVariation.identity)
+    seed: int = 0
+    early_stop: bool = True
+    early_stop_patience: int = 10
+    amp: bool = False
+
+    def __post_init__(self) -> None:
+        if isinstance(self.variation, dict):
+            self.variation = PhysicalVariation.from_dict(self.variation)
+        if self.optimizer not in OPTIMIZERS:
+            raise ConfigError(f"patch optimizer {self.optimizer!r} is unknown; valid: {list(OPTIMIZERS)}")
+        if self.nps_variant not in NPS_VARIANTS:
+            raise ConfigError(
+                f"patch nps_variant {self.nps_variant!r} is unknown; valid: {list(NPS_VARIANTS)}"
+            )
+        if int(self.steps) < 1 or int(self.eot_samples) < 1 or int(self.early_stop_patience) < 1:
+            raise ConfigError("patch steps, eot_samples and early_stop_patience must be >= 1")
+        if not self.step_size > 0:
+            raise ConfigError(f"patch step_size={self.step_size} must be > 0")
+        if not 0.0 <= self.momentum < 1.0:
+            raise ConfigError(f"patch momentum={self.momentum} must be in [0, 1)")
+        if self.tv_weight < 0 or self.nps_weight < 0:
+            raise ConfigError("patch tv_weight and nps_weight must be >= 0")
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-able settings (for logs and reports)."""
+        return asdict(self)
+
+
+@dataclass
+class PatchResult:
+    """An optimised patch [3, H, W] in [0, 1] (0 outside ``mask``) and how it was found."""
+
+    patch: Tensor
+    mask: Tensor
+    history: list[float]  # mean total loss per step
+    success_history: list[float]  # fraction of the step's draws that succeeded (empty without)
+    steps: int
+    seconds: float
+    settings: PatchSettings
+    initial: Tensor
+
+    @property
+    def ms_per_step(self) -> float:
+        return 1000.0 * self.seconds / max(self.steps, 1)
+
+
+def initial_patch(
+    mask: Tensor, init: str | Tensor = "random", generator: torch.Generator | None = None
+) -> Tensor:
+    """The starting patch [3, H, W]: uniform noise, mid-grey, or a given tensor; 0 outside the mask."""
+    m = mask.reshape(1, *mask.shape[-2:])
+    if isinstance(init, Tensor):
+        start = init.reshape(3, *mask.shape[-2:]).to(m.device, torch.float32).clamp(0.0, 1.0)
+    elif init == "random":
+        dev = generator.device if generator is not None else m.device
+        start = torch.rand((3, *mask.shape[-2:]), generator=generator, device=dev).to(m.device)
+    elif init == "grey":
+        start = torch.full((3, *mask.shape[-2:]), 0.5, device=m.device)
+    else:
+        raise ConfigError(f"patch init {init!r} is unknown; valid: {list(INITS)} or a [3, H, W] tensor")
+    return start * m
+
+
+@contextlib.contextmanager
+def _frozen(modules: Iterable[nn.Module]) -> Iterator[None]:
+    with contextlib.ExitStack() as stack:
+        for module in modules:
+            stack.enter_context(attack_mode(module))
+        yield
+
+
+def optimise_patch(
+    loss_fn: LossFn,
+    faces: Tensor,
+    mask: Tensor,
+    settings: PatchSettings | None = None,
+    init: str | Tensor = "random",
+    *,
+    modules: Iterable[nn.Module] = (),
+) -> PatchResult:
+    """Optimise one (universal) patch for the photos ``faces`` [K, 3, H, W] in [0, 1].
+
+    ``modules``: the networks ``loss_fn`` runs (eval mode + frozen parameters while optimising,
+    restored afterwards, and it is verified that no parameter gradient was accumulated); the losses
+    built here (``classifier_patch_loss``, the face losses) carry their model in ``loss_fn.modules``,
+    which is added automatically.
+    """
+    settings = settings or PatchSettings()
+    if faces.dim() != 4 or faces.shape[1] != 3:
+        raise ConfigError(f"faces must be [K, 3, H, W] RGB in [0, 1], got {tuple(faces.shape)}")
+    if not bool(torch.isfinite(faces).all()) or float(faces.min()) < 0.0 or float(faces.max()) > 1.0:
+        raise ConfigError("faces must be finite and in [0, 1] (divide uint8 by 255)")
+    device = faces.device
+    mask = check_mask(mask, tuple(faces.shape[-2:])).to(device)  # type: ignore[arg-type]
+    variation = settings.variation
+    generator = draw_generator(settings.seed, "optimise", device)
+    start_patch = initial_patch(mask, init, generator)
+    patch = start_patch.clone().requires_grad_(True)
+    m3 = mask.reshape(1, *mask.shape[-2:])
+    adam = (
+        torch.optim.Adam([patch], lr=settings.step_size, betas=(settings.momentum, 0.999))
+        if (settings.optimizer == "adam")
+        else None
+    )
+    velocity = torch.zeros_like(patch)
+    history: list[float] = []
+    success_history: list[float] = []
+    streak = 0
+    steps = 0
+    size = (int(faces.shape[-2]), int(faces.shape[-1]))
+    start = time.perf_counter()
+    frozen = {id(m): m for m in [*modules, *getattr(loss_fn, "modules", ())]}
+    with _frozen(frozen.values()):
+        for _ in range(settings.steps):
+            draws = variation.sample(settings.eot_samples, generator, size, faces.shape[0])
+            index = draws.face_index.to(device)
+            x_adv = apply_patch(faces.index_select(0, index), patch, mask, draws.to(device), variation)
+            with autocast_for(device, settings.amp):
+                out = loss_fn(x_adv, index)
+            loss, success = out if isinstance(out, tuple) else (out, None)
+            total = loss.float().mean()
+            if settings.tv_weight > 0:
+                total = total + settings.tv_weight * total_variation(patch, mask)
+            if settings.nps_weight > 0:
+                total = total + settings.nps_weight * non_printability_score(
+                    patch, mask, variant=settings.nps_variant
+                )
+            (grad,) = torch.autograd.grad(total, patch)
+            steps += 1
+            history.append(float(total.detach()))
+            with torch.no_grad():
+                grad = grad * m3
+                if adam is None:
+                    # MI-FGSM: L1-normalised gradient into the velocity, then a signed step
+                    velocity.mul_(settings.momentum).add_(grad / grad.abs().mean().clamp_min(1e-12))
+                    patch.sub_(settings.step_size * velocity.sign())
+                else:
+                    patch.grad = grad
+                    adam.step()
+                    patch.grad = None
+                # only mask pixels are parameters; outside the mask the patch stays exactly 0
+                patch.clamp_(0.0, 1.0).mul_(m3)
+            if success is not None:
+                rate = float(success.float().mean())
+                success_history.append(rate)
+                streak = streak + 1 if rate >= 1.0 else 0
+                if settings.early_stop and streak >= settings.early_stop_patience:
+                    break
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    seconds = time.perf_counter() - start
+    return PatchResult(
+        patch=patch.detach(),
+        mask=mask,
+        history=history,
+        success_history=success_history,
+        steps=steps,
+        seconds=seconds,
+        settings=settings,
+        initial=start_patch.detach(),
+    )
+
+
+def classifier_patch_loss(model: nn.Module, y: Tensor, target: int | Tensor | None = None) -> LossFn:
+    """Brown et al.'s patch loss for any robustcnn classifier (raw [0, 1] images in, logits out).
+
+    ``y`` [K]: the true labels of the K images the patch is optimised on. Untargeted: maximise the
+    cross-entropy of the true label (success: the prediction changes); targeted: minimise the
+    cross-entropy of ``target`` (an int for a universal "toaster" patch, or [K]; success: prediction
+    == target). Use with ``optimise_patch(loss, images, mask, settings)`` (the model is frozen for you).
+    """
+    labels = y.long()
+    goal = None
+    if target is not None:
+        goal = torch.as_tensor(target, device=labels.device).long().expand_as(labels)
+
+    def loss(x_adv: Tensor, index: Tensor) -> tuple[Tensor, Tensor]:
+        logits = model(x_adv).float()
+        true = labels.to(logits.device).index_select(0, index)
+        if goal is None:
+            return -F.cross_entropy(logits, true, reduction="none"), logits.argmax(1) != true
+        wanted = goal.to(logits.device).index_select(0, index)
+        return F.cross_entropy(logits, wanted, reduction="none"), logits.argmax(1) == wanted
+
+    loss.modules = [model]  # type: ignore[attr-defined]
+    return loss

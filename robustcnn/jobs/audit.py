@@ -1,0 +1,333 @@
+"""``robustcnn audit MODEL [overrides]``: load safely, validate, attack, judge, report, log; an exit code.
+
+The order is the runner's: every check a user can fail (config, output folder, tracking store, data,
+model file, shapes) runs before the first attack, so bad input costs seconds. ``audit.json`` and
+``model_card.json`` are written before anything is logged to MLflow, so a store that goes away
+loses nothing. Exit codes (a contract: release pipelines depend on them): 0 audited and the gate
+passed (or no gate), 1 below the gate, 3 unreliable evaluation, 2 bad input; 2 wins over 3, 3 over 1.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from robustcnn import __version__
+from robustcnn.attacks import Attack
+from robustcnn.audit import loading, prepare, sources
+from robustcnn.audit.card import model_card
+from robustcnn.batching import clean_accuracy
+from robustcnn.device import resolve_device, seed_everything, set_threads
+from robustcnn.errors import ConfigError
+from robustcnn.evaluation.battery import BatterySettings, run_battery
+from robustcnn.evaluation.settings import plan_attacks
+from robustcnn.jobs.inputs import bind_surrogates, load_data, to_container
+from robustcnn.jobs.lifecycle import environment_info
+from robustcnn.jobs.outputs import log_battery
+from robustcnn.report.audit_page import write_report
+from robustcnn.tracking.store import (
+    check_store_writable,
+    fetch_artifacts,
+    flatten,
+    resolve_tracking_uri,
+    start_run,
+)
+
+log = logging.getLogger(__name__)
+
+EXIT_PASSED, EXIT_BELOW_GATE, EXIT_BAD_INPUT, EXIT_UNRELIABLE = 0, 1, 2, 3
+ONNX_MODES = ("auto", "white_box", "black_box")
+
+
+def compose_audit(overrides: Sequence[str]) -> dict[str, Any]:
+    """The audit config with the user's overrides; composition errors become one-line ConfigErrors."""
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    from robustcnn.config import compose
+
+    try:
+        cfg = compose(overrides, config_name="audit")
+    except (HydraException, OmegaConfBaseException) as exc:
+        message = " ".join(str(exc).split())[:400]
+        raise ConfigError(f"bad override ({message}); see `robustcnn list` for the config groups") from exc
+    return to_container(cfg)
+
+
+def _number(value: Any, key: str, low: float, high: float) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (low <= float(value) <= high):
+        raise ConfigError(f"{key}={value!r} must be a number in [{low:g}, {high:g}]")
+    return float(value)
+
+
+def check_audit_section(section: dict[str, Any]) -> dict[str, Any]:
+    n = section.get("n_samples")
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise ConfigError(f"audit.n_samples={n!r} must be a positive integer, e.g. audit.n_samples=1000")
+    gate = section.get("min_robust_accuracy")
+    if gate is not None:
+        _number(gate, "audit.min_robust_accuracy", 0.0, 1.0)
+    if section.get("onnx") not in ONNX_MODES:
+        raise ConfigError(
+            f"audit.onnx={section.get('onnx')!r} is unknown; choose one of {', '.join(ONNX_MODES)}"
+        )
+    if not isinstance(section.get("allow_pickle"), bool):
+        raise ConfigError(f"audit.allow_pickle={section.get('allow_pickle')!r} must be true or false")
+    if not isinstance(section.get("reference_eps_only"), list):
+        raise ConfigError("audit.reference_eps_only must be a list of attack names, e.g. [square] (or [])")
+    for key in ("white_box_attacks", "black_box_attacks"):
+        if not isinstance(section.get(key), list) or not section[key]:
+            raise ConfigError(f"audit.{key} must be a non-empty list of attack names, e.g. [fgsm,pgd,square]")
+    return section
+
+
+def output_folder(config: dict[str, Any], name: str) -> Path:
+    """Create (or reuse) the output folder now, with a clear error when it cannot be written."""
+    chosen = config["audit"].get("out_dir")
+    out = Path(chosen) if chosen else Path(config["paths"].get("reports_dir") or "reports") / "audit" / name
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ConfigError(
+            f"cannot create the audit folder {out} ({exc.strerror}); set audit.out_dir"
+        ) from exc
+    if not os.access(out, os.W_OK):
+        raise ConfigError(f"the audit folder {out} is not writable; set audit.out_dir to a writable folder")
+    return out
+
+
+def choose_attacks(attacks: list[Attack], config: dict[str, Any], white_box: bool) -> list[Attack]:
+    """The selected attacks the model allows: gradient attacks only when it exposes gradients."""
+    key = "white_box_attacks" if white_box else "black_box_attacks"
+    allowed = set(config["audit"][key])
+    chosen = [a for a in attacks if a.name in allowed and (white_box or not a.uses_gradients)]
+    if not chosen:
+        access = "white-box" if white_box else "black-box (no gradients)"
+        raise ConfigError(
+            f"none of the selected attacks {[a.name for a in attacks]} applies to this {access} model "
+            f"(audit.{key} = {sorted(allowed)}); select some of them, "
+            f"e.g. attack=[{','.join(sorted(allowed))}]"
+        )
+    return chosen
+
+
+def gate_result(section: dict[str, Any], eps: Sequence[float], worst: Sequence[float], ref: float) -> dict:
+    minimum = section.get("min_robust_accuracy")
+    gate_eps = section.get("gate_eps")
+    gate_eps = ref if gate_eps is None else float(gate_eps)
+    matches = [i for i, e in enumerate(eps) if math.isclose(e, gate_eps, abs_tol=1e-9)]
+    if not matches:
+        raise ConfigError(
+            f"audit.gate_eps={gate_eps:g} is not one of threat.eps {list(eps)}; pick one of them"
+        )
+    accuracy = worst[matches[0]]
+    return {
+        "min_robust_accuracy": minimum,
+        "eps": gate_eps,
+        "robust_accuracy": accuracy,
+        "passed": None if minimum is None else accuracy >= float(minimum),
+    }
+
+
+def exit_code(verdict: str, gate: dict[str, Any]) -> int:
+    if verdict == "unreliable":
+        return EXIT_UNRELIABLE
+    if gate["passed"] is False:
+        return EXIT_BELOW_GATE
+    return EXIT_PASSED
+
+
+def _write_json(path: Path, data: dict[str, Any]) -> None:
+    partial = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    partial.write_text(json.dumps(data, indent=2, sort_keys=True, default=str))
+    os.replace(partial, path)
+
+
+def fetch_model(source: str, tracking_uri: str, dst: Path) -> Path:
+    """Download an MLflow model URI into ``dst``; return the model file inside it."""
+    path = fetch_artifacts(tracking_uri, source, dst)
+    return path if path.is_file() else sources.model_file_in(path, source)
+
+
+def run_audit(
+    source: str, overrides: Sequence[str] = (), progress: bool = False
+) -> tuple[int, dict[str, Any]]:
+    """Audit the model at ``source``; return (exit code, audit.json contents)."""
+    started = time.perf_counter()
+    config = compose_audit(overrides)
+    section = check_audit_section(config["audit"])
+    name = sources.model_name(source)
+    set_threads(config.get("threads"))
+    seed_everything(int(config.get("seed", 0)))
+    device = resolve_device(config.get("device", "auto"))
+    tracking = config.get("tracking") or {}
+    uri = resolve_tracking_uri(tracking.get("uri"))
+    check_store_writable(uri)
+    threat, attacks = plan_attacks(config)
+    if threat is None:
+        raise ConfigError("attack=[] selects no attack; an audit needs some, e.g. attack=[fgsm,pgd,square]")
+    out = output_folder(config, name)
+    data = load_data(config)
+    threat.check_input_size(data.info.input_shape)
+    n = min(int(section["n_samples"]), int(data.y_test.shape[0]))
+    x, y = data.x_test[:n], data.y_test[:n]
+
+    with tempfile.TemporaryDirectory(prefix="robustcnn-audit-") as tmp:
+        path = fetch_model(source, uri, Path(tmp)) if sources.is_mlflow_uri(source) else Path(source)
+        loaded = loading.load_model_file(
+            path, allow_pickle=section["allow_pickle"], onnx_mode=section["onnx"]
+        )
+        prepared = prepare.prepare(
+            loaded,
+            data.info,
+            x[: min(n, 64)],
+            arch=(config.get("model") or {}).get("arch"),
+            options=(config.get("model") or {}).get("options") or {},
+            normalization=section.get("normalization"),
+        )
+    model = prepared.model.to(device)
+    chosen = choose_attacks(attacks, config, prepared.white_box)
+    log.info(
+        "auditing %s (%s, %s) with %s",
+        name,
+        loaded.format,
+        "white-box" if prepared.white_box else "black-box",
+        [a.name for a in chosen],
+    )
+    bind_surrogates(chosen, config, data, device, progress)
+    clean = clean_accuracy(model, x, y, int(config["eval"].get("batch_size", 1000)), device)
+    battery = run_battery(
+        model,
+        x,
+        y,
+        threat,
+        chosen,
+        undefended=False,
+        settings=BatterySettings.from_mapping(config.get("checks")),
+        clean_accuracy=clean.accuracy,
+        device=device,
+        progress=progress,
+        reference_only=section["reference_eps_only"] if prepared.white_box else (),
+    )
+    results = battery.to_dict()
+    gate = gate_result(section, list(threat.eps), battery.worst_case_robust_accuracy(), battery.reference_eps)
+    results.update(
+        {
+            "clean_accuracy": clean.accuracy,
+            "model": {
+                "name": name,
+                "source": source,
+                "path": str(path) if not sources.is_mlflow_uri(source) else source,
+                "format": loaded.format,
+                "sha256": loaded.sha256,
+                "parameters": prepared.parameters,
+                "input_shape": list(data.info.input_shape),
+                "num_classes": data.info.num_classes,
+                "arch": prepared.arch,
+                "normalization": prepared.normalization,
+            },
+            "white_box": prepared.white_box,
+            "notes": prepared.notes,
+            "data": data.info.name,
+            "data_identity": data.info.identity,
+            "n_test": n,
+            "seed": int(config.get("seed", 0)),
+            "device": str(device),
+            "environment": environment_info(device),
+            "gate": gate,
+            "exit_code": exit_code(battery.verdict, gate),
+            "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        }
+    )
+    card = model_card(results)
+    results["model_card"] = card
+    results["out_dir"] = str(out)
+    results["audit_seconds"] = time.perf_counter() - started
+    _write_json(out / "audit.json", results)
+    _write_json(out / "model_card.json", card)
+    log_to_mlflow(uri, tracking, config, results, battery, out, data.info.class_names, card)
+    _write_json(out / "audit.json", results)  # now with the MLflow run id
+    write_report(out, results, config, card, store=uri)
+    return int(results["exit_code"]), results
+
+
+def log_to_mlflow(
+    uri: str,
+    tracking: dict[str, Any],
+    config: dict[str, Any],
+    results: dict[str, Any],
+    battery: Any,
+    out: Path,
+    class_names: tuple[str, ...],
+    card: dict[str, Any],
+) -> None:
+    model = results["model"]
+    tags = {
+        "robustcnn.version": __version__,
+        "robustcnn.audit": True,
+        "model": model["name"],
+        "model_format": model["format"],
+        "model_sha256": model["sha256"],
+        "white_box": results["white_box"],
+        "data": results["data"],
+        "defense": "(audited)",
+    }
+    with start_run(
+        uri, tracking.get("experiment") or "audit", tracking.get("run_name") or f"audit-{model['name']}", tags
+    ) as run:
+        results["mlflow_run_id"] = run.run_id
+        params = flatten({k: v for k, v in config.items() if k != "hydra"})
+        params.update({f"model_file.{k}": v for k, v in model.items() if not isinstance(v, (dict, list))})
+        run.log_params(params)
+        run.log_dict(config, "config.json")
+        gate = results["gate"]
+        run.log_metrics(
+            {
+                "clean_accuracy": results["clean_accuracy"],
+                "exit_code": float(results["exit_code"]),
+                "parameters": float(model["parameters"]),
+                **({"gate_passed": float(gate["passed"])} if gate["passed"] is not None else {}),
+            }
+        )
+        log_battery(run, battery, out, class_names)
+        run.log_dict(card, "model_card.json")
+        run.log_dict({**results, "mlflow_run_id": run.run_id}, "results.json")
+        run.log_dict({**results, "mlflow_run_id": run.run_id}, "audit.json")
+    if run.lost is not None:
+        # the verdict stands (audit.json, model_card.json and report.html are written first); only
+        # the store's copy is incomplete, so this is a warning, not a change of the exit code
+        log.warning(
+            "the MLflow store %s failed while logging the audit (%s); the files in %s are complete",
+            uri,
+            run.lost,
+            out,
+        )
+
+
+def output_folder_of(results: dict[str, Any]) -> Path:
+    return Path(results["out_dir"])
+
+
+def summary_line(results: dict[str, Any], out: Path | None = None) -> str:
+    gate = results["gate"]
+    gate_word = "none" if gate["min_robust_accuracy"] is None else ("passed" if gate["passed"] else "failed")
+    parts = [
+        f"verdict={results['verdict'].replace(' ', '_')}",
+        f"clean_accuracy={results['clean_accuracy']:.4f}",
+        f"robust_accuracy@{results['reference_eps']:g}={results['reference_robust_accuracy']:.4f}",
+        f"gate={gate_word}",
+        f"white_box={str(results['white_box']).lower()}",
+        f"format={results['model']['format']}",
+        f"exit_code={results['exit_code']}",
+    ]
+    if out is not None:
+        parts += [f"audit={out / 'audit.json'}", f"report={out / 'report.html'}"]
+    parts.append(f"run_id={results.get('mlflow_run_id')}")
+    return " ".join(parts)

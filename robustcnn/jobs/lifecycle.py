@@ -1,0 +1,195 @@
+"""The lifecycle every job kind shares: settle device, store and output folder, look for an identical
+finished job, open the MLflow run, record results on disk and in the store, say what was lost.
+
+Why one lifecycle: the classifier, face and audit jobs must fail, resume and reuse results the same way
+(a job that dies is FAILED in the store, a store that dies mid-job leaves results on disk for
+``robustcnn sync``), so none of them writes its own version of these steps.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import platform
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from robustcnn import __version__
+from robustcnn.device import resolve_device, seed_everything, set_threads
+from robustcnn.errors import TrackingError
+from robustcnn.files import OutputError, check_output_folder, write_json
+from robustcnn.hashing import code_version, job_key
+from robustcnn.tracking.resume import JOB_KEY_TAG, find_finished
+from robustcnn.tracking.store import (
+    RunLogger,
+    check_store_writable,
+    ensure_experiment,
+    resolve_tracking_uri,
+    start_run,
+)
+from robustcnn.tracking.sweep_link import SweepLink
+from robustcnn.training.cache import WeightCache
+
+log = logging.getLogger(__name__)
+
+
+def environment_info(device: torch.device) -> dict[str, Any]:
+    info = {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "robustcnn": __version__,
+        "device": str(device),
+        "threads": torch.get_num_threads(),  # what the launcher / `threads` left torch (see README)
+    }
+    if device.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(device)
+    return info
+
+
+def write_results(out: Path | None, results: dict[str, Any]) -> None:
+    """results.json next to the job's output: kept even when the tracking store is gone."""
+    write_json(out, "results.json", results)
+
+
+def store_lost_error(uri: str, run: RunLogger, out: Path | None) -> TrackingError:
+    """The one line a job prints when the store failed while it ran (its results are on disk)."""
+    where = f"{out}/results.json" if out is not None else "no output folder (output_dir was None)"
+    fix = f"`robustcnn sync {out}`" if out is not None else "re-running the job"
+    return TrackingError(
+        f"the MLflow store {uri} failed during the job ({run.lost}); the job finished and its results "
+        f"are in {where}; once the store is back, {fix} imports them (or re-run the same command)"
+    )
+
+
+@dataclass
+class JobContext:
+    """What every job kind settles before it opens a run: device, store, output folder, job key."""
+
+    started: float
+    config: dict[str, Any]
+    seed: int
+    device: torch.device
+    uri: str
+    experiment: str
+    experiment_id: str
+    out: Path | None
+    key: str
+    sweep: SweepLink | None
+    previous: dict[str, Any] | None  # a finished identical job's results (reused unless force=true)
+
+
+def prepare_job(
+    config: dict[str, Any], output_dir: str | Path | None, sweep: SweepLink | None, *, uses_cache: bool
+) -> JobContext:
+    """Threads, seed, device, tracking store, cache and output folder checks, then the dedupe lookup.
+
+    Shared by every kind of job (classifier battery, face patch study) so they fail, resume and
+    reuse results the same way.
+    """
+    started = time.perf_counter()
+    set_threads(config.get("threads"))
+    seed = int(config.get("seed", 0))
+    seed_everything(seed)
+    device = resolve_device(config.get("device", "auto"))
+    tracking = config.get("tracking") or {}
+    experiment = tracking.get("experiment") or "robustcnn"
+    uri = sweep.tracking_uri if sweep else resolve_tracking_uri(tracking.get("uri"))
+    check_store_writable(uri)
+    if uses_cache:
+        WeightCache(config["paths"]["cache_dir"]).ensure_writable()
+    out = Path(output_dir) if output_dir is not None else None
+    if out is not None:
+        check_output_folder(out, "the job's output folder", "hydra.run.dir (hydra.sweep.dir in a sweep)")
+        out.mkdir(parents=True, exist_ok=True)
+    key = job_key(config)
+    experiment_id = sweep.experiment_id if sweep else ensure_experiment(uri, experiment)
+    previous = None
+    if not config.get("force", False):
+        previous = find_finished(uri, experiment_id, key)
+        if previous is not None:
+            log.info(
+                "identical job already finished in run %s: reused (force=true runs it again)",
+                previous["reused_from"],
+            )
+            write_results(out, previous)
+    return JobContext(
+        started, config, seed, device, uri, experiment, experiment_id, out, key, sweep, previous
+    )
+
+
+def job_run_tags(ctx: JobContext, tags: dict[str, Any], job_tags: dict[str, Any] | None) -> dict[str, Any]:
+    """The tags every run starts with: version, job key, code version, the sweep cell's tags."""
+    return {
+        "robustcnn.version": __version__,
+        **tags,
+        JOB_KEY_TAG: ctx.key,
+        "robustcnn.code_version": code_version(),
+        **(job_tags or {}),
+    }
+
+
+def record_run_start(
+    run: RunLogger, ctx: JobContext, run_name: str, tags: dict[str, Any], params: dict[str, Any]
+) -> None:
+    """config.json and run.json on disk (what ``robustcnn sync`` needs), params and config in the run."""
+    write_json(ctx.out, "config.json", ctx.config)
+    write_json(
+        ctx.out,
+        "run.json",
+        {
+            "tracking_uri": ctx.uri,
+            "experiment": ctx.experiment,
+            "experiment_id": ctx.experiment_id,
+            "run_id": run.run_id,
+            "run_name": run_name,
+            "parent_run_id": ctx.sweep.parent_run_id if ctx.sweep else None,
+            "tags": tags,
+            "params": {k: str(v) for k, v in params.items()},
+        },
+    )
+    run.log_params(params)
+    run.log_dict(ctx.config, "config.json")
+
+
+@contextlib.contextmanager
+def open_job_run(
+    ctx: JobContext, run_name: str, tags: dict[str, Any], params: dict[str, Any]
+) -> Iterator[RunLogger]:
+    """The job's MLflow run (under the sweep's parent, if any), its params and files recorded first."""
+    with start_run(
+        ctx.uri,
+        ctx.experiment,
+        run_name,
+        tags,
+        experiment_id=ctx.experiment_id,
+        parent_run_id=ctx.sweep.parent_run_id if ctx.sweep else None,
+    ) as run:
+        record_run_start(run, ctx, run_name, tags, params)
+        yield run
+
+
+def record_results(run: RunLogger, ctx: JobContext, results: dict[str, Any]) -> OutputError | None:
+    """results.json on disk and in the run; a disk failure is returned (raised after the run ends)."""
+    results["job_seconds"] = time.perf_counter() - ctx.started  # wall time, bookkeeping included
+    unwritten: OutputError | None = None
+    try:
+        write_results(ctx.out, results)
+    except OutputError as exc:  # e.g. the disk filled up: the store still gets the results
+        unwritten = exc
+    run.log_dict(results, "results.json")
+    return unwritten
+
+
+def raise_unrecorded(run: RunLogger, ctx: JobContext, unwritten: OutputError | None) -> None:
+    """After the run closed: say where results are when the disk or the store failed."""
+    if unwritten is not None:
+        where = f"MLflow run {run.run_id} (results.json)" if run.lost is None else "no store either"
+        raise OutputError(f"{unwritten}; the job's results are in {where}")
+    if run.lost is not None:
+        raise store_lost_error(ctx.uri, run, ctx.out)
+

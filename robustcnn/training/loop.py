@@ -1,0 +1,330 @@
+"""The one training loop. Defenses plug into it through :class:`TrainHook`, never by copying it.
+
+Why a hook object rather than subclasses or callbacks-by-name: a defense needs exactly three
+things from the loop: to replace the loss of a batch (adversarial training, TRADES), to react at
+epoch ends (catastrophic-overfitting detection, checkpoint choice) and to set things up or tear
+them down around the fit. Everything else (optimizer, schedule, device placement, bf16 autocast
+and channels_last on CUDA, timing) is the same for every defense and lives here once.
+Data stay on the device as whole tensors: no DataLoader and no numpy in the loop.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from robustcnn.batching import autocast_for
+from robustcnn.config import config_bool, config_float, config_int, config_section
+from robustcnn.errors import ConfigError
+from robustcnn.interrupts import raise_if_requested
+from robustcnn.progress import progress_bar
+
+OPTIMIZERS = ("adam", "sgd")
+SCHEDULERS = ("none", "cosine", "step", "onecycle")
+#: The settings of the ``training`` section and its sub-sections (anything else is a typo).
+TRAINING_KEYS = (
+    "epochs",
+    "batch_size",
+    "optimizer",
+    "scheduler",
+    "augment",
+    "max_batches",
+    "use_cache",
+    "amp",
+    "channels_last",
+)
+OPTIMIZER_KEYS = ("name", "lr", "weight_decay", "momentum", "nesterov")
+SCHEDULER_KEYS = ("name", "step_size", "gamma")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Validated training settings (the ``training`` config group)."""
+
+    epochs: int = 8
+    batch_size: int = 64
+    optimizer: str = "adam"
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    momentum: float = 0.9
+    nesterov: bool = True
+    scheduler: str = "cosine"
+    step_size: int = 5
+    gamma: float = 0.1
+    max_batches: int | None = None
+    amp: bool = True
+    channels_last: bool = True
+    #: Random translation by up to this many pixels (zero padding) per training image; 0 = off.
+    shift: int = 0
+
+    @classmethod
+    def from_mapping(cls, cfg: Mapping[str, Any]) -> TrainConfig:
+        """Build from the ``training`` config section: every value type-checked, named when wrong."""
+        cfg = config_section(cfg, "training", TRAINING_KEYS)
+        opt = config_section(cfg.get("optimizer"), "training.optimizer", OPTIMIZER_KEYS)
+        sched = config_section(cfg.get("scheduler"), "training.scheduler", SCHEDULER_KEYS)
+        augment = config_section(cfg.get("augment"), "training.augment", ("shift",))
+        config_bool(cfg.get("use_cache", True), "training.use_cache")  # read by the runner
+        max_batches = cfg.get("max_batches")
+        config = cls(
+            epochs=config_int(cfg.get("epochs", cls.epochs), "training.epochs"),
+            batch_size=config_int(cfg.get("batch_size", cls.batch_size), "training.batch_size"),
+            optimizer=str(opt.get("name", cls.optimizer)).lower(),
+            lr=config_float(opt.get("lr", cls.lr), "training.optimizer.lr"),
+            weight_decay=config_float(
+                opt.get("weight_decay", cls.weight_decay), "training.optimizer.weight_decay"
+            ),
+            momentum=config_float(opt.get("momentum", cls.momentum), "training.optimizer.momentum"),
+            nesterov=config_bool(opt.get("nesterov", cls.nesterov), "training.optimizer.nesterov"),
+            scheduler=str(sched.get("name", cls.scheduler)).lower(),
+            step_size=config_int(sched.get("step_size", cls.step_size), "training.scheduler.step_size"),
+            gamma=config_float(sched.get("gamma", cls.gamma), "training.scheduler.gamma"),
+            max_batches=None if max_batches is None else config_int(max_batches, "training.max_batches"),
+            amp=config_bool(cfg.get("amp", cls.amp), "training.amp"),
+            channels_last=config_bool(cfg.get("channels_last", cls.channels_last), "training.channels_last"),
+            shift=config_int(augment.get("shift", cls.shift), "training.augment.shift"),
+        )
+        config.validate()
+        return config
+
+    def validate(self) -> None:
+        if self.epochs < 0:
+            raise ConfigError(f"training.epochs={self.epochs} must be >= 0")
+        if self.batch_size < 1:
+            raise ConfigError(f"training.batch_size={self.batch_size} must be >= 1")
+        if not (self.lr > 0 and math.isfinite(self.lr)):
+            raise ConfigError(f"training.optimizer.lr={self.lr} must be a positive number")
+        if not (self.weight_decay >= 0 and math.isfinite(self.weight_decay)):
+            raise ConfigError(
+                f"training.optimizer.weight_decay={self.weight_decay} must be >= 0 (0 = no weight decay)"
+            )
+        if not 0 <= self.momentum < 1:
+            raise ConfigError(
+                f"training.optimizer.momentum={self.momentum} must be in [0, 1) (SGD only; 0.9 is usual)"
+            )
+        if not (self.gamma > 0 and math.isfinite(self.gamma)):
+            raise ConfigError(
+                f"training.scheduler.gamma={self.gamma} must be a positive number (lr factor of step)"
+            )
+        if self.optimizer not in OPTIMIZERS:
+            raise ConfigError(
+                f"training.optimizer.name={self.optimizer!r} is unknown; choose one of {OPTIMIZERS}"
+            )
+        if self.scheduler not in SCHEDULERS:
+            raise ConfigError(
+                f"training.scheduler.name={self.scheduler!r} is unknown; choose one of {SCHEDULERS}"
+            )
+        if self.max_batches is not None and self.max_batches < 1:
+            raise ConfigError(f"training.max_batches={self.max_batches} must be >= 1 or null")
+        if self.shift < 0:
+            raise ConfigError(f"training.augment.shift={self.shift} must be >= 0")
+        if self.step_size < 1:
+            raise ConfigError(f"training.scheduler.step_size={self.step_size} must be >= 1")
+
+
+@dataclass
+class TrainContext:
+    """What hooks see and may change while the loop runs."""
+
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    device: torch.device
+    config: TrainConfig
+    epoch: int = 0
+    #: Global batch counter (0-based) and batches per epoch: for per-batch schedules (eps warm-up).
+    step: int = 0
+    steps_per_epoch: int = 1
+    history: list[dict[str, float]] = field(default_factory=list)
+    #: A hook sets this to end training after the current epoch (e.g. collapse detected).
+    stop: bool = False
+    #: Free-form notes a hook wants logged with the run (events, chosen checkpoint, ...).
+    notes: dict[str, Any] = field(default_factory=dict)
+
+    def autocast(self) -> contextlib.AbstractContextManager[Any]:
+        """bf16 autocast on CUDA when enabled, a no-op elsewhere."""
+        return autocast_for(self.device, self.config.amp)
+
+
+class TrainHook:
+    """Override points for defenses; every method is optional."""
+
+    def on_fit_start(self, ctx: TrainContext) -> None:
+        """Called once before the first epoch."""
+
+    def compute_loss(self, ctx: TrainContext, x: Tensor, y: Tensor) -> Tensor | None:
+        """Return the loss of this batch, or None to leave it to the next hook / cross-entropy."""
+        return None
+
+    def on_epoch_end(self, ctx: TrainContext, metrics: dict[str, float]) -> None:
+        """Called after each epoch with that epoch's metrics (may add to them)."""
+
+    def on_fit_end(self, ctx: TrainContext) -> None:
+        """Called once after the last epoch."""
+
+
+@dataclass
+class TrainResult:
+    history: list[dict[str, float]]
+    seconds: float
+    images_per_s: float
+    epochs_run: int
+    notes: dict[str, Any]
+
+
+def build_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
+    params = [p for p in model.parameters() if p.requires_grad]
+    if config.optimizer == "sgd":
+        return torch.optim.SGD(
+            params,
+            lr=config.lr,
+            momentum=config.momentum,
+            nesterov=config.nesterov and config.momentum > 0,
+            weight_decay=config.weight_decay,
+        )
+    return torch.optim.Adam(params, lr=config.lr, weight_decay=config.weight_decay)
+
+
+def build_scheduler(
+    optimizer: torch.optim.Optimizer, config: TrainConfig, steps_per_epoch: int
+) -> torch.optim.lr_scheduler.LRScheduler | None:
+    """A per-batch schedule (stepped every batch, so short runs still follow its shape)."""
+    total = max(1, config.epochs * steps_per_epoch)
+    if config.scheduler == "cosine":
+        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=total)
+    if config.scheduler == "step":
+        return torch.optim.lr_scheduler.StepLR(
+            optimizer, step_size=config.step_size * steps_per_epoch, gamma=config.gamma
+        )
+    if config.scheduler == "onecycle":
+        return torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=config.lr, total_steps=total)
+    return None
+
+
+def random_shift(x: Tensor, shift: int, generator: torch.Generator) -> Tensor:
+    """Translate each image by its own random (dy, dx) in [-shift, shift], filling with zeros.
+
+    One gather for the whole batch (no per-image loop), on the batch's device.
+    """
+    if shift <= 0:
+        return x
+    n, _, h, w = x.shape
+    padded = F.pad(x, (shift, shift, shift, shift))
+    offsets = torch.randint(0, 2 * shift + 1, (2, n), generator=generator).to(x.device)
+    rows = offsets[0].view(n, 1, 1) + torch.arange(h, device=x.device).view(1, h, 1)
+    cols = offsets[1].view(n, 1, 1) + torch.arange(w, device=x.device).view(1, 1, w)
+    batch = torch.arange(n, device=x.device).view(n, 1, 1)
+    return padded.permute(0, 2, 3, 1)[batch, rows, cols].permute(0, 3, 1, 2).contiguous()
+
+
+def default_loss(model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
+    return F.cross_entropy(model(x), y)
+
+
+def fit(
+    model: nn.Module,
+    x_train: Tensor,
+    y_train: Tensor,
+    config: TrainConfig,
+    device: torch.device,
+    hooks: Sequence[TrainHook] = (),
+    seed: int = 0,
+    progress: bool = True,
+) -> TrainResult:
+    """Train ``model`` in place on whole in-memory tensors; returns the per-epoch history and timing."""
+    if x_train.shape[0] != y_train.shape[0]:
+        raise ConfigError(f"training data mismatch: {x_train.shape[0]} images but {y_train.shape[0]} labels")
+    if x_train.shape[0] == 0:
+        raise ConfigError("the training split is empty; check data.max_train or the dataset")
+    use_channels_last = config.channels_last and device.type == "cuda" and x_train.dim() == 4
+    memory_format = torch.channels_last if use_channels_last else torch.contiguous_format
+    model.to(device=device, memory_format=memory_format)
+    x_all = x_train.to(device, non_blocking=True).contiguous(memory_format=memory_format)
+    y_all = y_train.to(device, non_blocking=True)
+
+    n = x_all.shape[0]
+    steps = math.ceil(n / config.batch_size)
+    if config.max_batches is not None:
+        steps = min(steps, config.max_batches)
+    optimizer = build_optimizer(model, config)
+    scheduler = build_scheduler(optimizer, config, steps)
+    ctx = TrainContext(model=model, optimizer=optimizer, device=device, config=config, steps_per_epoch=steps)
+    generator = torch.Generator(device="cpu").manual_seed(seed)
+
+    for hook in hooks:
+        hook.on_fit_start(ctx)
+    start = time.perf_counter()
+    images_seen = 0
+    for epoch in range(config.epochs):
+        ctx.epoch = epoch
+        model.train()
+        order = torch.randperm(n, generator=generator).to(device)
+        loss_sum = torch.zeros((), device=device)
+        correct = torch.zeros((), device=device, dtype=torch.long)
+        seen = counted = 0
+        epoch_start = time.perf_counter()
+        bar = progress_bar(steps, f"epoch {epoch + 1}/{config.epochs}", progress)
+        for step in range(steps):
+            raise_if_requested()
+            idx = order[step * config.batch_size : (step + 1) * config.batch_size]
+            x, y = random_shift(x_all[idx], config.shift, generator), y_all[idx]
+            loss = None
+            for hook in hooks:
+                loss = hook.compute_loss(ctx, x, y)
+                if loss is not None:
+                    break
+            if loss is None:
+                with ctx.autocast():
+                    logits = model(x)
+                    loss = F.cross_entropy(logits.float(), y)
+                correct += (logits.argmax(1) == y).sum()
+                counted += y.shape[0]
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            if scheduler is not None:
+                scheduler.step()
+            ctx.step += 1
+            loss_sum += loss.detach() * y.shape[0]
+            seen += y.shape[0]
+            if bar is not None:
+                bar.update(1)
+        if bar is not None:
+            bar.close()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        epoch_seconds = time.perf_counter() - epoch_start
+        images_seen += seen
+        metrics = {
+            "epoch": float(epoch + 1),
+            "train_loss": float(loss_sum.item() / max(seen, 1)),
+            "epoch_seconds": epoch_seconds,
+            "train_images_per_s": seen / max(epoch_seconds, 1e-9),
+            "lr": float(optimizer.param_groups[0]["lr"]),
+        }
+        if counted:  # hooks that replace the loss report their own accuracy, if any
+            metrics["train_accuracy"] = float(correct.item() / counted)
+        for hook in hooks:
+            hook.on_epoch_end(ctx, metrics)
+        ctx.history.append(metrics)
+        if ctx.stop:
+            break
+    for hook in hooks:
+        hook.on_fit_end(ctx)
+    optimizer.zero_grad(set_to_none=True)  # a trained model carries no stale gradients (or their memory)
+    seconds = time.perf_counter() - start
+    model.eval()
+    return TrainResult(
+        history=ctx.history,
+        seconds=seconds,
+        images_per_s=images_seen / max(seconds, 1e-9),
+        epochs_run=len(ctx.history),
+        notes=ctx.notes,
+    )
