@@ -15,10 +15,10 @@ torch.set_num_threads(min(2, os.cpu_count() or 1))
 @pytest.fixture(scope="session")
 def empty_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """An MLflow sqlite store with its schema created once (mlflow's migrations take seconds)."""
-    from robustcnn.tracking.store import start_run
+    from robustcnn.tracking.store import TrackingStore
 
     path = tmp_path_factory.mktemp("store") / "mlflow.db"
-    with start_run(f"sqlite:///{path}", "warmup"):
+    with TrackingStore.at(f"sqlite:///{path}").start_run("warmup"):
         pass
     return path
 

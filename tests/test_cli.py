@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from robustcnn.tracking.store import download_json_artifact
+from robustcnn.tracking.store import TrackingStore
 
 
 def robustcnn(
@@ -38,7 +38,7 @@ def test_smoke_experiment_logs_a_run_and_second_run_hits_the_cache(isolated: dic
     first = robustcnn("run", "experiment=smoke", "attack=pgd", cwd=root)
     assert first.returncode == 0, first.stderr
     assert "cache_hit=False" in first.stdout and "verdict=not_robust" in first.stdout
-    results = download_json_artifact(isolated["store"], _run_id(first.stdout), "results.json")
+    results = TrackingStore.at(isolated["store"]).download_json(_run_id(first.stdout), "results.json")
     for key in (
         "clean_accuracy",
         "model",
@@ -67,7 +67,7 @@ def test_smoke_experiment_logs_a_run_and_second_run_hits_the_cache(isolated: dic
     second = robustcnn("run", "experiment=smoke", "attack=pgd", "force=true", cwd=root)
     assert second.returncode == 0, second.stderr
     assert "cache_hit=True" in second.stdout and "reused_from" not in second.stdout
-    again = download_json_artifact(isolated["store"], _run_id(second.stdout), "results.json")
+    again = TrackingStore.at(isolated["store"]).download_json(_run_id(second.stdout), "results.json")
     assert again["clean_accuracy"] == results["clean_accuracy"], "cached weights must give the same model"
 
     third = robustcnn("run", "experiment=smoke", "attack=pgd", cwd=root)  # the same job: linked, not rerun

@@ -14,7 +14,7 @@ from face_assets import require_face_assets
 from robustcnn.config import compose, conf_dir, config_groups
 from robustcnn.jobs.dispatch import run_job
 from robustcnn.jobs.inputs import to_container
-from robustcnn.tracking.store import read_run
+from robustcnn.tracking.store import TrackingStore
 
 #: Overrides that shrink any job to seconds: a sliver of data, a couple of batches, one epoch.
 TINY = [
@@ -84,7 +84,7 @@ def test_every_experiment_runs_tiny(cell: tuple[str, ...], isolated: dict) -> No
     else:
         assert 0.0 <= results["clean_accuracy"] <= 1.0
     assert (isolated["root"] / "out" / "results.json").is_file()
-    assert read_run(isolated["store"], results["mlflow_run_id"])["status"] == "FINISHED"
+    assert TrackingStore.at(isolated["store"]).read_run(results["mlflow_run_id"])["status"] == "FINISHED"
 
 
 def test_missing_mandatory_value_is_a_config_error() -> None:
@@ -117,7 +117,13 @@ def test_wheel_ships_the_configs(tmp_path: Path) -> None:
     shipped = {n for n in names if n.startswith("robustcnn/conf/") and n.endswith(".yaml")}
     expected = {f"robustcnn/conf/{p.relative_to(conf_dir()).as_posix()}" for p in conf_dir().rglob("*.yaml")}
     assert expected <= shipped, f"configs missing from the wheel: {sorted(expected - shipped)}"
-    for package in ("robustcnn/cli.py", "robustcnn/data/__init__.py", "robustcnn/models/__init__.py"):
+    for package in (
+        "robustcnn/cli/__init__.py",
+        "robustcnn/jobs/dispatch.py",
+        "robustcnn/data/__init__.py",
+        "robustcnn/models/__init__.py",
+        "robustcnn/face/face_gallery.json",  # package data: the gallery's reviewed boxes
+    ):
         assert package in names
     # the installed layout (no checkout next to it) finds its configs and composes a job
     site = tmp_path / "site"

@@ -18,7 +18,7 @@ from robustcnn.errors import AssetError, ConfigError, DataError, RobustCNNError
 from robustcnn.jobs.dispatch import check_config, run_job
 from robustcnn.jobs.face import check_face_config, select_identities
 from robustcnn.jobs.inputs import to_container
-from robustcnn.tracking.store import read_run
+from robustcnn.tracking.store import TrackingStore
 
 #: A face study in seconds: one attacker, one impersonation target, a few steps and held-out draws.
 TINY_FACE = [
@@ -60,7 +60,7 @@ def test_tiny_face_study_writes_results_artifacts_and_a_run(isolated: dict) -> N
     assert patch_png.mode == "RGBA" and patch_png.size == (150, 150)
     alpha = np.asarray(patch_png)[..., 3]
     assert 5.5 < 100 * (alpha > 0).mean() < 6.5  # opaque exactly on the eyeglass frame
-    run = read_run(isolated["store"], results["mlflow_run_id"])
+    run = TrackingStore.at(isolated["store"]).read_run(results["mlflow_run_id"])
     assert run["status"] == "FINISHED" and run["tags"]["task"] == "face_patch"
     assert "dodging_success_rate" in run["metrics"] and "verification/calibrated_threshold" in run["metrics"]
     # the same job again is reused, not recomputed

@@ -15,7 +15,7 @@ from robustcnn.cli import main
 from robustcnn.config import compose
 from robustcnn.files import OutputError, check_output_folder
 from robustcnn.jobs.dispatch import run_job
-from robustcnn.tracking.store import download_json_artifact, ensure_experiment, read_run, search_runs
+from robustcnn.tracking.store import TrackingStore
 
 
 def _cli_error(args: list[str], capsys: pytest.CaptureFixture[str]) -> str:
@@ -90,9 +90,9 @@ def test_a_disk_that_fills_up_mid_job_keeps_the_results_in_the_store(
     assert "No space left on device" in message and "results.json" in message and "MLflow run" in message
     assert not (out / "results.json").exists() and not (out / ".results.json.tmp").exists()
     run_id = message.split("MLflow run ")[1].split()[0]
-    assert read_run(isolated["store"], run_id)["status"] == "FINISHED"
-    stored = download_json_artifact(isolated["store"], run_id, "results.json")
+    assert TrackingStore.at(isolated["store"]).read_run(run_id)["status"] == "FINISHED"
+    stored = TrackingStore.at(isolated["store"]).download_json(run_id, "results.json")
     assert stored["verdict"] and stored["robust_accuracy"]["fgsm"]
     assert json.loads((out / "run.json").read_text())["run_id"] == run_id  # written before the disk filled
-    experiment_id = ensure_experiment(isolated["store"], "smoke")
-    assert len(search_runs(isolated["store"], experiment_id)) == 1
+    experiment_id = TrackingStore.at(isolated["store"]).ensure_experiment("smoke")
+    assert len(TrackingStore.at(isolated["store"]).search_runs(experiment_id)) == 1

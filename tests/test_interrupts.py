@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from robustcnn.interrupts import catch_interrupts, raise_if_requested, requested
-from robustcnn.tracking.store import read_run, start_run
+from robustcnn.tracking.store import TrackingStore
 
 
 class _SignalsItselfWhenCollected:
@@ -48,11 +48,11 @@ def test_a_run_whose_stop_was_discarded_ends_killed_and_no_new_run_starts(isolat
     store = isolated["store"]
     with catch_interrupts():
         with pytest.raises(KeyboardInterrupt):
-            with start_run(store, "interrupts") as run:
+            with TrackingStore.at(store).start_run("interrupts") as run:
                 _signal_inside_a_destructor()
-        assert read_run(store, run.run_id)["status"] == "KILLED"
+        assert TrackingStore.at(store).read_run(run.run_id)["status"] == "KILLED"
         with pytest.raises(KeyboardInterrupt):
-            with start_run(store, "interrupts"):
+            with TrackingStore.at(store).start_run("interrupts"):
                 pytest.fail("a sweep told to stop must not start its next job")
 
 

@@ -21,8 +21,9 @@ from pathlib import Path
 import pytest
 from test_sweep import TINY  # tiny jobs of a few seconds each
 
-from robustcnn.sweeps.launchers import launcher_failure, prepare_launcher, quiet_schema_matching
-from robustcnn.tracking.store import ensure_experiment, search_runs
+from robustcnn.config import quiet_schema_matching
+from robustcnn.sweeps.launchers import launcher_failure, prepare_launcher
+from robustcnn.tracking.store import TrackingStore
 from robustcnn.tracking.sweep_link import MARKER_FILE
 
 #: A local Ray instance kept small: 2 CPUs, the smallest object store Ray accepts (75 MiB).
@@ -45,14 +46,14 @@ def sweep_dir(root: Path) -> Path:
 
 def assert_one_parent_with_children(store: str, root: Path, jobs: int) -> list[dict]:
     """The sweep's runs: one FINISHED parent, ``jobs`` FINISHED children under it; returns those."""
-    runs = search_runs(store, ensure_experiment(store, "smoke"))
+    runs = TrackingStore.at(store).search_runs(TrackingStore.at(store).ensure_experiment("smoke"))
     parents = [r for r in runs if r["tags"].get("robustcnn.sweep") == "true"]
     children = [r for r in runs if r not in parents]
     assert [p["status"] for p in parents] == ["FINISHED"], parents
     assert len(children) == jobs and {c["status"] for c in children} == {"FINISHED"}, children
     assert {c["tags"].get("mlflow.parentRunId") for c in children} == {parents[0]["run_id"]}
     assert sorted(int(c["tags"]["robustcnn.job_num"]) for c in children) == list(range(jobs))
-    assert search_runs(store, "0") == [], "a job logged into the Default experiment"
+    assert TrackingStore.at(store).search_runs("0") == [], "a job logged into the Default experiment"
     folder = sweep_dir(root)
     assert (folder / MARKER_FILE).is_file()
     results = [json.loads((folder / str(n) / "results.json").read_text()) for n in range(jobs)]
@@ -225,7 +226,7 @@ def test_a_failed_submitit_job_names_its_log(isolated: dict) -> None:
     assert "max_test" in line and "its log: " in line
     log = Path(line.split("its log: ")[1].strip())
     assert log.is_file() and "max_test" in log.read_text()
-    runs = search_runs(store, ensure_experiment(store, "smoke"))
+    runs = TrackingStore.at(store).search_runs(TrackingStore.at(store).ensure_experiment("smoke"))
     assert [r["status"] for r in runs if r["tags"].get("robustcnn.sweep") == "true"] == ["FAILED"]
 
 
@@ -283,7 +284,8 @@ def test_an_interrupted_joblib_sweep_exits_cleanly_without_orphaned_workers(
         deadline = time.monotonic() + 180
         while time.monotonic() < deadline and proc.poll() is None:
             started = (root / "multirun").exists()  # the sweep has created its experiment by then
-            runs = search_runs(store, ensure_experiment(store, "smoke")) if started else []
+            tracked = TrackingStore.at(store)
+            runs = tracked.search_runs(tracked.ensure_experiment("smoke")) if started else []
             if any(r["status"] == "RUNNING" and r["tags"].get("robustcnn.job_num") for r in runs):
                 break
             time.sleep(0.2)
@@ -302,5 +304,5 @@ def test_an_interrupted_joblib_sweep_exits_cleanly_without_orphaned_workers(
     for pid in orphans:
         os.kill(pid, signal.SIGKILL)
     assert not orphans, f"worker processes outlived the sweep: {orphans}"
-    runs = search_runs(store, ensure_experiment(store, "smoke"))
+    runs = TrackingStore.at(store).search_runs(TrackingStore.at(store).ensure_experiment("smoke"))
     assert [r["status"] for r in runs if r["tags"].get("robustcnn.sweep")] == ["KILLED"]

@@ -246,19 +246,19 @@ def _png() -> bytes:
 
 
 def test_report_from_a_store_skips_parents_and_lists_failed_runs(store_uri: str, tmp_path: Path) -> None:
-    from robustcnn.tracking.store import start_run
+    from robustcnn.tracking.store import TrackingStore
 
     png = tmp_path / "examples.png"
     png.write_bytes(_png())
-    with start_run(store_uri, "exp", "sweep-parent", {"robustcnn.sweep": "true"}):
+    with TrackingStore.at(store_uri).start_run("exp", "sweep-parent", {"robustcnn.sweep": "true"}):
         pass
     for name, res in (("plain", results("none", 0.98, [0.98, 0.5, 0.1, 0.0])),
                       ("at", results("pgd_at", 0.9, [0.9, 0.8, 0.7, 0.6]))):
-        with start_run(store_uri, "exp", name, {"model": "lenet5"}) as logged:
+        with TrackingStore.at(store_uri).start_run("exp", name, {"model": "lenet5"}) as logged:
             logged.log_dict({"run_name": name}, "config.json")
             logged.log_dict(res, "results.json")
             logged.log_artifact(png, "plots")
-    with pytest.raises(RuntimeError), start_run(store_uri, "exp", "crashed"):
+    with pytest.raises(RuntimeError), TrackingStore.at(store_uri).start_run("exp", "crashed"):
         raise RuntimeError("died in training")
 
     written = build_report(store_uri, None, tmp_path / "reports")

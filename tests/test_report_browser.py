@@ -74,7 +74,7 @@ def store(tmp_path_factory: pytest.TempPathFactory, empty_store: Path) -> Iterat
     from robustcnn.config import compose
     from robustcnn.jobs.dispatch import run_job
     from robustcnn.report import build_report
-    from robustcnn.tracking.store import start_run
+    from robustcnn.tracking.store import TrackingStore
 
     root = tmp_path_factory.mktemp("report-store")
     shutil.copy(empty_store, root / "mlflow.db")
@@ -91,9 +91,10 @@ def store(tmp_path_factory: pytest.TempPathFactory, empty_store: Path) -> Iterat
                 OmegaConf.update(cfg, "tracking.run_name", name)
             results = run_job(cfg, output_dir=root / f"out-{defense}", progress=False)
             made.run_ids.append(results["mlflow_run_id"])
-        with start_run(uri, "smoke", "sweep-parent", {"robustcnn.sweep": "true"}):
+        with TrackingStore.at(uri).start_run("smoke", "sweep-parent", {"robustcnn.sweep": "true"}):
             pass
-        with pytest.raises(RuntimeError), start_run(uri, "smoke", "died-in-training", {"model": "lenet5"}):
+        dying = TrackingStore.at(uri).start_run("smoke", "died-in-training", {"model": "lenet5"})
+        with pytest.raises(RuntimeError), dying:
             raise RuntimeError("killed")
         written = build_report(uri, "smoke", root / "reports")
     assert written == [made.report]

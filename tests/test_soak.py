@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 from test_sync import TINY_JOB
 
-from robustcnn.tracking.store import ensure_experiment, search_runs
+from robustcnn.tracking.store import TrackingStore
 
 JOBS = 50
 #: What the parent may grow while 40 jobs run (allocator noise; a leak of 1 MB a job would be 40).
@@ -55,7 +55,7 @@ def test_fifty_jobs_two_workers_every_run_once_and_flat_parent_memory(isolated: 
     wall = time.monotonic() - started
     assert parent.returncode == 0, stderr[-4000:]
 
-    runs = search_runs(store, ensure_experiment(store, "smoke"))
+    runs = TrackingStore.at(store).search_runs(TrackingStore.at(store).ensure_experiment("smoke"))
     children = [r for r in runs if r["tags"].get("robustcnn.sweep") != "true"]
     assert len(children) == JOBS and {r["status"] for r in children} == {"FINISHED"}
     assert sorted(int(r["tags"]["robustcnn.job_num"]) for r in children) == list(range(JOBS))

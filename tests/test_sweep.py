@@ -14,14 +14,8 @@ import pytest
 from omegaconf import OmegaConf
 
 from robustcnn.hashing import job_key
-from robustcnn.sweeps.callback import absolute_uri, count_jobs, defense_label, summary_table
-from robustcnn.tracking.store import (
-    create_run,
-    ensure_experiment,
-    owner_tags,
-    reap_orphaned_runs,
-    search_runs,
-)
+from robustcnn.sweeps.callback import count_jobs, defense_label, summary_table
+from robustcnn.tracking.store import TrackingStore, absolute_uri, owner_tags
 
 #: A job of a few seconds: lenet5 on 256 images, FGSM+PGD on 64 test images.
 TINY = (
@@ -43,7 +37,7 @@ def run(*args: str, cwd: Path, timeout: float = 600) -> subprocess.CompletedProc
 
 def runs_by_kind(store: str, experiment: str = "smoke") -> tuple[list[dict], list[dict]]:
     """(parent runs, job runs) of an experiment."""
-    runs = search_runs(store, ensure_experiment(store, experiment))
+    runs = TrackingStore.at(store).search_runs(TrackingStore.at(store).ensure_experiment(experiment))
     parents = [r for r in runs if r["tags"].get("robustcnn.sweep") == "true"]
     return parents, [r for r in runs if r not in parents]
 
@@ -133,14 +127,14 @@ def test_defense_label_is_the_preset_and_the_jobs_own_defense_overrides() -> Non
 
 def test_runs_of_dead_processes_are_marked_killed(isolated: dict) -> None:
     store = isolated["store"]
-    experiment_id = ensure_experiment(store, "reap")
+    experiment_id = TrackingStore.at(store).ensure_experiment("reap")
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
-    orphan = create_run(store, experiment_id, "orphan", {"robustcnn.pid": str(dead.pid)})
-    alive = create_run(store, experiment_id, "alive", {})  # owned by this (living) process
+    orphan = TrackingStore.at(store).create_run(experiment_id, "orphan", {"robustcnn.pid": str(dead.pid)})
+    alive = TrackingStore.at(store).create_run(experiment_id, "alive", {})  # owned by this (living) process
     assert owner_tags()["robustcnn.pid"] == str(os.getpid())
-    assert reap_orphaned_runs(store, experiment_id) == [orphan]
-    status = {r["run_id"]: r["status"] for r in search_runs(store, experiment_id)}
+    assert TrackingStore.at(store).reap_orphaned_runs(experiment_id) == [orphan]
+    status = {r["run_id"]: r["status"] for r in TrackingStore.at(store).search_runs(experiment_id)}
     assert status == {orphan: "KILLED", alive: "RUNNING"}
 
 

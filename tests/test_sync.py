@@ -19,7 +19,7 @@ from robustcnn.cli import main
 from robustcnn.config import compose
 from robustcnn.errors import ConfigError, TrackingError
 from robustcnn.jobs.dispatch import run_job
-from robustcnn.tracking.store import ensure_experiment, read_run, search_runs
+from robustcnn.tracking.store import TrackingStore
 from robustcnn.tracking.sync import ORIGINAL_TAG, sync
 
 #: A whole job (train, clean accuracy, FGSM battery, checks) in a few seconds; shared by the fault tests.
@@ -62,18 +62,19 @@ def test_store_failing_mid_job_keeps_results_and_sync_imports_them_once(
     results = json.loads((root / "lost/results.json").read_text())
     assert results["verdict"] and results["robust_accuracy"]["fgsm"]  # the job ran to the end
     original = json.loads((root / "lost/run.json").read_text())["run_id"]
-    assert read_run(store, original)["status"] == "RUNNING"  # what a dead store leaves behind
+    # what a dead store leaves behind
+    assert TrackingStore.at(store).read_run(original)["status"] == "RUNNING"
 
     first = sync([root])
     assert [o.status for o in first] == ["imported"]
-    imported = read_run(store, first[0].run_id)
+    imported = TrackingStore.at(store).read_run(first[0].run_id)
     assert imported["status"] == "FINISHED" and imported["tags"][ORIGINAL_TAG] == original
-    replaced = read_run(store, original)
+    replaced = TrackingStore.at(store).read_run(original)
     assert replaced["status"] == "FAILED" and replaced["tags"]["robustcnn.superseded_by"] == first[0].run_id
 
     # the imported run reads like the same job logged live (weights now cached: seconds)
     live = run_job(compose([*TINY_JOB, "force=true"]), output_dir=root / "live", progress=False)
-    logged = read_run(store, live["mlflow_run_id"])
+    logged = TrackingStore.at(store).read_run(live["mlflow_run_id"])
     assert set(imported["metrics"]) == set(logged["metrics"])
     for name, value in logged["metrics"].items():
         if not name.startswith(TIMING) and name != "train_seconds":
@@ -84,8 +85,8 @@ def test_store_failing_mid_job_keeps_results_and_sync_imports_them_once(
     # repeating the sync (or syncing the whole tree, the live job included) adds nothing
     second = sync([root])
     assert sorted(o.status for o in second) == ["present", "present"]
-    experiment_id = ensure_experiment(store, "smoke")
-    finished = search_runs(store, experiment_id, "attributes.status = 'FINISHED'")
+    experiment_id = TrackingStore.at(store).ensure_experiment("smoke")
+    finished = TrackingStore.at(store).search_runs(experiment_id, "attributes.status = 'FINISHED'")
     assert len(finished) == 2  # the imported job and the live one, each once
 
 
@@ -226,7 +227,7 @@ def test_a_tracking_server_killed_mid_sweep(isolated: dict) -> None:
         first = _cli("sync", "sweep", root=root, env=env)
         again = _cli("sync", "sweep", root=root, env=env)
         rerun = _cli(*sweep, "hydra.sweep.dir=sweep2", root=root, env=env)
-        runs = search_runs(uri, ensure_experiment(uri, "smoke"))
+        runs = TrackingStore.at(uri).search_runs(TrackingStore.at(uri).ensure_experiment("smoke"))
     finally:
         _stop(server)
     assert first.returncode == 0 and "sync: 1 imported" in first.stdout, first.stdout + first.stderr

@@ -8,13 +8,7 @@ from pathlib import Path
 import pytest
 
 from robustcnn.errors import TrackingError
-from robustcnn.tracking.store import (
-    download_json_artifact,
-    flatten,
-    read_run,
-    resolve_tracking_uri,
-    start_run,
-)
+from robustcnn.tracking.store import TrackingStore, flatten, resolve_tracking_uri
 
 
 def test_uri_precedence(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
@@ -22,7 +16,9 @@ def test_uri_precedence(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None
     assert resolve_tracking_uri(None, tmp_path) == f"sqlite:///{tmp_path.resolve() / 'mlflow.db'}"
     assert resolve_tracking_uri("http://127.0.0.1:5000", tmp_path) == "http://127.0.0.1:5000"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "sqlite:///env.db")
-    assert resolve_tracking_uri("http://127.0.0.1:5000", tmp_path) == "sqlite:///env.db"
+    monkeypatch.chdir(tmp_path)  # a relative sqlite path is made absolute, so every worker opens one file
+    expected = f"sqlite:///{tmp_path.resolve() / 'env.db'}"
+    assert resolve_tracking_uri("http://127.0.0.1:5000", tmp_path) == expected
 
 
 def test_flatten_nested_config() -> None:
@@ -40,24 +36,24 @@ def test_run_logs_params_metrics_and_json(store_uri: str) -> None:
     uri = store_uri
     params = {f"p{i}": i for i in range(150)}  # more than one mlflow batch
     params["long"] = "x" * 7000
-    with start_run(uri, "exp", "name", {"t": "v"}) as run:
+    with TrackingStore.at(uri).start_run("exp", "name", {"t": "v"}) as run:
         run.log_params(params)
         run.log_metrics({"clean_accuracy": 0.5, "skipped": None})
         run.log_metrics({"curve": 0.1}, step=3)
         run.log_dict({"clean_accuracy": 0.5}, "results.json")
-    stored = read_run(uri, run.run_id)
+    stored = TrackingStore.at(uri).read_run(run.run_id)
     assert stored["status"] == "FINISHED"
     assert stored["params"]["p149"] == "149" and stored["params"]["long"].endswith("[cut]")
     assert stored["metrics"]["clean_accuracy"] == 0.5 and "skipped" not in stored["metrics"]
     assert stored["tags"]["t"] == "v"
-    assert download_json_artifact(uri, run.run_id, "results.json") == {"clean_accuracy": 0.5}
+    assert TrackingStore.at(uri).download_json(run.run_id, "results.json") == {"clean_accuracy": 0.5}
 
 
 def test_failure_inside_marks_run_failed(store_uri: str) -> None:
     uri = store_uri
-    with pytest.raises(RuntimeError), start_run(uri, "exp") as run:
+    with pytest.raises(RuntimeError), TrackingStore.at(uri).start_run("exp") as run:
         raise RuntimeError("boom")
-    assert read_run(uri, run.run_id)["status"] == "FAILED"
+    assert TrackingStore.at(uri).read_run(run.run_id)["status"] == "FAILED"
 
 
 def test_unwritable_store_is_one_clear_error(tmp_path: Path) -> None:
@@ -65,6 +61,6 @@ def test_unwritable_store_is_one_clear_error(tmp_path: Path) -> None:
     blocker.write_text("x")
     with (
         pytest.raises(TrackingError, match="MLFLOW_TRACKING_URI"),
-        start_run(f"sqlite:///{blocker}/sub/m.db", "exp"),
+        TrackingStore.at(f"sqlite:///{blocker}/sub/m.db").start_run("exp"),
     ):
         pass

@@ -27,20 +27,20 @@ def cmd_list() -> None:
 def cmd_report(ns: argparse.Namespace) -> None:
     """Build the HTML dashboard of one experiment (or all) from the MLflow store; print the paths."""
     from robustcnn.report import build_report
-    from robustcnn.tracking.store import resolve_tracking_uri
+    from robustcnn.tracking.store import TrackingStore
 
     quiet_libraries()
-    uri = ns.tracking_uri or resolve_tracking_uri(None)
+    uri = ns.tracking_uri or TrackingStore.resolve().uri
     for path in build_report(uri, ns.experiment, Path(ns.out)):
         print(path)
 
 
 def cmd_ui(ns: argparse.Namespace) -> None:
     """Serve the MLflow UI on the project's store (tracking.ui); 127.0.0.1 unless --host says otherwise."""
-    from robustcnn.tracking.store import resolve_tracking_uri
+    from robustcnn.tracking.store import TrackingStore
     from robustcnn.tracking.ui import serve
 
-    serve(ns.tracking_uri or resolve_tracking_uri(None), ns.host, ns.port)
+    serve(ns.tracking_uri or TrackingStore.resolve().uri, ns.host, ns.port)
 
 
 def cmd_audit(ns: argparse.Namespace) -> None:

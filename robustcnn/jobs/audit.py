@@ -9,7 +9,6 @@ passed (or no gate), 1 below the gate, 3 unreliable evaluation, 2 bad input; 2 w
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
@@ -28,17 +27,12 @@ from robustcnn.device import resolve_device, seed_everything, set_threads
 from robustcnn.errors import ConfigError
 from robustcnn.evaluation.battery import BatterySettings, run_battery
 from robustcnn.evaluation.settings import plan_attacks
+from robustcnn.files import write_json
 from robustcnn.jobs.inputs import bind_surrogates, load_data, to_container
 from robustcnn.jobs.lifecycle import environment_info
 from robustcnn.jobs.outputs import log_battery
 from robustcnn.report.audit_page import write_report
-from robustcnn.tracking.store import (
-    check_store_writable,
-    fetch_artifacts,
-    flatten,
-    resolve_tracking_uri,
-    start_run,
-)
+from robustcnn.tracking.store import TrackingStore, flatten
 
 log = logging.getLogger(__name__)
 
@@ -144,15 +138,9 @@ def exit_code(verdict: str, gate: dict[str, Any]) -> int:
     return EXIT_PASSED
 
 
-def _write_json(path: Path, data: dict[str, Any]) -> None:
-    partial = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    partial.write_text(json.dumps(data, indent=2, sort_keys=True, default=str))
-    os.replace(partial, path)
-
-
-def fetch_model(source: str, tracking_uri: str, dst: Path) -> Path:
+def fetch_model(source: str, store: TrackingStore, dst: Path) -> Path:
     """Download an MLflow model URI into ``dst``; return the model file inside it."""
-    path = fetch_artifacts(tracking_uri, source, dst)
+    path = store.fetch_artifacts(source, dst)
     return path if path.is_file() else sources.model_file_in(path, source)
 
 
@@ -168,8 +156,8 @@ def run_audit(
     seed_everything(int(config.get("seed", 0)))
     device = resolve_device(config.get("device", "auto"))
     tracking = config.get("tracking") or {}
-    uri = resolve_tracking_uri(tracking.get("uri"))
-    check_store_writable(uri)
+    store = TrackingStore.resolve(tracking.get("uri"))
+    store.check_writable()
     threat, attacks = plan_attacks(config)
     if threat is None:
         raise ConfigError("attack=[] selects no attack; an audit needs some, e.g. attack=[fgsm,pgd,square]")
@@ -180,7 +168,7 @@ def run_audit(
     x, y = data.x_test[:n], data.y_test[:n]
 
     with tempfile.TemporaryDirectory(prefix="robustcnn-audit-") as tmp:
-        path = fetch_model(source, uri, Path(tmp)) if sources.is_mlflow_uri(source) else Path(source)
+        path = fetch_model(source, store, Path(tmp)) if sources.is_mlflow_uri(source) else Path(source)
         loaded = loading.load_model_file(
             path, allow_pickle=section["allow_pickle"], onnx_mode=section["onnx"]
         )
@@ -250,16 +238,16 @@ def run_audit(
     results["model_card"] = card
     results["out_dir"] = str(out)
     results["audit_seconds"] = time.perf_counter() - started
-    _write_json(out / "audit.json", results)
-    _write_json(out / "model_card.json", card)
-    log_to_mlflow(uri, tracking, config, results, battery, out, data.info.class_names, card)
-    _write_json(out / "audit.json", results)  # now with the MLflow run id
-    write_report(out, results, config, card, store=uri)
+    write_json(out, "audit.json", results)
+    write_json(out, "model_card.json", card)
+    log_to_mlflow(store, tracking, config, results, battery, out, data.info.class_names, card)
+    write_json(out, "audit.json", results)  # now with the MLflow run id
+    write_report(out, results, config, card, store=store.uri)
     return int(results["exit_code"]), results
 
 
 def log_to_mlflow(
-    uri: str,
+    store: TrackingStore,
     tracking: dict[str, Any],
     config: dict[str, Any],
     results: dict[str, Any],
@@ -279,9 +267,8 @@ def log_to_mlflow(
         "data": results["data"],
         "defense": "(audited)",
     }
-    with start_run(
-        uri, tracking.get("experiment") or "audit", tracking.get("run_name") or f"audit-{model['name']}", tags
-    ) as run:
+    experiment = tracking.get("experiment") or "audit"
+    with store.start_run(experiment, tracking.get("run_name") or f"audit-{model['name']}", tags) as run:
         results["mlflow_run_id"] = run.run_id
         params = flatten({k: v for k, v in config.items() if k != "hydra"})
         params.update({f"model_file.{k}": v for k, v in model.items() if not isinstance(v, (dict, list))})
@@ -305,7 +292,7 @@ def log_to_mlflow(
         # the store's copy is incomplete, so this is a warning, not a change of the exit code
         log.warning(
             "the MLflow store %s failed while logging the audit (%s); the files in %s are complete",
-            uri,
+            store.uri,
             run.lost,
             out,
         )

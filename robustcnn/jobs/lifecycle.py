@@ -25,13 +25,7 @@ from robustcnn.errors import TrackingError
 from robustcnn.files import OutputError, check_output_folder, write_json
 from robustcnn.hashing import code_version, job_key
 from robustcnn.tracking.resume import JOB_KEY_TAG, find_finished
-from robustcnn.tracking.store import (
-    RunLogger,
-    check_store_writable,
-    ensure_experiment,
-    resolve_tracking_uri,
-    start_run,
-)
+from robustcnn.tracking.store import RunLogger, TrackingStore
 from robustcnn.tracking.sweep_link import SweepLink
 from robustcnn.training.cache import WeightCache
 
@@ -74,7 +68,7 @@ class JobContext:
     config: dict[str, Any]
     seed: int
     device: torch.device
-    uri: str
+    store: TrackingStore
     experiment: str
     experiment_id: str
     out: Path | None
@@ -98,8 +92,8 @@ def prepare_job(
     device = resolve_device(config.get("device", "auto"))
     tracking = config.get("tracking") or {}
     experiment = tracking.get("experiment") or "robustcnn"
-    uri = sweep.tracking_uri if sweep else resolve_tracking_uri(tracking.get("uri"))
-    check_store_writable(uri)
+    store = TrackingStore.at(sweep.tracking_uri) if sweep else TrackingStore.resolve(tracking.get("uri"))
+    store.check_writable()
     if uses_cache:
         WeightCache(config["paths"]["cache_dir"]).ensure_writable()
     out = Path(output_dir) if output_dir is not None else None
@@ -107,10 +101,12 @@ def prepare_job(
         check_output_folder(out, "the job's output folder", "hydra.run.dir (hydra.sweep.dir in a sweep)")
         out.mkdir(parents=True, exist_ok=True)
     key = job_key(config)
-    experiment_id = sweep.experiment_id if sweep else ensure_experiment(uri, experiment)
+    experiment_id = sweep.experiment_id if sweep else store.ensure_experiment(experiment)
+    if sweep is None:  # a sweep's own process reaped its experiment once, before any job
+        store.reap_orphaned_runs(experiment_id)
     previous = None
     if not config.get("force", False):
-        previous = find_finished(uri, experiment_id, key)
+        previous = find_finished(store, experiment_id, key)
         if previous is not None:
             log.info(
                 "identical job already finished in run %s: reused (force=true runs it again)",
@@ -118,7 +114,7 @@ def prepare_job(
             )
             write_results(out, previous)
     return JobContext(
-        started, config, seed, device, uri, experiment, experiment_id, out, key, sweep, previous
+        started, config, seed, device, store, experiment, experiment_id, out, key, sweep, previous
     )
 
 
@@ -142,7 +138,7 @@ def record_run_start(
         ctx.out,
         "run.json",
         {
-            "tracking_uri": ctx.uri,
+            "tracking_uri": ctx.store.uri,
             "experiment": ctx.experiment,
             "experiment_id": ctx.experiment_id,
             "run_id": run.run_id,
@@ -153,6 +149,7 @@ def record_run_start(
         },
     )
     run.log_params(params)
+    run.flush()  # the params are in the store before any work: a job that dies shows what it was
     run.log_dict(ctx.config, "config.json")
 
 
@@ -161,8 +158,7 @@ def open_job_run(
     ctx: JobContext, run_name: str, tags: dict[str, Any], params: dict[str, Any]
 ) -> Iterator[RunLogger]:
     """The job's MLflow run (under the sweep's parent, if any), its params and files recorded first."""
-    with start_run(
-        ctx.uri,
+    with ctx.store.start_run(
         ctx.experiment,
         run_name,
         tags,
@@ -191,5 +187,5 @@ def raise_unrecorded(run: RunLogger, ctx: JobContext, unwritten: OutputError | N
         where = f"MLflow run {run.run_id} (results.json)" if run.lost is None else "no store either"
         raise OutputError(f"{unwritten}; the job's results are in {where}")
     if run.lost is not None:
-        raise store_lost_error(ctx.uri, run, ctx.out)
+        raise store_lost_error(ctx.store.uri, run, ctx.out)
 

@@ -1,8 +1,8 @@
 """Read-only access to the MLflow store for the dashboard: experiments, runs and their artifacts.
 
-mlflow is reached only through :func:`robustcnn.tracking.store.mlflow_module` (tracking.py stays the one
-module that imports it), and lazily, so ``robustcnn --help`` never pays for it. Reading must never
-create a store: a mistyped URI would otherwise leave an empty ``mlflow.db`` behind and produce an
+mlflow is reached only through :class:`robustcnn.tracking.store.TrackingStore` (the tracking package
+is the only one that imports it), and lazily, so ``robustcnn --help`` never pays for it. Reading must
+never create a store: a mistyped URI would otherwise leave an empty ``mlflow.db`` behind and produce an
 empty report instead of an error that names the problem.
 """
 
@@ -74,11 +74,12 @@ def _store_errors(uri: str, what: str) -> Iterator[None]:
 
 
 def _client(uri: str) -> Any:
-    from robustcnn.tracking.store import mlflow_module
+    """mlflow's client for the store (one per URI: :class:`robustcnn.tracking.store.TrackingStore`)."""
+    from robustcnn.tracking.store import TrackingStore
 
     check_store_exists(uri)
     with _store_errors(uri, "opening the store"):
-        return mlflow_module().tracking.MlflowClient(tracking_uri=uri)
+        return TrackingStore.at(uri).client
 
 
 def experiments(uri: str) -> dict[str, str]:

@@ -24,16 +24,7 @@ from omegaconf import DictConfig, OmegaConf
 from robustcnn import __version__
 from robustcnn.errors import RobustCNNError
 from robustcnn.sweeps.launchers import prepare_launcher
-from robustcnn.tracking.store import (
-    create_run,
-    delete_run,
-    end_run,
-    ensure_experiment,
-    log_run_text,
-    reap_orphaned_runs,
-    resolve_tracking_uri,
-    search_runs,
-)
+from robustcnn.tracking.store import TrackingStore
 from robustcnn.tracking.sweep_link import ENV_EXPERIMENT_ID, ENV_PARENT_RUN, MARKER_FILE, SweepLink
 
 log = logging.getLogger(__name__)
@@ -70,14 +61,6 @@ def defense_label(hydra_cfg: Any) -> str | None:
     return " ".join([str(choice), *own])
 
 
-def absolute_uri(uri: str) -> str:
-    """A relative sqlite path made absolute, so workers started elsewhere open the same file."""
-    prefix = "sqlite:///"
-    if uri.startswith(prefix) and not uri[len(prefix) :].startswith("/"):
-        return prefix + str(Path(uri[len(prefix) :]).resolve())
-    return uri
-
-
 def count_jobs(config: DictConfig) -> int | None:
     """How many jobs the basic sweeper will launch (None when it cannot tell, e.g. other sweepers)."""
     try:
@@ -103,7 +86,7 @@ class SweepCallback(Callback):
         self.owner_pid: int | None = None
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
-        uri = absolute_uri(resolve_tracking_uri(OmegaConf.select(config, "tracking.uri")))
+        uri = TrackingStore.resolve(OmegaConf.select(config, "tracking.uri")).uri
         experiment = OmegaConf.select(config, "tracking.experiment") or "robustcnn"
         sweep_dir = Path(config.hydra.sweep.dir)
         self.total = count_jobs(config)
@@ -168,10 +151,10 @@ def open_sweep(
     uri: str, experiment: str, sweep_dir: Path, overrides: list[str], total: int | None
 ) -> SweepLink:
     """Create the store, the experiment and the parent run; tell the workers through env and marker."""
-    experiment_id = ensure_experiment(uri, experiment)
-    reap_orphaned_runs(uri, experiment_id)  # a killed earlier sweep left its runs RUNNING
-    parent = create_run(
-        uri,
+    store = TrackingStore.at(uri)
+    experiment_id = store.ensure_experiment(experiment)
+    store.reap_orphaned_runs(experiment_id)  # a killed earlier sweep left its runs RUNNING
+    parent = store.create_run(
         experiment_id,
         run_name=f"sweep {sweep_dir.name}",
         tags={
@@ -200,8 +183,8 @@ def sweep_cells(link: SweepLink, sweep_dir: Path) -> list[dict[str, Any]]:
     """One row per job: its child run (or the finished run it reused) and its headline numbers."""
     children = {
         r["run_id"]: r
-        for r in search_runs(
-            link.tracking_uri, link.experiment_id, f"tags.`mlflow.parentRunId` = '{link.parent_run_id}'"
+        for r in TrackingStore.at(link.tracking_uri).search_runs(
+            link.experiment_id, f"tags.`mlflow.parentRunId` = '{link.parent_run_id}'"
         )
     }
     cells: list[dict[str, Any]] = []
@@ -270,15 +253,14 @@ def close_sweep(link: SweepLink, sweep_dir: Path, status: str | None) -> tuple[s
     cells = sweep_cells(link, sweep_dir)
     if status is None:
         status = "FINISHED" if cells and all(c["status"] == "FINISHED" for c in cells) else "FAILED"
+    store = TrackingStore.at(link.tracking_uri)
     summary = {"parent_run_id": link.parent_run_id, "status": status, "cells": cells}
     (sweep_dir / "sweep_summary.json").write_text(json.dumps(summary, indent=2))  # kept if the store fails
     try:
-        log_run_text(
-            link.tracking_uri, link.parent_run_id, json.dumps(summary, indent=2), "sweep_summary.json"
-        )
-        log_run_text(link.tracking_uri, link.parent_run_id, summary_table(cells), "sweep_summary.md")
+        store.log_text(link.parent_run_id, json.dumps(summary, indent=2), "sweep_summary.json")
+        store.log_text(link.parent_run_id, summary_table(cells), "sweep_summary.md")
     finally:
-        end_run(link.tracking_uri, link.parent_run_id, status)
+        store.end_run(link.parent_run_id, status)
         _OPEN.pop(link.parent_run_id, None)
     print(
         f"sweep: {len(cells)} jobs, status {status}, summary {sweep_dir / 'sweep_summary.json'}",
@@ -301,7 +283,7 @@ def close_open_sweeps(status: str) -> None:
     for link, sweep_dir in list(_OPEN.values()):
         try:
             if not jobs_started(sweep_dir):
-                delete_run(link.tracking_uri, link.parent_run_id)
+                TrackingStore.at(link.tracking_uri).delete_run(link.parent_run_id)
                 _OPEN.pop(link.parent_run_id, None)
                 continue
             close_sweep(link, sweep_dir, status=status)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from robustcnn.tracking.store import download_json_artifact, reap_orphaned_runs, search_runs
+from robustcnn.tracking.store import TrackingStore
 
 log = logging.getLogger(__name__)
 
@@ -19,19 +19,17 @@ log = logging.getLogger(__name__)
 JOB_KEY_TAG = "robustcnn.job_key"
 
 
-def find_finished(uri: str, experiment_id: str, key: str) -> dict[str, Any] | None:
+def find_finished(store: TrackingStore, experiment_id: str, key: str) -> dict[str, Any] | None:
     """The results of the newest FINISHED run with this job key, or None.
 
     A finished run whose ``results.json`` cannot be read (deleted artifacts) does not count:
     the job is computed again rather than reported without results.
     """
-    reap_orphaned_runs(uri, experiment_id)
-    runs = search_runs(
-        uri, experiment_id, f"tags.`{JOB_KEY_TAG}` = '{key}' and attributes.status = 'FINISHED'"
-    )
+    query = f"tags.`{JOB_KEY_TAG}` = '{key}' and attributes.status = 'FINISHED'"
+    runs = store.search_runs(experiment_id, query)
     for run in sorted(runs, key=lambda r: r["start_time"] or 0, reverse=True):
         try:
-            results = download_json_artifact(uri, run["run_id"], "results.json")
+            results = store.download_json(run["run_id"], "results.json")
         except Exception as exc:  # missing or unreadable artifact: not reusable
             log.warning(
                 "run %s finished but its results.json is unreadable (%s); not reused", run["run_id"], exc

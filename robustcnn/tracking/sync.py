@@ -23,14 +23,7 @@ from typing import Any
 from robustcnn.errors import ConfigError, TrackingError
 from robustcnn.hashing import file_sha256
 from robustcnn.tracking.records import all_metric_rows, result_tags
-from robustcnn.tracking.store import (
-    end_run,
-    ensure_experiment,
-    get_run_status,
-    search_runs,
-    set_run_tag,
-    start_run,
-)
+from robustcnn.tracking.store import TrackingStore
 
 log = logging.getLogger(__name__)
 
@@ -76,12 +69,14 @@ def _read_json(path: Path) -> dict[str, Any]:
     return data
 
 
-def _already_present(uri: str, experiment_id: str, original: str | None, digest: str) -> str | None:
+def _already_present(
+    store: TrackingStore, experiment_id: str, original: str | None, digest: str
+) -> str | None:
     """The id of a FINISHED run that already holds these results, else None."""
-    if original and get_run_status(uri, original) == "FINISHED":
+    if original and store.run_status(original) == "FINISHED":
         return original
     query = f"tags.`{DIGEST_TAG}` = '{digest}' and attributes.status = 'FINISHED'"
-    synced = search_runs(uri, experiment_id, query)
+    synced = store.search_runs(experiment_id, query)
     return synced[0]["run_id"] if synced else None
 
 
@@ -95,14 +90,15 @@ def sync_folder(folder: Path, uri: str | None = None) -> SyncOutcome:
     except (OSError, ValueError, KeyError) as exc:
         return SyncOutcome(folder, "damaged", None, f"unreadable results.json/run.json: {exc}")
     digest = file_sha256(folder / "results.json")
-    experiment_id = ensure_experiment(target, experiment)
+    store = TrackingStore.at(target)
+    experiment_id = store.ensure_experiment(experiment)
     original = meta.get("run_id") or results.get("mlflow_run_id")
-    present = _already_present(target, experiment_id, original, digest)
+    present = _already_present(store, experiment_id, original, digest)
     if present is not None:
         return SyncOutcome(folder, "present", present, f"already in {target}")
 
     parent = meta.get("parent_run_id")
-    if parent and get_run_status(target, parent) is None:
+    if parent and store.run_status(parent) is None:
         parent = None  # the sweep's parent run is not in this store: import the job on its own
     tags = {
         **meta.get("tags", {}),
@@ -111,7 +107,7 @@ def sync_folder(folder: Path, uri: str | None = None) -> SyncOutcome:
         ORIGINAL_TAG: original or "",
         SOURCE_TAG: str(folder.resolve()),
     }
-    with start_run(target, experiment, meta.get("run_name"), tags, experiment_id, parent) as run:
+    with store.start_run(experiment, meta.get("run_name"), tags, experiment_id, parent) as run:
         run.log_params(meta.get("params", {}))
         run.log_metric_rows(all_metric_rows(results))
         if (folder / "config.json").is_file():
@@ -124,20 +120,20 @@ def sync_folder(folder: Path, uri: str | None = None) -> SyncOutcome:
             f"the MLflow store {target} failed while importing {folder} ({run.lost}); "
             "run the same `robustcnn sync` again once it answers (imported jobs are not duplicated)"
         )
-    _supersede(target, original, run.run_id)
+    _supersede(store, original, run.run_id)
     return SyncOutcome(folder, "imported", run.run_id, f"into {target}, experiment {experiment!r}")
 
 
-def _supersede(uri: str, original: str | None, replacement: str) -> None:
+def _supersede(store: TrackingStore, original: str | None, replacement: str) -> None:
     """Mark the partial run a failing store left behind as FAILED, pointing at its replacement."""
     if not original:
         return
-    status = get_run_status(uri, original)
+    status = store.run_status(original)
     if status is None:
         return
     if status == "RUNNING":
-        end_run(uri, original, "FAILED")
-    set_run_tag(uri, original, "robustcnn.superseded_by", replacement)
+        store.end_run(original, "FAILED")
+    store.set_run_tag(original, "robustcnn.superseded_by", replacement)
 
 
 def sync(paths: Sequence[str | Path], uri: str | None = None) -> list[SyncOutcome]:
