@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from robustcnn.report.examples import ExampleSet
 from robustcnn.tracking.store import TrackingStore
 
 
@@ -60,7 +61,9 @@ def test_smoke_experiment_logs_a_run_and_second_run_hits_the_cache(isolated: dic
     assert results["worst_case_robust_accuracy"][-1] <= 0.01  # eps 0.3 on an undefended model
     assert results["clean_accuracy"] > 0.8, results  # 1,000 images, one epoch: a real model, not chance
     assert results["model"] == "lenet5" and results["data"] == "mnist5k" and results["defense"] == "none"
-    assert list(root.glob("outputs/*/*/robustness_curve.png")) and list(root.glob("outputs/*/*/examples.png"))
+    (kept,) = root.glob("outputs/*/*/examples.safetensors")  # the report draws the grid from it
+    examples = ExampleSet.load(kept)
+    assert examples.adversarial.shape[:2] == (len(results["eps"]), examples.clean.shape[0])
     written = list(root.glob("outputs/*/*/results.json"))
     assert written and json.loads(written[0].read_text())["clean_accuracy"] == results["clean_accuracy"]
 

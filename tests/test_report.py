@@ -274,6 +274,35 @@ def test_report_from_a_store_skips_parents_and_lists_failed_runs(store_uri: str,
     assert not list((tmp_path / "reports" / "exp").glob(".*.tmp"))
 
 
+def test_report_draws_kept_examples_once_and_reuses_its_cache(
+    store_uri: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Jobs keep examples as data; the report draws each run's grid once, later builds read its cache."""
+    import torch
+
+    from robustcnn.report import examples as examples_module
+    from robustcnn.tracking.store import TrackingStore
+
+    clean = torch.rand(3, 1, 8, 8)
+    adversarial = torch.stack([clean, (clean + 0.1).clamp(0, 1)])
+    kept = examples_module.ExampleSet(clean, adversarial, (0.0, 0.1), ("a",))
+    path = kept.save(tmp_path / examples_module.EXAMPLES_FILE)
+    with TrackingStore.at(store_uri).start_run("exp", "kept", {"model": "lenet5"}) as logged:
+        logged.log_dict(results("none", 0.98, [0.98, 0.5, 0.1, 0.0]), "results.json")
+        logged.log_artifact(path, "plots")
+    drawn: list[Path] = []
+    real = examples_module.ExampleSet.render_png
+    monkeypatch.setattr(
+        examples_module.ExampleSet, "render_png", lambda self, p: drawn.append(p) or real(self, p)
+    )
+
+    first = build_report(store_uri, "exp", tmp_path / "reports")[0].read_text()
+    assert first.count('<img src="data:image/png;base64,') == 1 and len(drawn) == 1
+    second = build_report(store_uri, "exp", tmp_path / "reports")[0].read_text()
+    assert len(drawn) == 1, "a finished run's grid was drawn again instead of read from the report's cache"
+    assert second.count('<img src="data:image/png;base64,') == 1
+
+
 def test_missing_experiment_names_the_existing_ones(store_uri: str, tmp_path: Path) -> None:
     with pytest.raises(ReportError, match="'nope' does not exist.*warmup") as info:
         build_report(store_uri, "nope", tmp_path / "reports")

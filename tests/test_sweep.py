@@ -125,6 +125,30 @@ def test_defense_label_is_the_preset_and_the_jobs_own_defense_overrides() -> Non
     assert defense_label(hydra_cfg(None, "seed=0")) is None
 
 
+def test_a_basic_sweep_composes_each_job_once(
+    isolated: dict, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Hydra's batch check and the launch share one composition per job (robustcnn.sweeps.compose_once)."""
+    from hydra._internal.config_loader_impl import ConfigLoaderImpl
+
+    from robustcnn.cli import main
+
+    composed: list[list[str]] = []
+    real = ConfigLoaderImpl.load_configuration
+
+    def counting(self: ConfigLoaderImpl, config_name: str | None, overrides: list[str], run_mode: object,
+                 from_shell: bool = True, validate_sweep_overrides: bool = True) -> object:
+        if from_shell:  # Hydra's own compositions (the first-cell check before Hydra uses its compose API)
+            composed.append(list(overrides))
+        return real(self, config_name, overrides, run_mode, from_shell, validate_sweep_overrides)
+
+    monkeypatch.setattr(ConfigLoaderImpl, "load_configuration", counting)
+    main(["run", "-m", *TINY, "attack=[]", "seed=0,1,2"])
+    per_job = [o for o in composed if any(x in o for x in ("seed=0", "seed=1", "seed=2"))]
+    assert sorted(o[-1] for o in per_job) == ["seed=0", "seed=1", "seed=2"], composed
+    assert capsys.readouterr().out.count("clean_accuracy=") == 3
+
+
 def test_runs_of_dead_processes_are_marked_killed(isolated: dict) -> None:
     store = isolated["store"]
     experiment_id = TrackingStore.at(store).ensure_experiment("reap")

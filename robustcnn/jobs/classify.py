@@ -149,6 +149,7 @@ def evaluate_model(
     results["n_test"] = int(y_test.shape[0])
     run.log_metric_rows(summary_metric_rows(results))
     run.set_tags(result_tags(results))
+    run.flush()  # the training curves and clean accuracy show in the UI while the attacks run
     if plan.threat is not None:
         bind_surrogates(plan.attacks, config, data, device, progress)
         n_attack = evaluation.attack_samples or int(y_test.shape[0])

@@ -15,6 +15,7 @@ from typing import Any
 
 from robustcnn.report.build import plotly_js
 from robustcnn.report.charts import robustness_curves
+from robustcnn.report.examples import EXAMPLES_FILE, ExampleSet
 from robustcnn.report.page import esc, render, section
 from robustcnn.report.records import EXAMPLES_PNG, ExperimentRuns, RunRecord
 
@@ -63,7 +64,8 @@ def write_report(
 ) -> Path:
     """Render ``out/report.html`` (atomically) from the audit's results."""
     shown = {**results, "model": results["model"]["name"], "defense": "(audited)"}
-    examples = out / EXAMPLES_PNG
+    kept = out / EXAMPLES_FILE
+    examples = ExampleSet.load(kept).render_png(out / EXAMPLES_PNG) if kept.is_file() else out / EXAMPLES_PNG
     record = RunRecord(
         run_id=str(results.get("mlflow_run_id") or "-"),
         name=results["model"]["name"],

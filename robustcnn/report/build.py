@@ -40,12 +40,16 @@ def plotly_js() -> str:
     return js
 
 
-def collect(uri: str, name: str, experiment_id: str) -> ExperimentRuns:
-    """Read an experiment's runs and the artifacts of its finished job runs."""
+#: The report's own cache of finished runs (results, config, the drawn example grid), per experiment.
+CACHE = ".runs"
+
+
+def collect(uri: str, name: str, experiment_id: str, cache: Path | None = None) -> ExperimentRuns:
+    """Read an experiment's runs and the artifacts of its finished job runs (cached in ``cache``)."""
     records = store.runs(uri, experiment_id)
     for record in records:
         if record.needs_artifacts:
-            store.attach_artifacts(uri, record)
+            store.attach_artifacts(uri, record, cache)
     return split_runs(name, records)
 
 
@@ -87,6 +91,7 @@ def build_report(tracking_uri: str, experiment: str | None, out_root: Path) -> l
     js = plotly_js()
     written = []
     for name, eid in chosen.items():
-        runs = collect(tracking_uri, name, eid)
-        written.append(write_page(runs, out_root / folder_name(name, eid), tracking_uri, js))
+        folder = out_root / folder_name(name, eid)
+        runs = collect(tracking_uri, name, eid, cache=folder / CACHE)
+        written.append(write_page(runs, folder, tracking_uri, js))
     return written

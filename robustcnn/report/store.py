@@ -17,6 +17,7 @@ from typing import Any
 from urllib.parse import urlparse
 
 from robustcnn.errors import ReportError, RobustCNNError
+from robustcnn.report.examples import EXAMPLES_FILE, ExampleSet
 from robustcnn.report.records import EXAMPLES_PNG, RunRecord
 
 #: Runs fetched per page of ``search_runs`` (MLflow's own maximum per call is larger).
@@ -139,12 +140,16 @@ def runs(uri: str, experiment_id: str) -> list[RunRecord]:
                 return records
 
 
-def attach_artifacts(uri: str, record: RunRecord, plots: tuple[str, ...] = (EXAMPLES_PNG,)) -> None:
-    """Fill ``results``, ``config`` and the wanted ``plots/*.png`` of a run from its artifacts.
+def attach_artifacts(uri: str, record: RunRecord, cache: Path | None = None) -> None:
+    """Fill ``results``, ``config`` and the example grid of a finished run from its artifacts.
 
     A run without ``results.json`` (a sweep parent, a job that died after logging its config)
-    keeps ``results=None`` and is skipped by the page.
+    keeps ``results=None`` and is skipped by the page. With ``cache`` (a folder of the report's own),
+    what was read and drawn for a run is kept there and read back on the next build: a finished
+    run's artifacts never change, so a report rebuilt after a sweep fetches only the new runs.
     """
+    if cache is not None and _read_cached(cache, record):
+        return
     client = _client(uri)
     with _store_errors(uri, f"reading the artifacts of run {record.run_id}"):
         root = {Path(f.path).name for f in client.list_artifacts(record.run_id)}
@@ -153,9 +158,45 @@ def attach_artifacts(uri: str, record: RunRecord, plots: tuple[str, ...] = (EXAM
                 if name in root:
                     local = client.download_artifacts(record.run_id, name, tmp)
                     setattr(record, attr, json.loads(Path(local).read_text()))
-            if "plots" in root:
-                for info in client.list_artifacts(record.run_id, "plots"):
-                    name = Path(info.path).name
-                    if not info.is_dir and name.endswith(".png") and name in plots:
-                        local = client.download_artifacts(record.run_id, info.path, tmp)
-                        record.images[name] = Path(local).read_bytes()
+            listed = client.list_artifacts(record.run_id, "plots") if "plots" in root else []
+            plots = {Path(info.path).name: info.path for info in listed}
+            grid = _example_grid(client, record.run_id, plots, Path(tmp))
+            if grid is not None:
+                record.images[EXAMPLES_PNG] = grid
+    if cache is not None and record.results is not None:
+        _write_cached(cache, record)
+
+
+def _example_grid(client: Any, run_id: str, plots: dict[str, str], tmp: Path) -> bytes | None:
+    """The run's example grid: drawn from its kept examples, or the PNG an older run logged."""
+    if EXAMPLES_FILE in plots:
+        local = Path(client.download_artifacts(run_id, plots[EXAMPLES_FILE], str(tmp)))
+        return ExampleSet.load(local).render_png(tmp / EXAMPLES_PNG).read_bytes()
+    if EXAMPLES_PNG in plots:  # runs logged before the examples were kept as data
+        return Path(client.download_artifacts(run_id, plots[EXAMPLES_PNG], str(tmp))).read_bytes()
+    return None
+
+
+def _read_cached(cache: Path, record: RunRecord) -> bool:
+    """Fill ``record`` from the report's cache; False when the run is not there (or unreadable)."""
+    entry = cache / f"{record.run_id}.json"
+    try:
+        data = json.loads(entry.read_text())
+        record.results, record.config = data["results"], data.get("config")
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+    png = cache / f"{record.run_id}.png"
+    if png.is_file():
+        record.images[EXAMPLES_PNG] = png.read_bytes()
+    return True
+
+
+def _write_cached(cache: Path, record: RunRecord) -> None:
+    """Keep what was read for a finished run (the PNG first: the JSON marks the entry complete)."""
+    cache.mkdir(parents=True, exist_ok=True)
+    if EXAMPLES_PNG in record.images:
+        (cache / f"{record.run_id}.png").write_bytes(record.images[EXAMPLES_PNG])
+    entry = cache / f"{record.run_id}.json"
+    partial = cache / f".{record.run_id}.json.tmp"
+    partial.write_text(json.dumps({"results": record.results, "config": record.config}))
+    partial.replace(entry)

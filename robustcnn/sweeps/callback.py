@@ -23,6 +23,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from robustcnn import __version__
 from robustcnn.errors import RobustCNNError
+from robustcnn.sweeps.compose_once import compose_each_job_once, forget_composed
 from robustcnn.sweeps.launchers import prepare_launcher
 from robustcnn.tracking.store import TrackingStore
 from robustcnn.tracking.sweep_link import ENV_EXPERIMENT_ID, ENV_PARENT_RUN, MARKER_FILE, SweepLink
@@ -100,6 +101,8 @@ class SweepCallback(Callback):
         self.owner_pid = os.getpid()
         log.info("sweep parent run %s in experiment %s (%s)", self.link.parent_run_id, experiment, uri)
         prepare_launcher(config)  # after open_sweep: hands its environment to Ray tasks on other machines
+        if str(OmegaConf.select(config, "hydra.launcher._target_") or "").endswith(".BasicLauncher"):
+            compose_each_job_once()  # the jobs run in this process: the check's configs serve the launch
 
     def on_job_end(self, config: DictConfig, job_return: Any, **kwargs: Any) -> None:
         # Hydra's sweeper keeps every job's JobReturn until the sweep ends (parallel launchers send
@@ -117,6 +120,7 @@ class SweepCallback(Callback):
         print(f"sweep: {self.done}{total} jobs done", file=sys.stderr)
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        forget_composed()
         if self.link is None:
             return
         reports_dir = OmegaConf.select(config, "paths.reports_dir") or "reports"
@@ -280,6 +284,7 @@ def close_open_sweeps(status: str) -> None:
     A sweep that never started a job (a bad override is found only after the parent run exists)
     leaves no run behind: its parent is deleted rather than left FAILED with nothing under it.
     """
+    forget_composed()
     for link, sweep_dir in list(_OPEN.values()):
         try:
             if not jobs_started(sweep_dir):

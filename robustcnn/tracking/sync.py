@@ -112,8 +112,8 @@ def sync_folder(folder: Path, uri: str | None = None) -> SyncOutcome:
         run.log_metric_rows(all_metric_rows(results))
         if (folder / "config.json").is_file():
             run.log_text((folder / "config.json").read_text(), "config.json")
-        for plot in sorted(folder.glob("*.png")):
-            run.log_artifact(plot, "plots")
+        for plot in sorted([*folder.glob("*.png"), *folder.glob("*.safetensors")]):
+            run.log_artifact(plot, "plots")  # examples.safetensors: the kept examples the report draws
         run.log_dict({**results, "mlflow_run_id": run.run_id, "synced_from_run_id": original}, "results.json")
     if run.lost is not None:
         raise TrackingError(
