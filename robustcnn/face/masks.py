@@ -18,7 +18,6 @@ once here, so the engine can trust them.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -233,7 +232,3 @@ def make_mask(name: str, size: int = CROP_SIZE, **params: Any) -> Tensor:
 def area_percent(mask: Tensor) -> float:
     """Share of the crop's pixels that the mask covers, in percent."""
     return float(mask.float().mean()) * 100.0
-
-
-def pixel_count(mask: Tensor) -> int:
-    return int(math.floor(float(mask.float().sum()) + 0.5))
