@@ -53,6 +53,11 @@ def draw_generator(seed: int, purpose: str, device: torch.device | str = "cpu") 
     return generator
 
 
+def image_size(images: Tensor) -> tuple[int, int]:
+    """(H, W) of an image batch [..., H, W]: the crop size that draws and masks are made for."""
+    return int(images.shape[-2]), int(images.shape[-1])
+
+
 @dataclass(frozen=True)
 class PrintModel:
     """Print-and-capture colour map ``p -> A p + b`` of the patch, clamped to [0, 1].
