@@ -8,7 +8,7 @@ genuine (same-person) distances they are measured against and where those came f
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any  # Any: the data section (config) and the JSON report
 
 import torch
 

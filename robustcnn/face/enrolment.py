@@ -9,7 +9,7 @@ recognizer enrolled when a second one exists.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any  # Any: the data section (a config mapping)
 
 import torch
 

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any  # Any: make_mask's params, a config section's values
 
 import torch
 from torch import Tensor
@@ -46,7 +46,8 @@ def face_box(size: int = CROP_SIZE, margin: float = DEFAULT_MARGIN) -> tuple[flo
 def _grid(size: int) -> tuple[Tensor, Tensor]:
     """Pixel-centre coordinates (y, x), each [size, size], in pixels."""
     coords = torch.arange(size, dtype=torch.float32) + 0.5
-    return torch.meshgrid(coords, coords, indexing="ij")
+    y, x = torch.meshgrid(coords, coords, indexing="ij")
+    return y, x
 
 
 def _as_mask(region: Tensor) -> Tensor:

@@ -22,7 +22,7 @@ import contextlib
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any  # Any: to_dict's JSON values
 
 import torch
 import torch.nn.functional as F

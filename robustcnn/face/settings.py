@@ -9,7 +9,7 @@ and a valid example in the message.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any  # Any: config sections (mappings of user values)
 
 import torch
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import Any  # Any: the JSON-able metrics and evaluations
 
 import numpy as np
 import torch

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any  # Any: from_dict's config section, to_dict's JSON
 
 import torch
 import torch.nn.functional as F
