@@ -15,8 +15,8 @@ from test_cli import robustcnn
 
 from robustcnn.config import compose
 from robustcnn.errors import AssetError, ConfigError, DataError, RobustCNNError
+from robustcnn.face.settings import check_face_config, select_identities
 from robustcnn.jobs.dispatch import check_config, run_job
-from robustcnn.jobs.face import check_face_config, select_identities
 from robustcnn.jobs.inputs import to_container
 from robustcnn.tracking.store import TrackingStore
 

@@ -21,10 +21,9 @@ import torch
 from face_assets import require_face_assets
 from torch import nn
 
-from robustcnn import assets
 from robustcnn.errors import AssetError, ModelError
 from robustcnn.face.crops import crop_face
-from robustcnn.models.face import convert
+from robustcnn.models.face import assets, convert
 from robustcnn.models.face.loading import load_face_api, load_face_recognizer
 from robustcnn.models.face.network import FaceApiResNet, pad_to_square, to_face_input
 

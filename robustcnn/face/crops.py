@@ -12,6 +12,8 @@ is then resized bilinearly to ``size``.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -24,6 +26,12 @@ CROP_SIZE = 150
 DEFAULT_MARGIN = 0.0
 
 Box = tuple[int, int, int, int]
+
+
+def as_box(values: Iterable[float]) -> Box:
+    """(x, y, w, h) in whole pixels from four numbers (a boxes file's list, a detector's floats)."""
+    x, y, w, h = (int(v) for v in values)
+    return x, y, w, h
 
 
 def crop_face(

@@ -28,14 +28,17 @@ import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any  # Any: the JSON boxes file and the data identity
 
 import numpy as np
 import torch
 
 from robustcnn.errors import AssetError, DataError
-from robustcnn.face.crops import CROP_SIZE, DEFAULT_MARGIN, Box, crop_face, to_unit_tensor
+from robustcnn.face.crops import CROP_SIZE, DEFAULT_MARGIN, Box, as_box, crop_face, to_unit_tensor
 from robustcnn.models.face.assets import face_api_dir
+
+if TYPE_CHECKING:
+    import cv2
 
 #: The reviewed boxes, shipped inside the package (package data).
 GALLERY_JSON = Path(__file__).with_name("face_gallery.json")
@@ -120,9 +123,9 @@ def read_rgb(path: Path) -> np.ndarray:
     from PIL import Image, ImageOps, UnidentifiedImageError
 
     try:
-        with Image.open(path) as image:
-            image = ImageOps.exif_transpose(image).convert("RGB")
-            return np.array(image, dtype=np.uint8)
+        with Image.open(path) as opened:
+            upright = ImageOps.exif_transpose(opened).convert("RGB")
+            return np.array(upright, dtype=np.uint8)
     except (UnidentifiedImageError, Image.DecompressionBombError, OSError, ValueError, SyntaxError) as exc:
         raise DataError(f"cannot read image {path} ({exc}); fix or delete the file") from exc
 
@@ -152,10 +155,11 @@ def _iou(a: Box, b: Box) -> float:
 
 
 @functools.lru_cache(maxsize=1)
-def _cascades() -> tuple[Any, ...]:
+def _cascades() -> tuple[cv2.CascadeClassifier, ...]:
     """The Haar cascades, loaded once per process (parsing the XML costs more than scanning a small photo)."""
     try:
         import cv2
+        import cv2.data  # the folder of the bundled cascades (cv2's own stubs do not declare it)
     except ImportError as exc:  # pragma: no cover - depends on the environment
         raise DataError(
             "face detection needs OpenCV: pip install 'opencv-python-headless<5', "
@@ -221,7 +225,7 @@ def detect_faces(
                     cx, cy = inverse @ np.array([cx, cy, 1.0])
                 side = w / scale
                 box = (cx / scale - side / 2.0, cy / scale - side / 2.0, side, h / scale)
-                candidates.append(tuple(int(round(v)) for v in box))  # type: ignore[arg-type]
+                candidates.append(as_box(round(v) for v in box))
     candidates.sort(key=lambda b: (-b[2] * b[3], b[1], b[0]))
     kept: list[Box] = []
     for box in candidates:
@@ -323,7 +327,7 @@ def _verified_photos(
                 f"the face gallery's boxes file has no {key} for {name}; use boxes=haar, or regenerate it "
                 "with tools/detect_faces.py --node-modules DIR"
             )
-        boxes: list[Box] = [tuple(int(v) for v in box) for box in photo[key]]  # type: ignore[misc]
+        boxes = [as_box(box) for box in photo[key]]
         photos.append((name, read_rgb(path), boxes))
     return photos
 

@@ -18,10 +18,9 @@ once here, so the engine can trust them.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any  # Any: make_mask's params, a config section's values
 
 import torch
 from torch import Tensor
@@ -47,7 +46,8 @@ def face_box(size: int = CROP_SIZE, margin: float = DEFAULT_MARGIN) -> tuple[flo
 def _grid(size: int) -> tuple[Tensor, Tensor]:
     """Pixel-centre coordinates (y, x), each [size, size], in pixels."""
     coords = torch.arange(size, dtype=torch.float32) + 0.5
-    return torch.meshgrid(coords, coords, indexing="ij")
+    y, x = torch.meshgrid(coords, coords, indexing="ij")
+    return y, x
 
 
 def _as_mask(region: Tensor) -> Tensor:
@@ -233,7 +233,3 @@ def make_mask(name: str, size: int = CROP_SIZE, **params: Any) -> Tensor:
 def area_percent(mask: Tensor) -> float:
     """Share of the crop's pixels that the mask covers, in percent."""
     return float(mask.float().mean()) * 100.0
-
-
-def pixel_count(mask: Tensor) -> int:
-    return int(math.floor(float(mask.float().sum()) + 0.5))

@@ -22,7 +22,7 @@ import contextlib
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any  # Any: to_dict's JSON values
 
 import torch
 import torch.nn.functional as F
@@ -33,7 +33,7 @@ from robustcnn.batching import autocast_for
 from robustcnn.errors import ConfigError
 from robustcnn.face.masks import check_mask
 from robustcnn.face.printability import NPS_VARIANTS, non_printability_score, total_variation
-from robustcnn.face.transforms import PhysicalVariation, apply_patch, draw_generator
+from robustcnn.face.transforms import Draws, PhysicalVariation, apply_patch, draw_generator, image_size
 
 LossOutput = Tensor | tuple[Tensor, Tensor]
 LossFn = Callable[[Tensor, Tensor], LossOutput]
@@ -129,11 +129,111 @@ def initial_patch(
 
 
 @contextlib.contextmanager
-def _frozen(modules: Iterable[nn.Module]) -> Iterator[None]:
+def frozen_modules(modules: Iterable[nn.Module]) -> Iterator[None]:
+    """Every module in eval mode with frozen parameters for the block, then restored.
+
+    Why: a patch (or its evaluation) must neither update BatchNorm statistics nor accumulate
+    parameter gradients in the networks it attacks; the study evaluates under the same guard.
+    """
     with contextlib.ExitStack() as stack:
         for module in modules:
             stack.enter_context(attack_mode(module))
         yield
+
+
+@dataclass(frozen=True)
+class ModelLoss:
+    """A patch loss together with the networks it runs.
+
+    Why: :func:`optimise_patch` freezes those networks while it optimises; a loss that names its
+    models lets a caller pass the loss alone. Called like the plain function it wraps.
+    """
+
+    fn: Callable[[Tensor, Tensor], tuple[Tensor, Tensor]]
+    modules: tuple[nn.Module, ...]
+
+    def __call__(self, x_adv: Tensor, index: Tensor) -> tuple[Tensor, Tensor]:
+        return self.fn(x_adv, index)
+
+
+def _check_faces(faces: Tensor) -> None:
+    """The engine's input contract: RGB [K, 3, H, W], finite, in [0, 1]."""
+    if faces.dim() != 4 or faces.shape[1] != 3:
+        raise ConfigError(f"faces must be [K, 3, H, W] RGB in [0, 1], got {tuple(faces.shape)}")
+    if not bool(torch.isfinite(faces).all()) or float(faces.min()) < 0.0 or float(faces.max()) > 1.0:
+        raise ConfigError("faces must be finite and in [0, 1] (divide uint8 by 255)")
+
+
+def _modules_to_freeze(loss_fn: LossFn, modules: Iterable[nn.Module]) -> list[nn.Module]:
+    """The caller's ``modules`` and the loss's own (``loss_fn.modules``), each once, in that order."""
+    unique = {id(m): m for m in [*modules, *getattr(loss_fn, "modules", ())]}
+    return list(unique.values())
+
+
+def _eot_loss(
+    loss_fn: LossFn, faces: Tensor, patch: Tensor, mask: Tensor, draws: Draws, settings: PatchSettings
+) -> tuple[Tensor, Tensor | None]:
+    """The loss [n] of one step's draws (each on its paired photo) and, if the loss reports it, success."""
+    device = faces.device
+    index = draws.face_index.to(device)
+    x_adv = apply_patch(faces.index_select(0, index), patch, mask, draws.to(device), settings.variation)
+    with autocast_for(device, settings.amp):
+        out = loss_fn(x_adv, index)
+    return out if isinstance(out, tuple) else (out, None)
+
+
+def _regularised(loss: Tensor, patch: Tensor, mask: Tensor, settings: PatchSettings) -> Tensor:
+    """The step's objective: the mean loss plus the TV and NPS terms whose weights are switched on."""
+    total = loss.float().mean()
+    if settings.tv_weight > 0:
+        total = total + settings.tv_weight * total_variation(patch, mask)
+    if settings.nps_weight > 0:
+        nps = non_printability_score(patch, mask, variant=settings.nps_variant)
+        total = total + settings.nps_weight * nps
+    return total
+
+
+class _PatchUpdate:
+    """One optimiser step on the mask's pixels: MI-FGSM's signed step with momentum, or Adam.
+
+    Why a class: the momentum (velocity or Adam's moments) lives across steps; the mask projection
+    after each step is what keeps the patch exactly 0 outside the mask.
+    """
+
+    def __init__(self, patch: Tensor, mask: Tensor, settings: PatchSettings) -> None:
+        self.patch = patch
+        self.mask = mask.reshape(1, *mask.shape[-2:])
+        self.settings = settings
+        self.adam = (
+            torch.optim.Adam([patch], lr=settings.step_size, betas=(settings.momentum, 0.999))
+            if (settings.optimizer == "adam")
+            else None
+        )
+        self.velocity = torch.zeros_like(patch)
+
+    @torch.no_grad()
+    def __call__(self, grad: Tensor) -> None:
+        grad = grad * self.mask
+        if self.adam is None:
+            # MI-FGSM: L1-normalised gradient into the velocity, then a signed step
+            self.velocity.mul_(self.settings.momentum).add_(grad / grad.abs().mean().clamp_min(1e-12))
+            self.patch.sub_(self.settings.step_size * self.velocity.sign())
+        else:
+            self.patch.grad = grad
+            self.adam.step()
+            self.patch.grad = None
+        # only mask pixels are parameters; outside the mask the patch stays exactly 0
+        self.patch.clamp_(0.0, 1.0).mul_(self.mask)
+
+
+def _all_succeeded_lately(success_history: list[float], settings: PatchSettings) -> bool:
+    """Early stop: every draw of the last ``early_stop_patience`` steps succeeded."""
+    recent = success_history[-settings.early_stop_patience :]
+    return (
+        settings.early_stop
+        and len(recent) >= settings.early_stop_patience
+        and all(rate >= 1.0 for rate in recent)
+    )
 
 
 def optimise_patch(
@@ -153,65 +253,28 @@ def optimise_patch(
     which is added automatically.
     """
     settings = settings or PatchSettings()
-    if faces.dim() != 4 or faces.shape[1] != 3:
-        raise ConfigError(f"faces must be [K, 3, H, W] RGB in [0, 1], got {tuple(faces.shape)}")
-    if not bool(torch.isfinite(faces).all()) or float(faces.min()) < 0.0 or float(faces.max()) > 1.0:
-        raise ConfigError("faces must be finite and in [0, 1] (divide uint8 by 255)")
+    _check_faces(faces)
     device = faces.device
-    mask = check_mask(mask, tuple(faces.shape[-2:])).to(device)  # type: ignore[arg-type]
-    variation = settings.variation
+    size = image_size(faces)
+    mask = check_mask(mask, size).to(device)
     generator = draw_generator(settings.seed, "optimise", device)
     start_patch = initial_patch(mask, init, generator)
     patch = start_patch.clone().requires_grad_(True)
-    m3 = mask.reshape(1, *mask.shape[-2:])
-    adam = (
-        torch.optim.Adam([patch], lr=settings.step_size, betas=(settings.momentum, 0.999))
-        if (settings.optimizer == "adam")
-        else None
-    )
-    velocity = torch.zeros_like(patch)
-    history: list[float] = []
+    update = _PatchUpdate(patch, mask, settings)
+    history: list[float] = []  # mean total loss per step
     success_history: list[float] = []
-    streak = 0
-    steps = 0
-    size = (int(faces.shape[-2]), int(faces.shape[-1]))
     start = time.perf_counter()
-    frozen = {id(m): m for m in [*modules, *getattr(loss_fn, "modules", ())]}
-    with _frozen(frozen.values()):
+    with frozen_modules(_modules_to_freeze(loss_fn, modules)):
         for _ in range(settings.steps):
-            draws = variation.sample(settings.eot_samples, generator, size, faces.shape[0])
-            index = draws.face_index.to(device)
-            x_adv = apply_patch(faces.index_select(0, index), patch, mask, draws.to(device), variation)
-            with autocast_for(device, settings.amp):
-                out = loss_fn(x_adv, index)
-            loss, success = out if isinstance(out, tuple) else (out, None)
-            total = loss.float().mean()
-            if settings.tv_weight > 0:
-                total = total + settings.tv_weight * total_variation(patch, mask)
-            if settings.nps_weight > 0:
-                total = total + settings.nps_weight * non_printability_score(
-                    patch, mask, variant=settings.nps_variant
-                )
+            draws = settings.variation.sample(settings.eot_samples, generator, size, faces.shape[0])
+            loss, success = _eot_loss(loss_fn, faces, patch, mask, draws, settings)
+            total = _regularised(loss, patch, mask, settings)
             (grad,) = torch.autograd.grad(total, patch)
-            steps += 1
             history.append(float(total.detach()))
-            with torch.no_grad():
-                grad = grad * m3
-                if adam is None:
-                    # MI-FGSM: L1-normalised gradient into the velocity, then a signed step
-                    velocity.mul_(settings.momentum).add_(grad / grad.abs().mean().clamp_min(1e-12))
-                    patch.sub_(settings.step_size * velocity.sign())
-                else:
-                    patch.grad = grad
-                    adam.step()
-                    patch.grad = None
-                # only mask pixels are parameters; outside the mask the patch stays exactly 0
-                patch.clamp_(0.0, 1.0).mul_(m3)
+            update(grad)
             if success is not None:
-                rate = float(success.float().mean())
-                success_history.append(rate)
-                streak = streak + 1 if rate >= 1.0 else 0
-                if settings.early_stop and streak >= settings.early_stop_patience:
+                success_history.append(float(success.float().mean()))
+                if _all_succeeded_lately(success_history, settings):
                     break
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -221,7 +284,7 @@ def optimise_patch(
         mask=mask,
         history=history,
         success_history=success_history,
-        steps=steps,
+        steps=len(history),
         seconds=seconds,
         settings=settings,
         initial=start_patch.detach(),
@@ -249,5 +312,4 @@ def classifier_patch_loss(model: nn.Module, y: Tensor, target: int | Tensor | No
         wanted = goal.to(logits.device).index_select(0, index)
         return F.cross_entropy(logits, wanted, reduction="none"), logits.argmax(1) == wanted
 
-    loss.modules = [model]  # type: ignore[attr-defined]
-    return loss
+    return ModelLoss(loss, (model,))

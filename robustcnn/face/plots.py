@@ -82,7 +82,7 @@ def distance_histogram(
     """Impostor (different people) and genuine (same face, re-cropped) distances with the thresholds."""
     fig = Figure(figsize=(6, 3.6))
     ax = fig.add_subplot(1, 1, 1)
-    bins = np.linspace(0.0, max([*impostor, *genuine, *thresholds.values(), 1.0]) * 1.05, 40)
+    bins = np.linspace(0.0, max([*impostor, *genuine, *thresholds.values(), 1.0]) * 1.05, 40).tolist()
     if impostor:
         ax.hist(impostor, bins=bins, alpha=0.6, label=f"impostor pairs ({len(impostor)})", density=True)
     if genuine:

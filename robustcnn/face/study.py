@@ -17,7 +17,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import Any  # Any: the JSON-able metrics and evaluations
 
 import numpy as np
 import torch
@@ -25,9 +25,9 @@ from torch import Tensor
 
 from robustcnn.errors import ConfigError
 from robustcnn.face.masks import area_percent, check_mask
-from robustcnn.face.patch import LossFn, PatchResult, PatchSettings, _frozen, optimise_patch
+from robustcnn.face.patch import LossFn, ModelLoss, PatchResult, PatchSettings, frozen_modules, optimise_patch
 from robustcnn.face.printability import non_printability_score, total_variation
-from robustcnn.face.transforms import PhysicalVariation, apply_patch, draw_generator
+from robustcnn.face.transforms import Draws, PhysicalVariation, apply_patch, draw_generator, image_size
 from robustcnn.models.face.recognizer import DEFAULT_THRESHOLD, FaceRecognizer
 
 log = logging.getLogger(__name__)
@@ -73,8 +73,7 @@ def dodging_loss(recognizer: FaceRecognizer, gallery: Tensor, attacker_index: in
         success = (own >= thr) & (d.argmin(1) != attacker_index)
         return value, success
 
-    loss.modules = [recognizer.embedder]  # type: ignore[attr-defined]
-    return loss
+    return ModelLoss(loss, (recognizer.embedder,))
 
 
 def impersonation_loss(recognizer: FaceRecognizer, gallery: Tensor, target_index: int) -> LossFn:
@@ -94,8 +93,7 @@ def impersonation_loss(recognizer: FaceRecognizer, gallery: Tensor, target_index
         success = (to_target < thr) & (d.argmin(1) == target_index)
         return value, success
 
-    loss.modules = [recognizer.embedder]  # type: ignore[attr-defined]
-    return loss
+    return ModelLoss(loss, (recognizer.embedder,))
 
 
 def _check_indices(gallery: Tensor, attacker_index: int, target_index: int | None) -> None:
@@ -146,7 +144,7 @@ def _outcomes(
     faces: Tensor,
     patch: Tensor,
     mask: Tensor,
-    draws: Any,
+    draws: Draws,
     variation: PhysicalVariation,
     gallery: Tensor,
     attacker_index: int,
@@ -210,12 +208,12 @@ def evaluate_patch(
     _check_indices(gallery_descriptors, attacker_index, target_index)
     variation = variation if variation is not None else PhysicalVariation.identity()
     device = faces.device
-    mask = check_mask(mask, tuple(faces.shape[-2:])).to(device)  # type: ignore[arg-type]
+    mask = check_mask(mask, image_size(faces)).to(device)
     gallery = gallery_descriptors.detach().float().to(device)
-    draws = variation.sample(n_draws, draw_generator(seed, "evaluate", device), tuple(faces.shape[-2:]), 1)
+    draws = variation.sample(n_draws, draw_generator(seed, "evaluate", device), image_size(faces), 1)
     args = (variation, gallery, attacker_index, target_index, batch_size)
     random_patch = random_patch_baseline(mask, seed)
-    with _frozen([recognizer.embedder]):
+    with frozen_modules([recognizer.embedder]):
         attacked = _outcomes(recognizer, faces, patch.to(device), mask, draws, *args)
         clean = _outcomes(
             recognizer, faces, torch.zeros_like(random_patch), torch.zeros_like(mask), draws, *args
@@ -270,6 +268,196 @@ def _mean(values: list[float]) -> float | None:
     return float(sum(values) / len(values)) if values else None
 
 
+def _check_study(
+    gallery_faces: Tensor, identities: list[str], attackers: list[int], targets: list[int]
+) -> None:
+    """One photo per name, every attacker and target an identity of the gallery, at least one attacker."""
+    if gallery_faces.shape[0] != len(identities):
+        raise ConfigError(f"{gallery_faces.shape[0]} gallery photos for {len(identities)} identity names")
+    for i in [*attackers, *targets]:
+        if not 0 <= int(i) < len(identities):
+            raise ConfigError(f"identity index {i} is not in the gallery of {len(identities)} identities")
+    if not attackers:
+        raise ConfigError("a face study needs at least one attacker (an identity index)")
+
+
+@dataclass(frozen=True)
+class _StudySetup:
+    """What every patch of one study shares: who is enrolled, the mask, how patches are made and judged."""
+
+    recognizer: FaceRecognizer
+    identities: list[str]
+    gallery: Tensor  # [G, D] enrolled descriptors, one per identity
+    mask: Tensor
+    settings: PatchSettings
+    variation: PhysicalVariation  # of the held-out evaluation
+    eval_draws: int
+    seed: int  # of the evaluation draws
+    eval_batch_size: int
+
+
+@dataclass
+class _Tally:
+    """What the study accumulates patch by patch; the metrics are computed from it at the end.
+
+    Why one place: the headline rates are means over every patch of a goal, the matrix and the
+    per-attacker entries are per patch, and the optimisation seed is the number of patches so far.
+    """
+
+    patches: int = 0
+    rates: dict[str, list[float]] = field(default_factory=dict)
+    step_ms: list[float] = field(default_factory=list)
+    per_attacker: list[dict[str, Any]] = field(default_factory=list)
+    matrix: list[list[float | None]] = field(default_factory=list)
+    matrix_id: list[list[float | None]] = field(default_factory=list)
+
+    def add(self, goal: str, found: PatchResult, evaluation: dict[str, Any]) -> None:
+        """Count one patch of ``goal`` (dodging / impersonation): its speed and its rates."""
+        self.patches += 1
+        self.step_ms.append(found.ms_per_step)
+        random_patch = evaluation["random_patch"]
+        for key, value in (
+            (f"{goal}_success_rate", evaluation["success_rate"]),
+            (f"{goal}_success_rate_identification", evaluation["success_rate_identification"]),
+            (f"{goal}_success_rate_published_threshold", evaluation["success_rate_published_threshold"]),
+            (
+                f"random_{goal}_success_rate_published_threshold",
+                random_patch["success_rate_published_threshold"],
+            ),
+            (f"clean_{goal}_success_rate", evaluation["clean_success_rate"]),
+            (f"clean_{goal}_success_rate_identification", evaluation["clean_success_rate_identification"]),
+            (f"random_{goal}_success_rate", random_patch["success_rate"]),
+            (f"random_{goal}_success_rate_identification", random_patch["success_rate_identification"]),
+        ):
+            self.rates.setdefault(key, []).append(value)
+
+
+def _log_patch(
+    job: int, identities: list[str], a: int, t: int | None, found: PatchResult, evaluation: dict[str, Any]
+) -> None:
+    """One line per patch, so a long study shows progress and the held-out rate next to both baselines."""
+    log.info(
+        "patch %d: %s %s%s: %d steps in %.1f s, held-out success %.3f (no patch %.3f, random patch %.3f)",
+        job,
+        "dodging" if t is None else "impersonation",
+        identities[a],
+        "" if t is None else f" as {identities[t]}",
+        found.steps,
+        found.seconds,
+        evaluation["success_rate"],
+        evaluation["clean_success_rate"],
+        evaluation["random_patch"]["success_rate"],
+    )
+
+
+def _attack_and_evaluate(
+    setup: _StudySetup, job: int, a: int, t: int | None, faces: Tensor
+) -> tuple[PatchResult, dict[str, Any]]:
+    """Patch number ``job`` (optimised with seed ``settings.seed + job``), judged on held-out draws.
+
+    The evaluation gets how the patch was found (steps, time, final loss, training success) added.
+    """
+    settings = replace(setup.settings, seed=setup.settings.seed + job)
+    found = attack_face(setup.recognizer, faces, setup.gallery, a, t, setup.mask, settings)
+    evaluation = evaluate_patch(
+        setup.recognizer,
+        faces,
+        found.patch,
+        setup.mask,
+        setup.gallery,
+        a,
+        t,
+        setup.variation,
+        setup.eval_draws,
+        setup.seed,
+        setup.eval_batch_size,
+    )
+    _log_patch(job + 1, setup.identities, a, t, found, evaluation)
+    evaluation.update(
+        steps=found.steps,
+        seconds=found.seconds,
+        ms_per_step=found.ms_per_step,
+        final_loss=found.history[-1],
+        train_success_rate=found.success_history[-1] if found.success_history else None,
+    )
+    return found, evaluation
+
+
+def _keep_patch(
+    result: FaceStudyResult, key: str, found: PatchResult, faces: Tensor, setup: _StudySetup
+) -> None:
+    """The patch and its digital composite on the attacker's first photo, on the CPU, for the artifacts."""
+    result.patches[key] = found.patch.cpu()
+    face = apply_patch(faces[:1], found.patch, setup.mask, None, setup.variation)[0]
+    result.adversarial_faces[key] = face.detach().cpu()
+
+
+def _attacker_photos(a: int, gallery_faces: Tensor, probe_faces: dict[int, Tensor] | None) -> Tensor:
+    """The photos attacker ``a`` wears its patch on: its probes when it has any, else its enrolment photo."""
+    faces = probe_faces[a] if probe_faces is not None and a in probe_faces else gallery_faces[a : a + 1]
+    return faces.to(gallery_faces.device)
+
+
+def _attack_identity(
+    setup: _StudySetup, tally: _Tally, result: FaceStudyResult, a: int, faces: Tensor, targets: list[int]
+) -> None:
+    """Attacker ``a``'s dodging patch, then one impersonation patch per target other than ``a``."""
+    name = setup.identities[a]
+    found, dodging = _attack_and_evaluate(setup, tally.patches, a, None, faces)
+    tally.add("dodging", found, dodging)
+    _keep_patch(result, f"dodging/{name}", found, faces, setup)
+    entry: dict[str, Any] = {"attacker": name, "index": a, "dodging": dodging, "impersonation": {}}
+    row: list[float | None] = [None] * len(targets)
+    row_id: list[float | None] = [None] * len(targets)
+    for col, t in enumerate(targets):
+        if t == a:
+            continue
+        found, imp = _attack_and_evaluate(setup, tally.patches, a, t, faces)
+        tally.add("impersonation", found, imp)
+        row[col], row_id[col] = imp["success_rate"], imp["success_rate_identification"]
+        _keep_patch(result, f"impersonation/{name}__{setup.identities[t]}", found, faces, setup)
+        entry["impersonation"][setup.identities[t]] = imp
+    tally.per_attacker.append(entry)
+    tally.matrix.append(row)
+    tally.matrix_id.append(row_id)
+
+
+def _study_metrics(
+    setup: _StudySetup, tally: _Tally, attackers: list[int], targets: list[int], seconds: float
+) -> dict[str, Any]:
+    """The JSON-able results: mean rates per goal (None where a goal had no patch), the random-patch
+    headline (dodging, the easier goal), the impersonation matrix, every patch, and the settings."""
+    metrics: dict[str, Any] = {key: _mean(values) for key, values in sorted(tally.rates.items())}
+    for goal in ("dodging", "impersonation"):
+        metrics.setdefault(f"{goal}_success_rate", None)
+        metrics.setdefault(f"{goal}_success_rate_identification", None)
+    metrics["random_patch_success_rate"] = metrics.get("random_dodging_success_rate")
+    metrics["random_patch_success_rate_identification"] = metrics.get(
+        "random_dodging_success_rate_identification"
+    )
+    identities = setup.identities
+    metrics.update(
+        impersonation_matrix={
+            "attackers": [identities[a] for a in attackers],
+            "targets": [identities[t] for t in targets],
+            "success_rate": tally.matrix,
+            "success_rate_identification": tally.matrix_id,
+        },
+        per_attacker=tally.per_attacker,
+        threshold=setup.recognizer.threshold,
+        recognizer=setup.recognizer.name,
+        n_identities=len(identities),
+        eval_draws=int(setup.eval_draws),
+        eval_seed=int(setup.seed),
+        mask_area_percent=area_percent(setup.mask),
+        settings=setup.settings.to_dict(),
+        eval_variation=setup.variation.to_dict(),
+        ms_per_step=_mean(tally.step_ms),
+        seconds=seconds,
+    )
+    return metrics
+
+
 def run_face_study(
     recognizer: FaceRecognizer,
     gallery_faces: Tensor,
@@ -297,131 +485,19 @@ def run_face_study(
     """
     settings = settings or PatchSettings()
     variation = variation if variation is not None else settings.variation
-    if gallery_faces.shape[0] != len(identities):
-        raise ConfigError(f"{gallery_faces.shape[0]} gallery photos for {len(identities)} identity names")
-    for i in [*attackers, *targets]:
-        if not 0 <= int(i) < len(identities):
-            raise ConfigError(f"identity index {i} is not in the gallery of {len(identities)} identities")
-    if not attackers:
-        raise ConfigError("a face study needs at least one attacker (an identity index)")
-    mask = check_mask(mask, tuple(gallery_faces.shape[-2:])).to(gallery_faces.device)  # type: ignore[arg-type]
+    _check_study(gallery_faces, identities, attackers, targets)
+    mask = check_mask(mask, image_size(gallery_faces)).to(gallery_faces.device)
     start = time.perf_counter()
-    with _frozen([recognizer.embedder]):
+    with frozen_modules([recognizer.embedder]):
         gallery = recognizer.embed_batched(gallery_faces).float()
+    setup = _StudySetup(
+        recognizer, identities, gallery, mask, settings, variation, eval_draws, seed, eval_batch_size
+    )
     result = FaceStudyResult(metrics={})
-    per_attacker: list[dict[str, Any]] = []
-    rates: dict[str, list[float]] = {}
-    matrix = [[None for _ in targets] for _ in attackers]
-    matrix_id = [[None for _ in targets] for _ in attackers]
-    step_ms: list[float] = []
-    job = 0
-
-    def record(prefix: str, evaluation: dict[str, Any]) -> None:
-        for key, value in (
-            (f"{prefix}_success_rate", evaluation["success_rate"]),
-            (f"{prefix}_success_rate_identification", evaluation["success_rate_identification"]),
-            (f"{prefix}_success_rate_published_threshold", evaluation["success_rate_published_threshold"]),
-            (
-                f"random_{prefix}_success_rate_published_threshold",
-                evaluation["random_patch"]["success_rate_published_threshold"],
-            ),
-            (f"clean_{prefix}_success_rate", evaluation["clean_success_rate"]),
-            (f"clean_{prefix}_success_rate_identification", evaluation["clean_success_rate_identification"]),
-            (f"random_{prefix}_success_rate", evaluation["random_patch"]["success_rate"]),
-            (
-                f"random_{prefix}_success_rate_identification",
-                evaluation["random_patch"]["success_rate_identification"],
-            ),
-        ):
-            rates.setdefault(key, []).append(value)
-
-    def run_one(a: int, t: int | None, faces: Tensor) -> tuple[PatchResult, dict[str, Any]]:
-        nonlocal job
-        found = attack_face(
-            recognizer, faces, gallery, a, t, mask, replace(settings, seed=settings.seed + job)
-        )
-        job += 1
-        step_ms.append(found.ms_per_step)
-        evaluation = evaluate_patch(
-            recognizer, faces, found.patch, mask, gallery, a, t, variation, eval_draws, seed, eval_batch_size
-        )
-        log.info(
-            "patch %d: %s %s%s: %d steps in %.1f s, held-out success %.3f (no patch %.3f, random patch %.3f)",
-            job,
-            "dodging" if t is None else "impersonation",
-            identities[a],
-            "" if t is None else f" as {identities[t]}",
-            found.steps,
-            found.seconds,
-            evaluation["success_rate"],
-            evaluation["clean_success_rate"],
-            evaluation["random_patch"]["success_rate"],
-        )
-        evaluation.update(
-            steps=found.steps,
-            seconds=found.seconds,
-            ms_per_step=found.ms_per_step,
-            final_loss=found.history[-1],
-            train_success_rate=found.success_history[-1] if found.success_history else None,
-        )
-        return found, evaluation
-
-    for row, a in enumerate(attackers):
-        name = identities[a]
-        faces = probe_faces[a] if probe_faces is not None and a in probe_faces else gallery_faces[a : a + 1]
-        faces = faces.to(gallery_faces.device)
-        found, dodging = run_one(a, None, faces)
-        record("dodging", dodging)
-        key = f"dodging/{name}"
-        result.patches[key] = found.patch.cpu()
-        result.adversarial_faces[key] = (
-            apply_patch(faces[:1], found.patch, mask, None, variation)[0].detach().cpu()
-        )
-        entry: dict[str, Any] = {"attacker": name, "index": a, "dodging": dodging, "impersonation": {}}
-        for col, t in enumerate(targets):
-            if t == a:
-                continue
-            found, imp = run_one(a, t, faces)
-            record("impersonation", imp)
-            matrix[row][col] = imp["success_rate"]
-            matrix_id[row][col] = imp["success_rate_identification"]
-            key = f"impersonation/{name}__{identities[t]}"
-            result.patches[key] = found.patch.cpu()
-            result.adversarial_faces[key] = (
-                apply_patch(faces[:1], found.patch, mask, None, variation)[0].detach().cpu()
-            )
-            entry["impersonation"][identities[t]] = imp
-        per_attacker.append(entry)
-
-    metrics: dict[str, Any] = {key: _mean(values) for key, values in sorted(rates.items())}
-    for goal in ("dodging", "impersonation"):
-        metrics.setdefault(f"{goal}_success_rate", None)
-        metrics.setdefault(f"{goal}_success_rate_identification", None)
-    # the headline baseline: a random patch on the same mask, for dodging (the easier goal)
-    metrics["random_patch_success_rate"] = metrics.get("random_dodging_success_rate")
-    metrics["random_patch_success_rate_identification"] = metrics.get(
-        "random_dodging_success_rate_identification"
-    )
-    metrics.update(
-        impersonation_matrix={
-            "attackers": [identities[a] for a in attackers],
-            "targets": [identities[t] for t in targets],
-            "success_rate": matrix,
-            "success_rate_identification": matrix_id,
-        },
-        per_attacker=per_attacker,
-        threshold=recognizer.threshold,
-        recognizer=recognizer.name,
-        n_identities=len(identities),
-        eval_draws=int(eval_draws),
-        eval_seed=int(seed),
-        mask_area_percent=area_percent(mask),
-        settings=settings.to_dict(),
-        eval_variation=variation.to_dict(),
-        ms_per_step=_mean(step_ms),
-        seconds=time.perf_counter() - start,
-    )
-    result.metrics = metrics
+    tally = _Tally()
+    for a in attackers:
+        _attack_identity(setup, tally, result, a, _attacker_photos(a, gallery_faces, probe_faces), targets)
+    result.metrics = _study_metrics(setup, tally, attackers, targets, time.perf_counter() - start)
     return result
 
 

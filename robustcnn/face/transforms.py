@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any  # Any: from_dict's config section, to_dict's JSON
 
 import torch
 import torch.nn.functional as F
@@ -51,6 +51,11 @@ def draw_generator(seed: int, purpose: str, device: torch.device | str = "cpu") 
     generator = torch.Generator(device=torch.device(device))
     generator.manual_seed((2 * int(seed) + PURPOSES[purpose]) & 0x7FFF_FFFF_FFFF_FFFF)
     return generator
+
+
+def image_size(images: Tensor) -> tuple[int, int]:
+    """(H, W) of an image batch [..., H, W]: the crop size that draws and masks are made for."""
+    return int(images.shape[-2]), int(images.shape[-1])
 
 
 @dataclass(frozen=True)

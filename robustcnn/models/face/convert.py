@@ -14,7 +14,7 @@ import functools
 import json
 import math
 from pathlib import Path
-from typing import Any
+from typing import Any  # Any: a JSON manifest entry
 
 import numpy as np
 import torch

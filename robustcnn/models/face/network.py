@@ -160,6 +160,8 @@ class FaceApiResNet(nn.Module):
     person when the Euclidean distance of their descriptors is below ~0.6.
     """
 
+    mean: torch.Tensor  # a buffer (registered in __init__); declared, else it types as Tensor | Module
+
     def __init__(self) -> None:
         super().__init__()
         self.register_buffer("mean", torch.tensor(MEAN_RGB).view(1, 3, 1, 1) / 255.0, persistent=False)

@@ -52,20 +52,9 @@ class FaceRecognizer:
         """Row-wise Euclidean distance of descriptors ``a`` [N, D] and ``b`` [N, D] (or [D], broadcast)."""
         return (a - b).norm(dim=-1)
 
-    @staticmethod
-    def distance_matrix(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-        """All pairwise distances [N, M] between descriptors ``a`` [N, D] and ``b`` [M, D]."""
-        return torch.cdist(a, b)
-
     def verify(self, descriptors: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
         """Bool [N]: is each descriptor the same person as ``reference`` ([N, D] or [D])?"""
         return self.distance(descriptors, reference) < self.threshold
-
-    def identify(self, descriptors: torch.Tensor, gallery: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Closed-set identification: index of the nearest gallery descriptor [N] and its distance [N]."""
-        distances = self.distance_matrix(descriptors, gallery)
-        nearest, index = distances.min(dim=1)
-        return index, nearest
 
 
 @dataclass(frozen=True)
@@ -77,14 +66,6 @@ class Calibration:
     measured_far: float
     impostor_distances: list[float]
     genuine_distances: list[float]
-
-    @property
-    def measured_frr(self) -> float | None:
-        """Fraction of genuine pairs rejected at the threshold (None without genuine pairs)."""
-        if not self.genuine_distances:
-            return None
-        rejected = sum(d >= self.threshold for d in self.genuine_distances)
-        return rejected / len(self.genuine_distances)
 
 
 def calibrate_threshold(
