@@ -37,10 +37,6 @@ def _op(*names: str) -> Callable[[Op], Op]:
     return register
 
 
-def supported_ops() -> list[str]:
-    return sorted(_OPS)
-
-
 def _ints(t: Tensor | None) -> list[int]:
     return [] if t is None else [int(v) for v in t.flatten().tolist()]
 

@@ -224,10 +224,6 @@ def random_shift(x: Tensor, shift: int, generator: torch.Generator) -> Tensor:
     return padded.permute(0, 2, 3, 1)[batch, rows, cols].permute(0, 3, 1, 2).contiguous()
 
 
-def default_loss(model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
-    return F.cross_entropy(model(x), y)
-
-
 def fit(
     model: nn.Module,
     x_train: Tensor,
