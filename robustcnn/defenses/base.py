@@ -43,6 +43,11 @@ class Defense:
             )
         self.base = base
 
+    @classmethod
+    def keyword_settings(cls) -> frozenset[str]:
+        """Settings ``__init__`` takes through ``**settings``, which its signature cannot name."""
+        return frozenset()
+
     def params(self) -> dict[str, Any]:
         """The settings that define the defense (logged with the run)."""
         return {"base": self.base if not isinstance(self.base, Mapping) else dict(self.base)}
@@ -124,8 +129,9 @@ def build_defense(spec: Mapping[str, Any]) -> Defense:
 
 
 def accepted_settings(cls: type[Defense]) -> set[str]:
-    """The keyword settings a defense class accepts (its ``__init__`` and its bases')."""
-    keys: set[str] = set()
+    """The keyword settings a defense class accepts (its ``__init__`` and its bases', and its
+    :meth:`~Defense.keyword_settings`)."""
+    keys: set[str] = set(cls.keyword_settings())
     for klass in inspect.getmro(cls):
         init = klass.__dict__.get("__init__")
         if init is None or klass is object:
