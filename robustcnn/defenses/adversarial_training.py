@@ -39,7 +39,7 @@ from robustcnn.attacks.fgsm import FGSM
 from robustcnn.attacks.gradient import step_direction
 from robustcnn.attacks.pgd import PGD
 from robustcnn.config import show
-from robustcnn.defenses.base import Defense, register_defense
+from robustcnn.defenses.base import Defense, JobFit, register_defense
 from robustcnn.errors import ConfigError
 from robustcnn.threat import NORMS, ThreatModel, project
 from robustcnn.training.loop import TrainContext, TrainHook
@@ -212,7 +212,7 @@ class AdversarialHook(TrainHook, ABC):
             full_batch=n,
             active=torch.arange(n, device=x.device),
             seed=self.seed,
-            bounds=tuple(getattr(ctx.model, "bounds", (0.0, 1.0))),  # type: ignore[arg-type]
+            bounds=tuple(getattr(ctx.model, "bounds", (0.0, 1.0))),
             amp=ctx.config.amp,
         )
 
@@ -555,7 +555,7 @@ class _AdversarialDefense(Defense, ABC):
         x_train: Tensor,
         y_train: Tensor,
         device: torch.device,
-        fit: Callable[..., Any],
+        fit: JobFit,
         seed: int,
     ) -> dict[str, Any]:
         if self.base is not None:

@@ -16,7 +16,7 @@ import logging
 import os
 import tempfile
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, Any
@@ -41,7 +41,7 @@ _held = threading.local()
 _no_lock_logged = False
 
 
-def _atomic_write_bytes(target: Path, write: Any) -> None:
+def _atomic_write_bytes(target: Path, write: Callable[[str], object]) -> None:
     """Call ``write(tmp_path)`` then rename onto ``target`` (same folder, so the rename is atomic)."""
     fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", dir=target.parent)
     os.close(fd)

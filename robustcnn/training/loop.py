@@ -148,7 +148,7 @@ class TrainContext:
     #: Free-form notes a hook wants logged with the run (events, chosen checkpoint, ...).
     notes: dict[str, Any] = field(default_factory=dict)
 
-    def autocast(self) -> contextlib.AbstractContextManager[Any]:
+    def autocast(self) -> contextlib.AbstractContextManager[None]:
         """bf16 autocast on CUDA when enabled, a no-op elsewhere."""
         return autocast_for(self.device, self.config.amp)
 
@@ -241,7 +241,8 @@ def fit(
         raise ConfigError("the training split is empty; check data.max_train or the dataset")
     use_channels_last = config.channels_last and device.type == "cuda" and x_train.dim() == 4
     memory_format = torch.channels_last if use_channels_last else torch.contiguous_format
-    model.to(device=device, memory_format=memory_format)
+    # torch's stubs leave out Module.to's memory_format keyword, which it accepts at run time
+    model.to(device=device, memory_format=memory_format)  # type: ignore[call-overload]
     x_all = x_train.to(device, non_blocking=True).contiguous(memory_format=memory_format)
     y_all = y_train.to(device, non_blocking=True)
 
