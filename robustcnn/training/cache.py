@@ -32,7 +32,9 @@ from robustcnn.hashing import file_sha256
 try:  # POSIX (Linux, macOS)
     import fcntl
 except ImportError:  # Windows: no fcntl; entries stay consistent, only duplicate training is possible
-    fcntl = None  # type: ignore[assignment]
+    _HAVE_FLOCK = False
+else:
+    _HAVE_FLOCK = True
 
 log = logging.getLogger(__name__)
 
@@ -62,7 +64,7 @@ def _held_locks() -> set[str]:
 def _acquire(handle: IO[bytes], key: str, path: Path) -> None:
     """Take the exclusive lock on ``handle``; say once (INFO) that we wait when someone else holds it."""
     global _no_lock_logged
-    if fcntl is None:
+    if not _HAVE_FLOCK:
         if not _no_lock_logged:
             _no_lock_logged = True
             log.debug("no fcntl on this platform: weight cache entries are filled without a lock")
