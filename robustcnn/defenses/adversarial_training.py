@@ -599,7 +599,7 @@ class FastAdversarialTraining(_AdversarialDefense):
         collapse_ratio: float = 0.5,
         on_collapse: str = "escalate",
         escalate_steps: int = 3,
-        **shared: Any,
+        **shared: Any,  # the shared settings, finetune_epochs, base: _AdversarialDefense checks them
     ) -> None:
         super().__init__(**shared)
         self.guard_samples = _whole_number("guard_samples", guard_samples)
@@ -669,7 +669,7 @@ class Trades(_AdversarialDefense):
     defaults = AdversarialSettings(random_start=False)
     fixed = frozenset({"random_start"})
 
-    def __init__(self, *, beta: float = 6.0, **shared: Any) -> None:
+    def __init__(self, *, beta: float = 6.0, **shared: Any) -> None:  # shared: as fgsm_at's
         super().__init__(**shared)
         self.beta = _number("beta", beta)
         if self.beta < 0:
