@@ -7,7 +7,7 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import TypeVar
 
 import torch
 from torch import Tensor, nn
@@ -81,7 +81,7 @@ def release_cached_memory() -> None:
         torch.cuda.empty_cache()
 
 
-def autocast_for(device: torch.device, enabled: bool = True) -> contextlib.AbstractContextManager[Any]:
+def autocast_for(device: torch.device, enabled: bool = True) -> contextlib.AbstractContextManager[None]:
     """bf16 autocast on CUDA (when enabled), nothing elsewhere."""
     if enabled and device.type == "cuda":
         return torch.autocast("cuda", dtype=torch.bfloat16)

@@ -12,9 +12,12 @@ import math
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from robustcnn.errors import ConfigError
+
+if TYPE_CHECKING:  # omegaconf comes with Hydra, which is imported only to compose
+    from omegaconf import DictConfig
 
 
 def conf_dir() -> Path:
@@ -58,7 +61,7 @@ def quiet_schema_matching() -> None:
     warnings.filterwarnings("ignore", message=_SCHEMA_WARNING, category=UserWarning)
 
 
-def compose(overrides: Sequence[str] = (), config_name: str = "config") -> Any:
+def compose(overrides: Sequence[str] = (), config_name: str = "config") -> DictConfig:
     """Compose the config with Hydra's compose API (no output folder, no logging changes)."""
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
@@ -77,13 +80,13 @@ def compose(overrides: Sequence[str] = (), config_name: str = "config") -> Any:
 # names the key, the value and what is expected, on one line.
 
 
-def show(value: Any, limit: int = 80) -> str:
+def show(value: object, limit: int = 80) -> str:
     """A value as it appears in an error message: repr, one line, cut to ``limit`` characters."""
     text = " ".join(repr(value).split())
     return text if len(text) <= limit else f"{text[: limit - 3]}..."
 
 
-def config_bool(value: Any, key: str) -> bool:
+def config_bool(value: object, key: str) -> bool:
     """A real bool (``true``/``false``); strings and numbers are refused, not guessed."""
     if not isinstance(value, bool):
         raise ConfigError(f"{key}={show(value)} must be true or false; set {key}=true or {key}=false")
@@ -92,6 +95,8 @@ def config_bool(value: Any, key: str) -> bool:
 
 def config_int(value: Any, key: str, *, minimum: int | None = None, hint: str = "") -> int:
     """A whole number (an integral float such as 3.0 is accepted), optionally ``>= minimum``."""
+    # value: Any, not object: typeshed's numbers.Real declares no __int__, so int() of a value
+    # checked to be a Real would not type-check although every Real converts
     import numbers
 
     whole = isinstance(value, numbers.Integral) or (
@@ -107,7 +112,7 @@ def config_int(value: Any, key: str, *, minimum: int | None = None, hint: str = 
 
 
 def config_float(
-    value: Any,
+    value: object,
     key: str,
     *,
     minimum: float | None = None,
@@ -135,7 +140,7 @@ def config_float(
     return number
 
 
-def config_section(value: Any, key: str, known: Sequence[str] | None = None) -> dict[str, Any]:
+def config_section(value: object, key: str, known: Sequence[str] | None = None) -> dict[str, Any]:
     """A config section (mapping); with ``known``, a key outside it is refused and the known ones listed."""
     from collections.abc import Mapping
 

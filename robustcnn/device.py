@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import random
-from typing import Any
 
 import numpy as np
 import torch
@@ -65,16 +64,17 @@ def set_threads(threads: int | None) -> None:
         torch.set_num_threads(checked)
 
 
-def check_threads(threads: Any) -> int | None:
+def check_threads(threads: object) -> int | None:
     """``threads`` as a whole number in [1, MAX_THREADS], or None (torch's default)."""
     if threads is None:
         return None
-    whole = isinstance(threads, int) or (isinstance(threads, float) and threads.is_integer())
-    if isinstance(threads, bool) or not whole or threads < 1:
+    number = threads if isinstance(threads, (int, float)) and not isinstance(threads, bool) else None
+    whole = isinstance(number, int) or (isinstance(number, float) and number.is_integer())
+    if number is None or not whole or number < 1:
         raise ConfigError(f"threads={threads!r} must be a whole number >= 1 (or null for torch's default)")
-    if threads > MAX_THREADS:
+    if number > MAX_THREADS:
         raise ConfigError(
-            f"threads={int(threads)} is more than {MAX_THREADS}; use at most the number of CPU cores "
+            f"threads={int(number)} is more than {MAX_THREADS}; use at most the number of CPU cores "
             f"({os.cpu_count()} here), or null for torch's default"
         )
-    return int(threads)
+    return int(number)

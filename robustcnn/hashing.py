@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 
-def config_hash(payload: Any, length: int = 16) -> str:
+def config_hash(payload: object, length: int = 16) -> str:
     """Hash a JSON-serialisable payload independent of key order."""
     text = json.dumps(payload, sort_keys=True, separators=(",", ":"), default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:length]

@@ -13,10 +13,9 @@ from __future__ import annotations
 
 import signal
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from types import FrameType
-from typing import Any
 
 _requested: int | None = None
 
@@ -28,8 +27,10 @@ def _request(signum: int, frame: FrameType | None) -> None:
     raise KeyboardInterrupt
 
 
-def _quiet_unraisable(previous: Any) -> Any:
-    def hook(unraisable: Any) -> None:
+def _quiet_unraisable(
+    previous: Callable[[sys.UnraisableHookArgs], object],
+) -> Callable[[sys.UnraisableHookArgs], None]:
+    def hook(unraisable: sys.UnraisableHookArgs) -> None:
         if _requested is not None and isinstance(unraisable.exc_value, KeyboardInterrupt):
             return  # discarded inside a callback; raise_if_requested raises it again shortly
         previous(unraisable)

@@ -7,7 +7,15 @@ writes bar noise into CI logs or files (``enabled`` is false unless stderr is a 
 from __future__ import annotations
 
 import sys
-from typing import Any
+from typing import Protocol
+
+
+class ProgressBar(Protocol):
+    """What callers may do with a bar (tqdm's interface)."""
+
+    def update(self, n: int = 1) -> object: ...
+
+    def close(self) -> None: ...
 
 
 def progress_enabled() -> bool:
@@ -15,10 +23,11 @@ def progress_enabled() -> bool:
     return sys.stderr.isatty()
 
 
-def progress_bar(total: int, desc: str, enabled: bool, unit: str = "batch") -> Any:
+def progress_bar(total: int, desc: str, enabled: bool, unit: str = "batch") -> ProgressBar | None:
     """A tqdm bar, or None when disabled (callers write ``if bar: bar.update()``)."""
     if not enabled:
         return None
-    from tqdm.auto import tqdm
+    # tqdm ships no type information (and types-tqdm is no dependency): mypy cannot read it
+    from tqdm.auto import tqdm  # type: ignore[import-untyped]
 
     return tqdm(total=total, desc=desc, leave=False, unit=unit, dynamic_ncols=True)

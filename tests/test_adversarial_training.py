@@ -153,6 +153,21 @@ def test_bad_settings_raise_config_error(cls: type, kwargs: dict) -> None:
         cls(**kwargs)
 
 
+def test_settings_a_variant_fixes_are_refused() -> None:
+    """fgsm_at fixes steps and random_start, trades random_start: neither accepts nor reports them."""
+    with pytest.raises(TypeError, match="unexpected keyword argument 'steps'"):
+        FastAdversarialTraining(steps=3)
+    with pytest.raises(ConfigError, match=r"no setting\(s\) \['random_start'\]"):
+        build_defense({"name": "trades", "random_start": True})
+    assert "random_start" not in Trades().params() and "steps" not in FastAdversarialTraining().params()
+
+
+def test_only_real_settings_are_accepted() -> None:
+    """The shared settings object is no config key (it once was listed as one, and then failed)."""
+    with pytest.raises(ConfigError, match=r"no setting\(s\) \['settings'\]"):
+        build_defense({"name": "pgd_at", "settings": {"eps": 0.1}})
+
+
 def test_l2_eps_may_exceed_one() -> None:
     assert PGDAdversarialTraining(eps=2.0, norm="l2").params()["eps"] == 2.0
 

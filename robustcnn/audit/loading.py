@@ -16,7 +16,6 @@ import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -109,7 +108,7 @@ def _refuse_pickle(path: Path, reason: str) -> ModelError:
     )
 
 
-def _unwrap_state_dict(obj: Any, path: Path) -> dict[str, Tensor]:
+def _unwrap_state_dict(obj: object, path: Path) -> dict[str, Tensor]:
     if isinstance(obj, Mapping):
         for key in _STATE_DICT_KEYS:
             inner = obj.get(key)

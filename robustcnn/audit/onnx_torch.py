@@ -12,11 +12,14 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+if TYPE_CHECKING:  # onnx is imported where it is needed (only ONNX audits need it)
+    import onnx
 
 
 class UnsupportedOnnx(Exception):
@@ -37,8 +40,11 @@ def _op(*names: str) -> Callable[[Op], Op]:
     return register
 
 
-def supported_ops() -> list[str]:
-    return sorted(_OPS)
+def _input(inputs: list[Tensor | None], index: int) -> Tensor:
+    """Input ``index`` of a node, one the operator requires (a checked graph always has it)."""
+    tensor = inputs[index]
+    assert tensor is not None
+    return tensor
 
 
 def _ints(t: Tensor | None) -> list[int]:
@@ -65,9 +71,8 @@ def _check_auto_pad(attrs: Attrs, op: str) -> None:
 
 @_op("Conv")
 def _conv(inputs: list[Tensor | None], attrs: Attrs) -> Tensor:
-    x, w = inputs[0], inputs[1]
+    x, w = _input(inputs, 0), _input(inputs, 1)
     b = inputs[2] if len(inputs) > 2 else None
-    assert x is not None and w is not None
     _check_auto_pad(attrs, "Conv")
     rank = w.dim() - 2
     if rank != 2:
@@ -93,8 +98,7 @@ def _pool_padding(x: Tensor, attrs: Attrs, value: float) -> tuple[Tensor, list[i
 
 @_op("MaxPool")
 def _maxpool(inputs: list[Tensor | None], attrs: Attrs) -> Tensor:
-    x = inputs[0]
-    assert x is not None
+    x = _input(inputs, 0)
     if x.dim() != 4:
         raise UnsupportedOnnx("MaxPool over other than 2 spatial dimensions")
     x, padding = _pool_padding(x, attrs, float("-inf"))
@@ -111,8 +115,7 @@ def _maxpool(inputs: list[Tensor | None], attrs: Attrs) -> Tensor:
 
 @_op("AveragePool")
 def _avgpool(inputs: list[Tensor | None], attrs: Attrs) -> Tensor:
-    x = inputs[0]
-    assert x is not None
+    x = _input(inputs, 0)
     if x.dim() != 4:
         raise UnsupportedOnnx("AveragePool over other than 2 spatial dimensions")
     count_pad = bool(attrs.get("count_include_pad", 0))
@@ -130,23 +133,20 @@ def _avgpool(inputs: list[Tensor | None], attrs: Attrs) -> Tensor:
 
 @_op("GlobalAveragePool")
 def _gap(inputs: list[Tensor | None], attrs: Attrs) -> Tensor:
-    x = inputs[0]
-    assert x is not None
+    x = _input(inputs, 0)
     return x.mean(dim=tuple(range(2, x.dim())), keepdim=True)
 
 
 @_op("GlobalMaxPool")
 def _gmp(inputs: list[Tensor | None], attrs: Attrs) -> Tensor:
-    x = inputs[0]
-    assert x is not None
+    x = _input(inputs, 0)
     return x.amax(dim=tuple(range(2, x.dim())), keepdim=True)
 
 
 @_op("Gemm")
 def _gemm(inputs: list[Tensor | None], attrs: Attrs) -> Tensor:
-    a, b = inputs[0], inputs[1]
+    a, b = _input(inputs, 0), _input(inputs, 1)
     c = inputs[2] if len(inputs) > 2 else None
-    assert a is not None and b is not None
     if attrs.get("transA", 0):
         a = a.t()
     if attrs.get("transB", 0):
@@ -157,11 +157,11 @@ def _gemm(inputs: list[Tensor | None], attrs: Attrs) -> Tensor:
 
 @_op("MatMul")
 def _matmul(inputs: list[Tensor | None], attrs: Attrs) -> Tensor:
-    return inputs[0] @ inputs[1]  # type: ignore[operator]
+    return _input(inputs, 0) @ _input(inputs, 1)
 
 
 def _binary(fn: Callable[[Tensor, Tensor], Tensor]) -> Op:
-    return lambda inputs, attrs: fn(inputs[0], inputs[1])  # type: ignore[arg-type]
+    return lambda inputs, attrs: fn(_input(inputs, 0), _input(inputs, 1))
 
 
 _op("Add")(_binary(torch.add))
@@ -169,12 +169,12 @@ _op("Sub")(_binary(torch.sub))
 _op("Mul")(_binary(torch.mul))
 _op("Div")(_binary(torch.div))
 _op("Pow")(_binary(torch.pow))
-_op("Max")(lambda inputs, attrs: torch.stack(torch.broadcast_tensors(*inputs)).amax(0))  # type: ignore[arg-type]
-_op("Min")(lambda inputs, attrs: torch.stack(torch.broadcast_tensors(*inputs)).amin(0))  # type: ignore[arg-type]
+_op("Max")(lambda inputs, attrs: torch.stack(torch.broadcast_tensors(*inputs)).amax(0))
+_op("Min")(lambda inputs, attrs: torch.stack(torch.broadcast_tensors(*inputs)).amin(0))
 
 
 def _unary(fn: Callable[[Tensor], Tensor]) -> Op:
-    return lambda inputs, attrs: fn(inputs[0])  # type: ignore[arg-type]
+    return lambda inputs, attrs: fn(_input(inputs, 0))
 
 
 _op("Relu")(_unary(torch.relu))
@@ -189,35 +189,33 @@ _op("Erf")(_unary(torch.erf))
 _op("Floor")(_unary(torch.floor))
 _op("Round")(_unary(torch.round))
 _op("Sign")(_unary(torch.sign))
-_op("Identity", "Dropout")(lambda inputs, attrs: inputs[0])  # type: ignore[arg-type,return-value]
+_op("Identity", "Dropout")(lambda inputs, attrs: _input(inputs, 0))
 
 
 @_op("LeakyRelu")
 def _leaky(inputs: list[Tensor | None], attrs: Attrs) -> Tensor:
-    return F.leaky_relu(inputs[0], float(attrs.get("alpha", 0.01)))  # type: ignore[arg-type]
+    return F.leaky_relu(_input(inputs, 0), float(attrs.get("alpha", 0.01)))
 
 
 @_op("Elu")
 def _elu(inputs: list[Tensor | None], attrs: Attrs) -> Tensor:
-    return F.elu(inputs[0], float(attrs.get("alpha", 1.0)))  # type: ignore[arg-type]
+    return F.elu(_input(inputs, 0), float(attrs.get("alpha", 1.0)))
 
 
 @_op("HardSigmoid")
 def _hardsigmoid(inputs: list[Tensor | None], attrs: Attrs) -> Tensor:
-    x = inputs[0]
-    assert x is not None
+    x = _input(inputs, 0)
     return (float(attrs.get("alpha", 0.2)) * x + float(attrs.get("beta", 0.5))).clamp(0, 1)
 
 
 @_op("HardSwish")
 def _hardswish(inputs: list[Tensor | None], attrs: Attrs) -> Tensor:
-    return F.hardswish(inputs[0])  # type: ignore[arg-type]
+    return F.hardswish(_input(inputs, 0))
 
 
 @_op("Clip")
 def _clip(inputs: list[Tensor | None], attrs: Attrs) -> Tensor:
-    x = inputs[0]
-    assert x is not None
+    x = _input(inputs, 0)
     lo = inputs[1] if len(inputs) > 1 and inputs[1] is not None else attrs.get("min")
     hi = inputs[2] if len(inputs) > 2 and inputs[2] is not None else attrs.get("max")
     lo = float(lo) if lo is not None else None
@@ -227,22 +225,21 @@ def _clip(inputs: list[Tensor | None], attrs: Attrs) -> Tensor:
 
 @_op("Softmax", "LogSoftmax")
 def _softmax(inputs: list[Tensor | None], attrs: Attrs) -> Tensor:
-    x = inputs[0]
-    assert x is not None
+    x = _input(inputs, 0)
     axis = int(attrs.get("axis", -1))
     return x.softmax(axis) if attrs["_op"] == "Softmax" else x.log_softmax(axis)
 
 
 @_op("BatchNormalization")
 def _batchnorm(inputs: list[Tensor | None], attrs: Attrs) -> Tensor:
-    x, scale, bias, mean, var = inputs[:5]
-    return F.batch_norm(x, mean, var, scale, bias, False, 0.0, float(attrs.get("epsilon", 1e-5)))  # type: ignore[arg-type]
+    x = _input(inputs, 0)
+    scale, bias, mean, var = inputs[1:5]
+    return F.batch_norm(x, mean, var, scale, bias, False, 0.0, float(attrs.get("epsilon", 1e-5)))
 
 
 @_op("Flatten")
 def _flatten(inputs: list[Tensor | None], attrs: Attrs) -> Tensor:
-    x = inputs[0]
-    assert x is not None
+    x = _input(inputs, 0)
     axis = int(attrs.get("axis", 1))
     axis = axis + x.dim() if axis < 0 else axis
     lead = 1
@@ -253,8 +250,7 @@ def _flatten(inputs: list[Tensor | None], attrs: Attrs) -> Tensor:
 
 @_op("Reshape")
 def _reshape(inputs: list[Tensor | None], attrs: Attrs) -> Tensor:
-    x, shape = inputs[0], _ints(inputs[1])
-    assert x is not None
+    x, shape = _input(inputs, 0), _ints(inputs[1])
     if not attrs.get("allowzero", 0):
         shape = [int(x.shape[i]) if v == 0 else v for i, v in enumerate(shape)]
     return x.reshape(shape)
@@ -262,8 +258,7 @@ def _reshape(inputs: list[Tensor | None], attrs: Attrs) -> Tensor:
 
 @_op("Transpose")
 def _transpose(inputs: list[Tensor | None], attrs: Attrs) -> Tensor:
-    x = inputs[0]
-    assert x is not None
+    x = _input(inputs, 0)
     return x.permute(attrs.get("perm", list(reversed(range(x.dim())))))
 
 
@@ -274,15 +269,13 @@ def _concat(inputs: list[Tensor | None], attrs: Attrs) -> Tensor:
 
 @_op("Shape")
 def _shape(inputs: list[Tensor | None], attrs: Attrs) -> Tensor:
-    x = inputs[0]
-    assert x is not None
+    x = _input(inputs, 0)
     return torch.tensor(list(x.shape), dtype=torch.int64)
 
 
 @_op("Gather")
 def _gather(inputs: list[Tensor | None], attrs: Attrs) -> Tensor:
-    x, index = inputs[0], inputs[1]
-    assert x is not None and index is not None
+    x, index = _input(inputs, 0), _input(inputs, 1)
     axis = int(attrs.get("axis", 0))
     index = index.long().to(x.device)
     flat = x.index_select(axis, index.flatten())
@@ -296,8 +289,7 @@ def _axes(inputs: list[Tensor | None], attrs: Attrs) -> list[int]:
 
 @_op("Unsqueeze")
 def _unsqueeze(inputs: list[Tensor | None], attrs: Attrs) -> Tensor:
-    x = inputs[0]
-    assert x is not None
+    x = _input(inputs, 0)
     axes = _axes(inputs, attrs)
     rank = x.dim() + len(axes)
     for axis in sorted(a + rank if a < 0 else a for a in axes):
@@ -307,8 +299,7 @@ def _unsqueeze(inputs: list[Tensor | None], attrs: Attrs) -> Tensor:
 
 @_op("Squeeze")
 def _squeeze(inputs: list[Tensor | None], attrs: Attrs) -> Tensor:
-    x = inputs[0]
-    assert x is not None
+    x = _input(inputs, 0)
     axes = _axes(inputs, attrs)
     if not axes:
         return x.squeeze()
@@ -319,16 +310,14 @@ def _squeeze(inputs: list[Tensor | None], attrs: Attrs) -> Tensor:
 
 @_op("ReduceMean")
 def _reduce_mean(inputs: list[Tensor | None], attrs: Attrs) -> Tensor:
-    x = inputs[0]
-    assert x is not None
+    x = _input(inputs, 0)
     axes = _axes(inputs, attrs) or list(range(x.dim()))
     return x.mean(dim=axes, keepdim=bool(attrs.get("keepdims", 1)))
 
 
 @_op("Pad")
 def _pad(inputs: list[Tensor | None], attrs: Attrs) -> Tensor:
-    x = inputs[0]
-    assert x is not None
+    x = _input(inputs, 0)
     mode = attrs.get("mode", b"constant")
     mode = mode.decode() if isinstance(mode, bytes) else str(mode)
     if mode != "constant":
@@ -341,8 +330,7 @@ def _pad(inputs: list[Tensor | None], attrs: Attrs) -> Tensor:
 
 @_op("Cast")
 def _cast(inputs: list[Tensor | None], attrs: Attrs) -> Tensor:
-    x = inputs[0]
-    assert x is not None
+    x = _input(inputs, 0)
     to = int(attrs["to"])
     dtype = {
         1: torch.float32,
@@ -357,7 +345,7 @@ def _cast(inputs: list[Tensor | None], attrs: Attrs) -> Tensor:
     return x.to(dtype[to])
 
 
-def _attributes(node: Any) -> Attrs:
+def _attributes(node: onnx.NodeProto) -> Attrs:
     from onnx import helper, numpy_helper
 
     attrs: Attrs = {"_op": node.op_type}
@@ -385,7 +373,7 @@ class OnnxModule(nn.Module):
     the model's); integer ones (shapes, indices) stay plain tensors in ``consts``.
     """
 
-    def __init__(self, model: Any) -> None:
+    def __init__(self, model: onnx.ModelProto) -> None:
         super().__init__()
         from onnx import numpy_helper
 
@@ -430,10 +418,10 @@ class OnnxModule(nn.Module):
             env[name] = value.to(x.device)
         for op, inputs, outputs, attrs in self.nodes:
             if op == "Constant":
-                value = attrs.get("value")
-                if value is None:
+                constant = attrs.get("value")
+                if constant is None:
                     raise UnsupportedOnnx("a Constant without a tensor value")
-                env[outputs[0]] = value.to(x.device) if value.is_floating_point() else value
+                env[outputs[0]] = constant.to(x.device) if constant.is_floating_point() else constant
                 continue
             result = _OPS[op]([env[name] for name in inputs], attrs)
             if isinstance(result, Tensor):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -36,7 +37,7 @@ class PreparedModel:
 
 
 def resolve_normalization(
-    setting: Any, info: DatasetInfo, default_dataset: bool
+    setting: object, info: DatasetInfo, default_dataset: bool
 ) -> dict[str, list[float]] | None:
     """``audit.normalization`` -> {mean, std} or None (raw [0, 1] pixels)."""
     if setting is None:
@@ -123,7 +124,7 @@ def _probe_forward(module: nn.Module, x: Tensor, what: str, info: DatasetInfo) -
     return out
 
 
-def _check_declared_shape(declared: Sequence[int | None] | None, info: DatasetInfo, path: Any) -> None:
+def _check_declared_shape(declared: Sequence[int | None] | None, info: DatasetInfo, path: Path) -> None:
     if not declared:
         return
     expected = (None, *info.input_shape)
@@ -145,7 +146,7 @@ def prepare(
     *,
     arch: str | None,
     options: Mapping[str, Any],
-    normalization: Any,
+    normalization: object,
 ) -> PreparedModel:
     """Wrap, validate and (for ONNX) choose white- or black-box; ``probe`` = a few test images."""
     notes = list(loaded.notes)

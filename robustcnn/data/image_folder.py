@@ -66,8 +66,8 @@ def read_image(path: Path, *, channels: int, size: tuple[int, int]) -> np.ndarra
     from PIL import Image, UnidentifiedImageError  # deferred: only this dataset needs PIL
 
     try:
-        with Image.open(path) as image:
-            image = image.convert("L" if channels == 1 else "RGB")
+        with Image.open(path) as opened:
+            image = opened.convert("L" if channels == 1 else "RGB")
             if image.size != (size[1], size[0]):
                 image = image.resize((size[1], size[0]), Image.Resampling.BILINEAR)
             array = np.asarray(image, dtype=np.uint8)

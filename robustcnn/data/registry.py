@@ -53,7 +53,7 @@ def available_datasets() -> list[str]:
     return sorted(_REGISTRY)
 
 
-def load_dataset(name: str, **kwargs: Any) -> Dataset:
+def load_dataset(name: str, **kwargs: object) -> Dataset:
     """Load dataset ``name`` with the loader's options plus ``max_train`` / ``max_test``.
 
     ``max_train`` / ``max_test`` (int or None) keep a deterministic, class-balanced subset: the first
@@ -76,11 +76,11 @@ def load_dataset(name: str, **kwargs: Any) -> Dataset:
     return _finalize(name, dataset, limits["max_train"], limits["max_test"])
 
 
-def _qualname(fn: Callable[..., Any]) -> str:
+def _qualname(fn: Callable[..., object]) -> str:
     return f"{getattr(fn, '__module__', '?')}.{getattr(fn, '__qualname__', repr(fn))}"
 
 
-def _check_limit(key: str, value: Any) -> int | None:
+def _check_limit(key: str, value: object) -> int | None:
     if value is None:
         return None
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:

@@ -7,7 +7,7 @@ easy mistakes; failing early with the key name beats a ``TypeError`` from deep i
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -52,8 +52,8 @@ def _positive_int(value: object) -> bool:
 def check_size(value: object, key: str) -> tuple[int, int]:
     """[H, W]: two positive ints (a list, tuple or OmegaConf ListConfig)."""
     try:
-        items = list(value)  # type: ignore[call-overload]
-    except TypeError:
+        items = list(value) if isinstance(value, Iterable) else []
+    except TypeError:  # an iterable that cannot be iterated, e.g. a 0-d numpy array
         items = []
     if len(items) != 2 or not all(_positive_int(v) for v in items):
         raise ConfigError(f"data.{key} must be [height, width] with two positive integers, got {value!r}")

@@ -28,7 +28,7 @@ import math
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -39,7 +39,7 @@ from robustcnn.attacks.fgsm import FGSM
 from robustcnn.attacks.gradient import step_direction
 from robustcnn.attacks.pgd import PGD
 from robustcnn.config import show
-from robustcnn.defenses.base import Defense, register_defense
+from robustcnn.defenses.base import Defense, JobFit, register_defense
 from robustcnn.errors import ConfigError
 from robustcnn.threat import NORMS, ThreatModel, project
 from robustcnn.training.loop import TrainContext, TrainHook
@@ -52,15 +52,26 @@ ON_COLLAPSE = ("stop", "restore", "escalate", "continue")
 _WARMUP_TOLERANCE = 1e-9
 
 
-def _number(name: str, value: Any, kind: type = float) -> Any:
-    """Convert a config value, or fail with the key's name (``float('abc')`` would not name it)."""
+def _finite(name: str, value: object) -> int | float:
+    """A config value that is a finite int or float, or fail with the key's name."""
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise ConfigError(f"defense.{name}={show(value)} must be a number")
     if not math.isfinite(float(value)):  # before int(): int(inf) and int(nan) raise
         raise ConfigError(f"defense.{name}={value!r} must be finite")
-    if kind is int and float(value) != int(value):
+    return value
+
+
+def _number(name: str, value: object) -> float:
+    """A config value as a float, or fail with the key's name (``float('abc')`` would not name it)."""
+    return float(_finite(name, value))
+
+
+def _whole_number(name: str, value: object) -> int:
+    """A config value as an int (``3.0`` is accepted, ``2.5`` is not), or fail with the key's name."""
+    number = _finite(name, value)
+    if float(number) != int(number):
         raise ConfigError(f"defense.{name}={value!r} must be a whole number")
-    return kind(value)
+    return int(number)
 
 
 @dataclass(frozen=True)
@@ -81,24 +92,28 @@ class AdversarialSettings:
     def create(
         cls,
         *,
-        eps: Any,
-        norm: Any,
-        steps: Any,
-        step_size: Any,
-        rel_step_size: Any,
-        random_start: Any,
-        warmup_epochs: Any,
+        eps: object,
+        norm: object,
+        steps: object,
+        step_size: object,
+        rel_step_size: object,
+        random_start: object,
+        warmup_epochs: object,
     ) -> AdversarialSettings:
         """Coerce raw config values (ints from YAML, strings) and validate them."""
         return cls(
             eps=_number("eps", eps),
             norm=str(norm).lower(),
-            steps=_number("steps", steps, int),
+            steps=_whole_number("steps", steps),
             step_size=None if step_size is None else _number("step_size", step_size),
             rel_step_size=_number("rel_step_size", rel_step_size),
             random_start=bool(random_start),
             warmup_epochs=_number("warmup_epochs", warmup_epochs),
         )
+
+    def configured(self, raw: Mapping[str, object]) -> AdversarialSettings:
+        """These settings with the config's values (``raw``, by field name) in their place, validated."""
+        return AdversarialSettings.create(**{**self.params(), **raw})
 
     def __post_init__(self) -> None:
         if self.norm not in NORMS:
@@ -197,7 +212,7 @@ class AdversarialHook(TrainHook, ABC):
             full_batch=n,
             active=torch.arange(n, device=x.device),
             seed=self.seed,
-            bounds=tuple(getattr(ctx.model, "bounds", (0.0, 1.0))),  # type: ignore[arg-type]
+            bounds=tuple(getattr(ctx.model, "bounds", (0.0, 1.0))),
             amp=ctx.config.amp,
         )
 
@@ -483,18 +498,44 @@ class CollapseGuard(TrainHook):
 class _AdversarialDefense(Defense, ABC):
     """What the three variants share: settings, hook creation, report, adversarial fine-tuning.
 
+    The shared settings (the fields of :class:`AdversarialSettings`) arrive as keywords under their
+    config names and are validated once, into ``self.settings``; a variant only declares its own
+    defaults (:attr:`defaults`) and the ones its method fixes (:attr:`fixed`), which it neither
+    accepts nor reports.
+
     With ``base`` set the runner hands over the base defense's trained model and :meth:`post_train`
     fine-tunes it adversarially for ``finetune_epochs``; otherwise the hooks train from scratch and
     :meth:`post_train` only returns the report (stored with the cached weights).
     """
 
-    def __init__(self, *, settings: AdversarialSettings, finetune_epochs: Any, base: Any) -> None:
+    #: This variant's values of the shared settings where the config gives none.
+    defaults: ClassVar[AdversarialSettings] = AdversarialSettings()
+    #: Shared settings the method fixes (to their value in :attr:`defaults`): refused, not reported.
+    fixed: ClassVar[frozenset[str]] = frozenset()
+
+    def __init__(
+        self,
+        *,
+        finetune_epochs: int = 1,
+        base: str | Mapping[str, Any] | None = None,
+        **settings: object,
+    ) -> None:
+        unexpected = sorted(set(settings) - self.keyword_settings())
+        if unexpected:  # what Python says of a keyword missing from a signature
+            raise TypeError(
+                f"{type(self).__name__}.__init__() got an unexpected keyword argument {unexpected[0]!r}"
+            )
+        self.settings = self.defaults.configured(settings)
         super().__init__(base=base)
-        self.settings = settings
-        self.finetune_epochs = _number("finetune_epochs", finetune_epochs, int)
+        self.finetune_epochs = _whole_number("finetune_epochs", finetune_epochs)
         if self.finetune_epochs < 1:
             raise ConfigError(f"defense.finetune_epochs={self.finetune_epochs} must be >= 1")
         self._hooks: list[TrainHook] = []
+
+    @classmethod
+    def keyword_settings(cls) -> frozenset[str]:
+        """The shared settings this variant accepts: all of :class:`AdversarialSettings` but the fixed."""
+        return frozenset(f.name for f in dataclasses.fields(AdversarialSettings)) - cls.fixed
 
     @abstractmethod
     def make_hooks(self, seed: int, x_train: Tensor, y_train: Tensor) -> list[TrainHook]:
@@ -505,7 +546,8 @@ class _AdversarialDefense(Defense, ABC):
         return list(self._hooks)
 
     def params(self) -> dict[str, Any]:
-        return {**super().params(), **self.settings.params(), "finetune_epochs": self.finetune_epochs}
+        shared = {k: v for k, v in self.settings.params().items() if k not in self.fixed}
+        return {**super().params(), **shared, "finetune_epochs": self.finetune_epochs}
 
     def post_train(
         self,
@@ -513,7 +555,7 @@ class _AdversarialDefense(Defense, ABC):
         x_train: Tensor,
         y_train: Tensor,
         device: torch.device,
-        fit: Callable[..., Any],
+        fit: JobFit,
         seed: int,
     ) -> dict[str, Any]:
         if self.base is not None:
@@ -531,31 +573,10 @@ class _AdversarialDefense(Defense, ABC):
 
 @register_defense("pgd_at")
 class PGDAdversarialTraining(_AdversarialDefense):
-    """Madry et al. 2018: train on the last iterate of PGD-k from a random start."""
+    """Madry et al. 2018: train on the last iterate of PGD-k from a random start.
 
-    def __init__(
-        self,
-        *,
-        eps: float = 0.3,
-        norm: str = "linf",
-        steps: int = 10,
-        step_size: float | None = None,
-        rel_step_size: float = 2.5,
-        random_start: bool = True,
-        warmup_epochs: float = 0.0,
-        finetune_epochs: int = 1,
-        base: str | Mapping[str, Any] | None = None,
-    ) -> None:
-        settings = AdversarialSettings.create(
-            eps=eps,
-            norm=norm,
-            steps=steps,
-            step_size=step_size,
-            rel_step_size=rel_step_size,
-            random_start=random_start,
-            warmup_epochs=warmup_epochs,
-        )
-        super().__init__(settings=settings, finetune_epochs=finetune_epochs, base=base)
+    Settings: all of :class:`AdversarialSettings`, ``finetune_epochs`` and ``base``.
+    """
 
     def make_hooks(self, seed: int, x_train: Tensor, y_train: Tensor) -> list[TrainHook]:
         return [PGDTrainingHook(self.settings, seed)]
@@ -565,40 +586,28 @@ class PGDAdversarialTraining(_AdversarialDefense):
 class FastAdversarialTraining(_AdversarialDefense):
     """Wong, Rice, Kolter 2020: FGSM from a uniform random start, step 1.25 eps, with a collapse guard."""
 
+    # one step from a random start: PGD-1, whose step rule gives alpha = rel_step_size * eps
+    defaults = AdversarialSettings(steps=1, rel_step_size=1.25, random_start=True)
+    fixed = frozenset({"steps", "random_start"})
+
     def __init__(
         self,
         *,
-        eps: float = 0.3,
-        norm: str = "linf",
-        step_size: float | None = None,
-        rel_step_size: float = 1.25,
-        warmup_epochs: float = 0.0,
         guard_samples: int = 256,
         guard_steps: int = 10,
         collapse_drop: float = 0.2,
         collapse_ratio: float = 0.5,
         on_collapse: str = "escalate",
         escalate_steps: int = 3,
-        finetune_epochs: int = 1,
-        base: str | Mapping[str, Any] | None = None,
+        **shared: Any,  # the shared settings, finetune_epochs, base: _AdversarialDefense checks them
     ) -> None:
-        # one step from a random start: PGD-1, whose step rule gives alpha = rel_step_size * eps
-        settings = AdversarialSettings.create(
-            eps=eps,
-            norm=norm,
-            steps=1,
-            step_size=step_size,
-            rel_step_size=rel_step_size,
-            random_start=True,
-            warmup_epochs=warmup_epochs,
-        )
-        super().__init__(settings=settings, finetune_epochs=finetune_epochs, base=base)
-        self.guard_samples = _number("guard_samples", guard_samples, int)
-        self.guard_steps = _number("guard_steps", guard_steps, int)
+        super().__init__(**shared)
+        self.guard_samples = _whole_number("guard_samples", guard_samples)
+        self.guard_steps = _whole_number("guard_steps", guard_steps)
         self.collapse_drop = _number("collapse_drop", collapse_drop)
         self.collapse_ratio = _number("collapse_ratio", collapse_ratio)
         self.on_collapse = str(on_collapse).lower()
-        self.escalate_steps = _number("escalate_steps", escalate_steps, int)
+        self.escalate_steps = _whole_number("escalate_steps", escalate_steps)
         if self.escalate_steps < 1:
             raise ConfigError(
                 f"defense.escalate_steps={self.escalate_steps} must be >= 1 (PGD steps after a collapse)"
@@ -619,11 +628,8 @@ class FastAdversarialTraining(_AdversarialDefense):
             )
 
     def params(self) -> dict[str, Any]:
-        out = super().params()
-        for key in ("steps", "random_start"):  # fixed by the method, not settings
-            out.pop(key)
         return {
-            **out,
+            **super().params(),
             "guard_samples": self.guard_samples,
             "guard_steps": self.guard_steps,
             "collapse_drop": self.collapse_drop,
@@ -659,37 +665,18 @@ class FastAdversarialTraining(_AdversarialDefense):
 class Trades(_AdversarialDefense):
     """Zhang et al. 2019: natural CE plus beta x the KL between clean and adversarial predictions."""
 
-    def __init__(
-        self,
-        *,
-        eps: float = 0.3,
-        norm: str = "linf",
-        steps: int = 10,
-        step_size: float | None = None,
-        rel_step_size: float = 2.5,
-        beta: float = 6.0,
-        warmup_epochs: float = 0.0,
-        finetune_epochs: int = 1,
-        base: str | Mapping[str, Any] | None = None,
-    ) -> None:
-        settings = AdversarialSettings.create(
-            eps=eps,
-            norm=norm,
-            steps=steps,
-            step_size=step_size,
-            rel_step_size=rel_step_size,
-            random_start=False,  # TRADES starts at x + 0.001 N(0, 1), not uniformly in the ball
-            warmup_epochs=warmup_epochs,
-        )
-        super().__init__(settings=settings, finetune_epochs=finetune_epochs, base=base)
+    # TRADES starts at x + 0.001 N(0, 1), not uniformly in the ball
+    defaults = AdversarialSettings(random_start=False)
+    fixed = frozenset({"random_start"})
+
+    def __init__(self, *, beta: float = 6.0, **shared: Any) -> None:  # shared: as fgsm_at's
+        super().__init__(**shared)
         self.beta = _number("beta", beta)
         if self.beta < 0:
             raise ConfigError(f"defense.beta={self.beta} must be >= 0 (0 = standard training; paper: 1-10)")
 
     def params(self) -> dict[str, Any]:
-        out = super().params()
-        out.pop("random_start")
-        return {**out, "beta": self.beta}
+        return {**super().params(), "beta": self.beta}
 
     def make_hooks(self, seed: int, x_train: Tensor, y_train: Tensor) -> list[TrainHook]:
         return [TradesHook(self.settings, self.beta, seed)]

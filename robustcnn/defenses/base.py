@@ -15,17 +15,29 @@ trained once however many defenses build on it.
 from __future__ import annotations
 
 import inspect
-from collections.abc import Callable, Mapping
-from typing import Any, ClassVar
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, ClassVar, Protocol
 
 import torch
 from torch import nn
 
 from robustcnn.config import show
 from robustcnn.errors import ConfigError
-from robustcnn.training.loop import TrainHook
+from robustcnn.models import Classifier
+from robustcnn.training.loop import TrainHook, TrainResult
 
 _REGISTRY: dict[str, type[Defense]] = {}
+
+
+class JobFit(Protocol):
+    """The job's training loop on its data and settings, handed to :meth:`Defense.post_train`.
+
+    ``fit(model, hooks=[...], epochs=N)`` trains ``model`` in place (``epochs=None``: the job's).
+    """
+
+    def __call__(
+        self, target: nn.Module, /, hooks: Sequence[TrainHook] = (), epochs: int | None = None
+    ) -> TrainResult: ...
 
 
 class Defense:
@@ -42,6 +54,11 @@ class Defense:
                 "(train from scratch)"
             )
         self.base = base
+
+    @classmethod
+    def keyword_settings(cls) -> frozenset[str]:
+        """Settings ``__init__`` takes through ``**settings``, which its signature cannot name."""
+        return frozenset()
 
     def params(self) -> dict[str, Any]:
         """The settings that define the defense (logged with the run)."""
@@ -60,7 +77,7 @@ class Defense:
         x_train: torch.Tensor,
         y_train: torch.Tensor,
         device: torch.device,
-        fit: Callable[..., Any],
+        fit: JobFit,
         seed: int,
     ) -> dict[str, Any]:
         """Transform the trained model in place; returns what to report (e.g. measured sparsity).
@@ -69,7 +86,7 @@ class Defense:
         """
         return {}
 
-    def prepare_for_load(self, model: nn.Module, report: Mapping[str, Any]) -> nn.Module:
+    def prepare_for_load(self, model: Classifier, report: Mapping[str, Any]) -> Classifier:
         """Reshape a freshly built model to what ``post_train`` produced (e.g. pruned channels).
 
         ``report`` is what ``post_train`` returned when the cached weights were made; the runner
@@ -77,7 +94,7 @@ class Defense:
         """
         return model
 
-    def finalize(self, model: nn.Module) -> None:
+    def finalize(self, model: Classifier) -> None:
         """Inference-time settings that are not stored in the weights."""
 
     def report(self) -> dict[str, Any]:
@@ -89,7 +106,7 @@ def register_defense(name: str) -> Callable[[type[Defense]], type[Defense]]:
     def decorate(cls: type[Defense]) -> type[Defense]:
         if name in _REGISTRY:
             raise ValueError(f"defense {name!r} is already registered")
-        cls.name = name  # type: ignore[misc]
+        cls.name = name
         _REGISTRY[name] = cls
         return cls
 
@@ -124,8 +141,9 @@ def build_defense(spec: Mapping[str, Any]) -> Defense:
 
 
 def accepted_settings(cls: type[Defense]) -> set[str]:
-    """The keyword settings a defense class accepts (its ``__init__`` and its bases')."""
-    keys: set[str] = set()
+    """The keyword settings a defense class accepts (its ``__init__`` and its bases', and its
+    :meth:`~Defense.keyword_settings`)."""
+    keys: set[str] = set(cls.keyword_settings())
     for klass in inspect.getmro(cls):
         init = klass.__dict__.get("__init__")
         if init is None or klass is object:
@@ -141,7 +159,8 @@ def weights_identity(spec: Mapping[str, Any]) -> dict[str, Any]:
 
     Two configs that differ only in how the model behaves at test time share trained weights.
     """
-    cls = _REGISTRY.get(spec.get("name"))  # type: ignore[arg-type]
+    name = spec.get("name")
+    cls = _REGISTRY.get(name) if isinstance(name, str) else None
     skip = set(cls.inference_settings) if cls else set()
     identity = {k: v for k, v in spec.items() if k not in skip}
     if isinstance(identity.get("base"), Mapping):

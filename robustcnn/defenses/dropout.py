@@ -10,12 +10,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from torch import nn
-
 from robustcnn.config import config_int, show
 from robustcnn.defenses.base import Defense, register_defense
 from robustcnn.errors import ConfigError
-from robustcnn.models import set_inference_dropout
+from robustcnn.models import Classifier, set_inference_dropout
 
 MODES = ("train_only", "inference")
 
@@ -46,7 +44,7 @@ class DropoutDefense(Defense):
     def model_overrides(self) -> dict[str, Any]:
         return {"dropout": self.rate}
 
-    def finalize(self, model: nn.Module) -> None:
+    def finalize(self, model: Classifier) -> None:
         if self.mode == "inference":
             set_inference_dropout(model, True)
-            model.inference_samples = self.n_samples  # type: ignore[assignment]
+            model.inference_samples = self.n_samples

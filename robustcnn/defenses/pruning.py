@@ -20,14 +20,15 @@ from __future__ import annotations
 import copy
 import math
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 import torch
 from safetensors.torch import save as safetensors_bytes
 from torch import Tensor, nn
+from torch.utils.hooks import RemovableHandle
 
-from robustcnn.defenses.base import Defense, register_defense
+from robustcnn.defenses.base import Defense, JobFit, register_defense
 from robustcnn.defenses.shrink import (
     ConvUnit,
     conv_units,
@@ -38,6 +39,7 @@ from robustcnn.defenses.shrink import (
     shrink_to_counts,
 )
 from robustcnn.errors import ConfigError
+from robustcnn.models import Classifier
 from robustcnn.training.loop import TrainContext, TrainHook
 
 METHODS = ("magnitude_global", "l1_structured")
@@ -78,7 +80,7 @@ class MaskHook(TrainHook):
 
     def __init__(self, masks: Masks) -> None:
         self.masks = masks
-        self._handle: Any = None
+        self._handle: RemovableHandle | None = None
 
     def on_fit_start(self, ctx: TrainContext) -> None:
         self.masks.apply(ctx.model)  # binds to the parameters on the training device
@@ -289,7 +291,7 @@ class PruneDefense(Defense):
         x_train: Tensor,
         y_train: Tensor,
         device: torch.device,
-        fit: Callable[..., Any],
+        fit: JobFit,
         seed: int,
     ) -> dict[str, Any]:
         """Prune ``model`` in place (fine-tuning between steps), fold the masks, shrink if possible."""
@@ -389,7 +391,7 @@ class PruneDefense(Defense):
         out.update({"shrunk": True, "shrink_max_abs_diff": diff})
         return out
 
-    def prepare_for_load(self, model: nn.Module, report: Mapping[str, Any]) -> nn.Module:
+    def prepare_for_load(self, model: Classifier, report: Mapping[str, Any]) -> Classifier:
         """Rebuild the smaller architecture recorded in ``report`` so the cached weights load strictly."""
         if report.get("shrunk"):
             shrink_to_counts(model, report["kept_channels"])

@@ -114,6 +114,8 @@ def _sub_conv(conv: nn.Conv2d, keep_out: Tensor, keep_in: Tensor | None) -> nn.C
     weight = conv.weight.detach()[keep_out]
     if keep_in is not None:
         weight = weight[:, keep_in]
+    # torch's stubs type a Conv2d's geometry as tuple[int, ...] (any length) and its constructor's
+    # arguments as pairs, so each of them needs an ignore
     new = nn.Conv2d(
         weight.shape[1],
         weight.shape[0],
@@ -129,7 +131,8 @@ def _sub_conv(conv: nn.Conv2d, keep_out: Tensor, keep_in: Tensor | None) -> nn.C
     with torch.no_grad():
         new.weight.copy_(weight)
         if conv.bias is not None:
-            new.bias.copy_(conv.bias.detach()[keep_out])  # type: ignore[union-attr]
+            assert new.bias is not None  # built with bias=True
+            new.bias.copy_(conv.bias.detach()[keep_out])
     new.train(conv.training)
     return new
 
@@ -145,14 +148,10 @@ def _sub_bn(bn: nn.BatchNorm2d, keep: Tensor) -> nn.BatchNorm2d:
         device=None if ref is None else ref.device,
         dtype=None if ref is None else ref.dtype,
     )
-    with torch.no_grad():
-        if bn.affine:
-            new.weight.copy_(bn.weight.detach()[keep])
-            new.bias.copy_(bn.bias.detach()[keep])
-        if bn.track_running_stats:
-            new.running_mean.copy_(bn.running_mean[keep])  # type: ignore[index]
-            new.running_var.copy_(bn.running_var[keep])  # type: ignore[index]
-            new.num_batches_tracked.copy_(bn.num_batches_tracked)  # type: ignore[arg-type]
+    # per-channel entries (scale, shift, running statistics) keep the kept channels; the 0-d
+    # num_batches_tracked is copied as it is; what the layer does not have is in neither state
+    state = {name: value[keep] if value.dim() else value for name, value in bn.state_dict().items()}
+    new.load_state_dict(state)
     new.train(bn.training)
     return new
 
@@ -169,7 +168,7 @@ def _sub_linear_inputs(linear: nn.Linear, columns: Tensor) -> nn.Linear:
     with torch.no_grad():
         new.weight.copy_(weight)
         if linear.bias is not None:
-            new.bias.copy_(linear.bias.detach())  # type: ignore[union-attr]
+            new.bias.copy_(linear.bias.detach())
     new.train(linear.training)
     return new
 

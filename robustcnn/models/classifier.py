@@ -25,7 +25,7 @@ def check_input_shape(input_shape: Sequence[int]) -> tuple[int, int, int]:
             f"input_shape must be (channels, height, width) with positive integers, got "
             f"{input_shape!r}; pass e.g. (1, 28, 28) for MNIST or (3, 32, 32) for CIFAR-10"
         )
-    return shape  # type: ignore[return-value]
+    return shape
 
 
 def check_num_classes(num_classes: int) -> int:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-from robustcnn.models._builders import require_input_size
+from robustcnn.models.builders import require_input_size
 from robustcnn.models.dropout import InferenceDropout
 from robustcnn.models.registry import register_model
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-from robustcnn.models._builders import check_width, init_conv_bn_linear, require_input_size, scale_channels
+from robustcnn.models.builders import check_width, init_conv_bn_linear, require_input_size, scale_channels
 from robustcnn.models.dropout import InferenceDropout
 from robustcnn.models.registry import register_model
 

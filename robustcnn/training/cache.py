@@ -16,7 +16,7 @@ import logging
 import os
 import tempfile
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, Any
@@ -32,7 +32,9 @@ from robustcnn.hashing import file_sha256
 try:  # POSIX (Linux, macOS)
     import fcntl
 except ImportError:  # Windows: no fcntl; entries stay consistent, only duplicate training is possible
-    fcntl = None  # type: ignore[assignment]
+    _HAVE_FLOCK = False
+else:
+    _HAVE_FLOCK = True
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +43,7 @@ _held = threading.local()
 _no_lock_logged = False
 
 
-def _atomic_write_bytes(target: Path, write: Any) -> None:
+def _atomic_write_bytes(target: Path, write: Callable[[str], object]) -> None:
     """Call ``write(tmp_path)`` then rename onto ``target`` (same folder, so the rename is atomic)."""
     fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", dir=target.parent)
     os.close(fd)
@@ -62,7 +64,7 @@ def _held_locks() -> set[str]:
 def _acquire(handle: IO[bytes], key: str, path: Path) -> None:
     """Take the exclusive lock on ``handle``; say once (INFO) that we wait when someone else holds it."""
     global _no_lock_logged
-    if fcntl is None:
+    if not _HAVE_FLOCK:
         if not _no_lock_logged:
             _no_lock_logged = True
             log.debug("no fcntl on this platform: weight cache entries are filled without a lock")

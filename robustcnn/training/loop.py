@@ -148,7 +148,7 @@ class TrainContext:
     #: Free-form notes a hook wants logged with the run (events, chosen checkpoint, ...).
     notes: dict[str, Any] = field(default_factory=dict)
 
-    def autocast(self) -> contextlib.AbstractContextManager[Any]:
+    def autocast(self) -> contextlib.AbstractContextManager[None]:
         """bf16 autocast on CUDA when enabled, a no-op elsewhere."""
         return autocast_for(self.device, self.config.amp)
 
@@ -224,10 +224,6 @@ def random_shift(x: Tensor, shift: int, generator: torch.Generator) -> Tensor:
     return padded.permute(0, 2, 3, 1)[batch, rows, cols].permute(0, 3, 1, 2).contiguous()
 
 
-def default_loss(model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
-    return F.cross_entropy(model(x), y)
-
-
 def fit(
     model: nn.Module,
     x_train: Tensor,
@@ -238,21 +234,15 @@ def fit(
     seed: int = 0,
     progress: bool = True,
 ) -> TrainResult:
-    """Train ``model`` in place on whole in-memory tensors; returns the per-epoch history and timing."""
-    if x_train.shape[0] != y_train.shape[0]:
-        raise ConfigError(f"training data mismatch: {x_train.shape[0]} images but {y_train.shape[0]} labels")
-    if x_train.shape[0] == 0:
-        raise ConfigError("the training split is empty; check data.max_train or the dataset")
-    use_channels_last = config.channels_last and device.type == "cuda" and x_train.dim() == 4
-    memory_format = torch.channels_last if use_channels_last else torch.contiguous_format
-    model.to(device=device, memory_format=memory_format)
-    x_all = x_train.to(device, non_blocking=True).contiguous(memory_format=memory_format)
-    y_all = y_train.to(device, non_blocking=True)
+    """Train ``model`` in place on whole in-memory tensors; returns the per-epoch history and timing.
 
-    n = x_all.shape[0]
-    steps = math.ceil(n / config.batch_size)
-    if config.max_batches is not None:
-        steps = min(steps, config.max_batches)
+    Hooks are called in their order: each at fit start, per batch until one returns a loss (none:
+    cross-entropy), at each epoch end (after the loop's own metrics, before a hook's ``stop`` ends
+    training) and at fit end.
+    """
+    _check_training_data(x_train, y_train)
+    x_all, y_all = _to_training_device(model, x_train, y_train, config, device)
+    steps = _batches_per_epoch(x_all.shape[0], config)
     optimizer = build_optimizer(model, config)
     scheduler = build_scheduler(optimizer, config, steps)
     ctx = TrainContext(model=model, optimizer=optimizer, device=device, config=config, steps_per_epoch=steps)
@@ -264,53 +254,8 @@ def fit(
     images_seen = 0
     for epoch in range(config.epochs):
         ctx.epoch = epoch
-        model.train()
-        order = torch.randperm(n, generator=generator).to(device)
-        loss_sum = torch.zeros((), device=device)
-        correct = torch.zeros((), device=device, dtype=torch.long)
-        seen = counted = 0
-        epoch_start = time.perf_counter()
-        bar = progress_bar(steps, f"epoch {epoch + 1}/{config.epochs}", progress)
-        for step in range(steps):
-            raise_if_requested()
-            idx = order[step * config.batch_size : (step + 1) * config.batch_size]
-            x, y = random_shift(x_all[idx], config.shift, generator), y_all[idx]
-            loss = None
-            for hook in hooks:
-                loss = hook.compute_loss(ctx, x, y)
-                if loss is not None:
-                    break
-            if loss is None:
-                with ctx.autocast():
-                    logits = model(x)
-                    loss = F.cross_entropy(logits.float(), y)
-                correct += (logits.argmax(1) == y).sum()
-                counted += y.shape[0]
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            if scheduler is not None:
-                scheduler.step()
-            ctx.step += 1
-            loss_sum += loss.detach() * y.shape[0]
-            seen += y.shape[0]
-            if bar is not None:
-                bar.update(1)
-        if bar is not None:
-            bar.close()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        epoch_seconds = time.perf_counter() - epoch_start
+        metrics, seen = _train_epoch(ctx, hooks, x_all, y_all, scheduler, generator, progress)
         images_seen += seen
-        metrics = {
-            "epoch": float(epoch + 1),
-            "train_loss": float(loss_sum.item() / max(seen, 1)),
-            "epoch_seconds": epoch_seconds,
-            "train_images_per_s": seen / max(epoch_seconds, 1e-9),
-            "lr": float(optimizer.param_groups[0]["lr"]),
-        }
-        if counted:  # hooks that replace the loss report their own accuracy, if any
-            metrics["train_accuracy"] = float(correct.item() / counted)
         for hook in hooks:
             hook.on_epoch_end(ctx, metrics)
         ctx.history.append(metrics)
@@ -328,3 +273,129 @@ def fit(
         epochs_run=len(ctx.history),
         notes=ctx.notes,
     )
+
+
+def _check_training_data(x_train: Tensor, y_train: Tensor) -> None:
+    """Fail before anything is built: a mismatch or an empty split would fail later and less clearly."""
+    if x_train.shape[0] != y_train.shape[0]:
+        raise ConfigError(f"training data mismatch: {x_train.shape[0]} images but {y_train.shape[0]} labels")
+    if x_train.shape[0] == 0:
+        raise ConfigError("the training split is empty; check data.max_train or the dataset")
+
+
+def _to_training_device(
+    model: nn.Module, x_train: Tensor, y_train: Tensor, config: TrainConfig, device: torch.device
+) -> tuple[Tensor, Tensor]:
+    """Move the model and the whole training split to ``device`` once, so batches are mere indexing.
+
+    On CUDA (when enabled) the model and images take the channels_last layout, which bf16
+    convolutions run fastest in.
+    """
+    use_channels_last = config.channels_last and device.type == "cuda" and x_train.dim() == 4
+    memory_format = torch.channels_last if use_channels_last else torch.contiguous_format
+    # torch's stubs leave out Module.to's memory_format keyword, which it accepts at run time
+    model.to(device=device, memory_format=memory_format)  # type: ignore[call-overload]
+    x_all = x_train.to(device, non_blocking=True).contiguous(memory_format=memory_format)
+    y_all = y_train.to(device, non_blocking=True)
+    return x_all, y_all
+
+
+def _batches_per_epoch(n: int, config: TrainConfig) -> int:
+    """Batches that cover ``n`` images (the last one may be short), at most ``max_batches``."""
+    steps = math.ceil(n / config.batch_size)
+    if config.max_batches is not None:
+        steps = min(steps, config.max_batches)
+    return steps
+
+
+@dataclass
+class _EpochTally:
+    """An epoch's running sums, kept on the device: read once at its end, not synced per batch."""
+
+    loss_sum: Tensor
+    correct: Tensor
+    seen: int = 0
+    counted: int = 0
+
+    @classmethod
+    def zeros(cls, device: torch.device) -> _EpochTally:
+        return cls(torch.zeros((), device=device), torch.zeros((), device=device, dtype=torch.long))
+
+
+def _train_epoch(
+    ctx: TrainContext,
+    hooks: Sequence[TrainHook],
+    x_all: Tensor,
+    y_all: Tensor,
+    scheduler: torch.optim.lr_scheduler.LRScheduler | None,
+    generator: torch.Generator,
+    progress: bool,
+) -> tuple[dict[str, float], int]:
+    """One pass over the data in a fresh seeded order; returns the epoch's metrics and images seen.
+
+    The order and the random shifts draw from ``generator`` alone, so a seed fixes the batches.
+    """
+    config, device = ctx.config, ctx.device
+    ctx.model.train()
+    order = torch.randperm(x_all.shape[0], generator=generator).to(device)
+    tally = _EpochTally.zeros(device)
+    epoch_start = time.perf_counter()
+    bar = progress_bar(ctx.steps_per_epoch, f"epoch {ctx.epoch + 1}/{config.epochs}", progress)
+    for step in range(ctx.steps_per_epoch):
+        raise_if_requested()
+        idx = order[step * config.batch_size : (step + 1) * config.batch_size]
+        x, y = random_shift(x_all[idx], config.shift, generator), y_all[idx]
+        loss = _batch_loss(ctx, hooks, x, y, tally)
+        _optimizer_step(ctx.optimizer, scheduler, loss)
+        ctx.step += 1
+        tally.loss_sum += loss.detach() * y.shape[0]
+        tally.seen += y.shape[0]
+        if bar is not None:
+            bar.update(1)
+    if bar is not None:
+        bar.close()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)  # the epoch's time must include its queued kernels
+    return _epoch_metrics(ctx, tally, time.perf_counter() - epoch_start), tally.seen
+
+
+def _batch_loss(
+    ctx: TrainContext, hooks: Sequence[TrainHook], x: Tensor, y: Tensor, tally: _EpochTally
+) -> Tensor:
+    """The first hook's loss for the batch, else cross-entropy, whose accuracy is counted here
+    (hooks that replace the loss report their own accuracy, if any)."""
+    for hook in hooks:
+        loss = hook.compute_loss(ctx, x, y)
+        if loss is not None:
+            return loss
+    with ctx.autocast():
+        logits = ctx.model(x)
+        loss = F.cross_entropy(logits.float(), y)
+    tally.correct += (logits.argmax(1) == y).sum()
+    tally.counted += y.shape[0]
+    return loss
+
+
+def _optimizer_step(
+    optimizer: torch.optim.Optimizer, scheduler: torch.optim.lr_scheduler.LRScheduler | None, loss: Tensor
+) -> None:
+    """Backward and step; the schedule moves per batch (see :func:`build_scheduler`)."""
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    if scheduler is not None:
+        scheduler.step()
+
+
+def _epoch_metrics(ctx: TrainContext, tally: _EpochTally, seconds: float) -> dict[str, float]:
+    """The loop's own row of the history (hooks add theirs in ``on_epoch_end``)."""
+    metrics = {
+        "epoch": float(ctx.epoch + 1),
+        "train_loss": float(tally.loss_sum.item() / max(tally.seen, 1)),
+        "epoch_seconds": seconds,
+        "train_images_per_s": tally.seen / max(seconds, 1e-9),
+        "lr": float(ctx.optimizer.param_groups[0]["lr"]),
+    }
+    if tally.counted:  # batches that took the cross-entropy default
+        metrics["train_accuracy"] = float(tally.correct.item() / tally.counted)
+    return metrics

@@ -1,4 +1,4 @@
-"""Helpers shared by the zoo builders (private: not part of the public API)."""
+"""Checks and initialisation the zoo builders share (lenet, madry, vgg, resnet, mobilenet)."""
 
 from __future__ import annotations
 
