@@ -14,24 +14,30 @@ import math
 import os
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+import torch
 
 from robustcnn import __version__
 from robustcnn.attacks import Attack
 from robustcnn.audit import loading, prepare, sources
 from robustcnn.audit.card import model_card
 from robustcnn.batching import clean_accuracy
+from robustcnn.config import config_float
+from robustcnn.data import Dataset
 from robustcnn.device import resolve_device, seed_everything, set_threads
 from robustcnn.errors import ConfigError
-from robustcnn.evaluation.battery import BatterySettings, run_battery
+from robustcnn.evaluation.battery import BatteryResult, BatterySettings, run_battery
 from robustcnn.evaluation.settings import plan_attacks
 from robustcnn.files import write_json
 from robustcnn.jobs.inputs import bind_surrogates, load_data, to_container
 from robustcnn.jobs.lifecycle import environment_info
 from robustcnn.jobs.outputs import log_battery
 from robustcnn.report.audit_page import write_report
+from robustcnn.threat import ThreatModel
 from robustcnn.tracking.store import TrackingStore, flatten
 
 log = logging.getLogger(__name__)
@@ -55,31 +61,66 @@ def compose_audit(overrides: Sequence[str]) -> dict[str, Any]:
     return to_container(cfg)
 
 
+@dataclass(frozen=True)
+class AuditSettings:
+    """The ``audit`` section, checked: how many images, the release gate, how the model file is read.
+
+    The defaults are conf/audit.yaml's (a test holds them equal), so the Python API audits exactly
+    as ``robustcnn audit`` does without composing a Hydra config.
+    """
+
+    n_samples: int = 1000
+    min_robust_accuracy: float | None = None
+    gate_eps: float | None = None
+    normalization: Any = None
+    allow_pickle: bool = False
+    onnx: str = "auto"
+    white_box_attacks: tuple[str, ...] = ("fgsm", "pgd", "apgd", "square")
+    black_box_attacks: tuple[str, ...] = ("square", "transfer")
+    reference_eps_only: tuple[str, ...] = ("square",)
+    out_dir: str | None = None
+
+    @classmethod
+    def from_mapping(cls, section: Mapping[str, Any]) -> AuditSettings:
+        """Build from the ``audit`` config section; a wrong value fails naming ``audit.<key>``."""
+        n = section.get("n_samples")
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+            raise ConfigError(f"audit.n_samples={n!r} must be a positive integer, e.g. audit.n_samples=1000")
+        gate = section.get("min_robust_accuracy")
+        if section.get("onnx") not in ONNX_MODES:
+            raise ConfigError(
+                f"audit.onnx={section.get('onnx')!r} is unknown; choose one of {', '.join(ONNX_MODES)}"
+            )
+        if not isinstance(section.get("allow_pickle"), bool):
+            raise ConfigError(f"audit.allow_pickle={section.get('allow_pickle')!r} must be true or false")
+        if not isinstance(section.get("reference_eps_only"), list):
+            raise ConfigError(
+                "audit.reference_eps_only must be a list of attack names, e.g. [square] (or [])"
+            )
+        for key in ("white_box_attacks", "black_box_attacks"):
+            if not isinstance(section.get(key), list) or not section[key]:
+                raise ConfigError(
+                    f"audit.{key} must be a non-empty list of attack names, e.g. [fgsm,pgd,square]"
+                )
+        gate_eps = section.get("gate_eps")
+        return cls(
+            n_samples=n,
+            min_robust_accuracy=None if gate is None else _number(gate, "audit.min_robust_accuracy", 0, 1),
+            gate_eps=None if gate_eps is None else config_float(gate_eps, "audit.gate_eps", minimum=0.0),
+            normalization=section.get("normalization"),
+            allow_pickle=section["allow_pickle"],
+            onnx=section["onnx"],
+            white_box_attacks=tuple(section["white_box_attacks"]),
+            black_box_attacks=tuple(section["black_box_attacks"]),
+            reference_eps_only=tuple(section["reference_eps_only"]),
+            out_dir=section.get("out_dir"),
+        )
+
+
 def _number(value: Any, key: str, low: float, high: float) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not (low <= float(value) <= high):
         raise ConfigError(f"{key}={value!r} must be a number in [{low:g}, {high:g}]")
     return float(value)
-
-
-def check_audit_section(section: dict[str, Any]) -> dict[str, Any]:
-    n = section.get("n_samples")
-    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-        raise ConfigError(f"audit.n_samples={n!r} must be a positive integer, e.g. audit.n_samples=1000")
-    gate = section.get("min_robust_accuracy")
-    if gate is not None:
-        _number(gate, "audit.min_robust_accuracy", 0.0, 1.0)
-    if section.get("onnx") not in ONNX_MODES:
-        raise ConfigError(
-            f"audit.onnx={section.get('onnx')!r} is unknown; choose one of {', '.join(ONNX_MODES)}"
-        )
-    if not isinstance(section.get("allow_pickle"), bool):
-        raise ConfigError(f"audit.allow_pickle={section.get('allow_pickle')!r} must be true or false")
-    if not isinstance(section.get("reference_eps_only"), list):
-        raise ConfigError("audit.reference_eps_only must be a list of attack names, e.g. [square] (or [])")
-    for key in ("white_box_attacks", "black_box_attacks"):
-        if not isinstance(section.get(key), list) or not section[key]:
-            raise ConfigError(f"audit.{key} must be a non-empty list of attack names, e.g. [fgsm,pgd,square]")
-    return section
 
 
 def output_folder(config: dict[str, Any], name: str) -> Path:
@@ -97,10 +138,10 @@ def output_folder(config: dict[str, Any], name: str) -> Path:
     return out
 
 
-def choose_attacks(attacks: list[Attack], config: dict[str, Any], white_box: bool) -> list[Attack]:
+def choose_attacks(attacks: Sequence[Attack], settings: AuditSettings, white_box: bool) -> list[Attack]:
     """The selected attacks the model allows: gradient attacks only when it exposes gradients."""
     key = "white_box_attacks" if white_box else "black_box_attacks"
-    allowed = set(config["audit"][key])
+    allowed = set(getattr(settings, key))
     chosen = [a for a in attacks if a.name in allowed and (white_box or not a.uses_gradients)]
     if not chosen:
         access = "white-box" if white_box else "black-box (no gradients)"
@@ -112,10 +153,12 @@ def choose_attacks(attacks: list[Attack], config: dict[str, Any], white_box: boo
     return chosen
 
 
-def gate_result(section: dict[str, Any], eps: Sequence[float], worst: Sequence[float], ref: float) -> dict:
-    minimum = section.get("min_robust_accuracy")
-    gate_eps = section.get("gate_eps")
-    gate_eps = ref if gate_eps is None else float(gate_eps)
+def gate_result(
+    settings: AuditSettings, eps: Sequence[float], worst: Sequence[float], ref: float
+) -> dict[str, Any]:
+    """The release gate: the worst-case robust accuracy at the gate's eps against the minimum asked."""
+    minimum = settings.min_robust_accuracy
+    gate_eps = ref if settings.gate_eps is None else settings.gate_eps
     matches = [i for i, e in enumerate(eps) if math.isclose(e, gate_eps, abs_tol=1e-9)]
     if not matches:
         raise ConfigError(
@@ -144,13 +187,142 @@ def fetch_model(source: str, store: TrackingStore, dst: Path) -> Path:
     return path if path.is_file() else sources.model_file_in(path, source)
 
 
+@dataclass
+class AuditOutcome:
+    """What an audit found: ``results`` (audit.json's contents), the battery, the model card."""
+
+    results: dict[str, Any]
+    battery: BatteryResult
+    card: dict[str, Any]
+
+    @property
+    def verdict(self) -> str:
+        return str(self.results["verdict"])
+
+    @property
+    def exit_code(self) -> int:
+        return int(self.results["exit_code"])
+
+
+@dataclass(frozen=True)
+class AuditedModel:
+    """The model an audit runs on: the file as loaded, where it came from, what its report calls it."""
+
+    loaded: loading.LoadedModel
+    source: str
+    name: str
+    arch: str | None = None
+    options: Mapping[str, Any] = field(default_factory=dict)
+
+
+def audit_model(
+    target: AuditedModel,
+    data: Dataset,
+    threat: ThreatModel,
+    attacks: Sequence[Attack],
+    settings: AuditSettings,
+    *,
+    checks: BatterySettings | None = None,
+    device: torch.device | None = None,
+    eval_batch_size: int = 1000,
+    bind_surrogates: Callable[[list[Attack]], None] | None = None,
+    progress: bool = False,
+) -> AuditOutcome:
+    """Validate the model against ``data``, attack it, judge the evaluation and the gate.
+
+    No config, store or files: ``robustcnn audit`` and :func:`robustcnn.audit` both call this.
+    ``bind_surrogates`` trains (or loads) the surrogate of each transfer attack chosen.
+    """
+    device = device or torch.device("cpu")
+    n = min(settings.n_samples, int(data.y_test.shape[0]))
+    x, y = data.x_test[:n], data.y_test[:n]
+    prepared = prepare.prepare(
+        target.loaded,
+        data.info,
+        x[: min(n, 64)],
+        arch=target.arch,
+        options=target.options,
+        normalization=settings.normalization,
+    )
+    model = prepared.model.to(device)
+    chosen = choose_attacks(attacks, settings, prepared.white_box)
+    access = "white-box" if prepared.white_box else "black-box"
+    names = [a.name for a in chosen]
+    log.info("auditing %s (%s, %s) with %s", target.name, target.loaded.format, access, names)
+    if bind_surrogates is not None:
+        bind_surrogates(chosen)
+    clean = clean_accuracy(model, x, y, eval_batch_size, device)
+    battery = run_battery(
+        model,
+        x,
+        y,
+        threat,
+        chosen,
+        undefended=False,
+        settings=checks or BatterySettings(),
+        clean_accuracy=clean.accuracy,
+        device=device,
+        progress=progress,
+        reference_only=settings.reference_eps_only if prepared.white_box else (),
+    )
+    results = audit_results(target, prepared, data, n, battery, clean.accuracy, settings, device)
+    card = model_card(results)
+    results["model_card"] = card
+    return AuditOutcome(results, battery, card)
+
+
+def audit_results(
+    target: AuditedModel,
+    prepared: prepare.PreparedModel,
+    data: Dataset,
+    n: int,
+    battery: BatteryResult,
+    clean_accuracy: float,
+    settings: AuditSettings,
+    device: torch.device,
+) -> dict[str, Any]:
+    """audit.json's contents: the battery's results, the model, the gate and the exit code."""
+    loaded = target.loaded
+    worst = battery.worst_case_robust_accuracy()
+    gate = gate_result(settings, list(battery.threat.eps), worst, battery.reference_eps)
+    return {
+        **battery.to_dict(),
+        "clean_accuracy": clean_accuracy,
+        "model": {
+            "name": target.name,
+            "source": target.source,
+            "path": str(loaded.path) if not sources.is_mlflow_uri(target.source) else target.source,
+            "format": loaded.format,
+            "sha256": loaded.sha256,
+            "parameters": prepared.parameters,
+            "input_shape": list(data.info.input_shape),
+            "num_classes": data.info.num_classes,
+            "arch": prepared.arch,
+            "normalization": prepared.normalization,
+        },
+        "white_box": prepared.white_box,
+        "notes": prepared.notes,
+        "data": data.info.name,
+        "data_identity": data.info.identity,
+        "n_test": n,
+        "device": str(device),
+        "environment": environment_info(device),
+        "gate": gate,
+        "exit_code": exit_code(battery.verdict, gate),
+        "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+
+
 def run_audit(
     source: str, overrides: Sequence[str] = (), progress: bool = False
 ) -> tuple[int, dict[str, Any]]:
-    """Audit the model at ``source``; return (exit code, audit.json contents)."""
+    """``robustcnn audit``: compose the config, audit the model at ``source``, write files, log, report.
+
+    Returns (exit code, audit.json contents).
+    """
     started = time.perf_counter()
     config = compose_audit(overrides)
-    section = check_audit_section(config["audit"])
+    settings = AuditSettings.from_mapping(config["audit"])
     name = sources.model_name(source)
     set_threads(config.get("threads"))
     seed_everything(int(config.get("seed", 0)))
@@ -164,98 +336,44 @@ def run_audit(
     out = output_folder(config, name)
     data = load_data(config)
     threat.check_input_size(data.info.input_shape)
-    n = min(int(section["n_samples"]), int(data.y_test.shape[0]))
-    x, y = data.x_test[:n], data.y_test[:n]
-
     with tempfile.TemporaryDirectory(prefix="robustcnn-audit-") as tmp:
         path = fetch_model(source, store, Path(tmp)) if sources.is_mlflow_uri(source) else Path(source)
-        loaded = loading.load_model_file(
-            path, allow_pickle=section["allow_pickle"], onnx_mode=section["onnx"]
-        )
-        prepared = prepare.prepare(
-            loaded,
-            data.info,
-            x[: min(n, 64)],
-            arch=(config.get("model") or {}).get("arch"),
-            options=(config.get("model") or {}).get("options") or {},
-            normalization=section.get("normalization"),
-        )
-    model = prepared.model.to(device)
-    chosen = choose_attacks(attacks, config, prepared.white_box)
-    log.info(
-        "auditing %s (%s, %s) with %s",
-        name,
-        loaded.format,
-        "white-box" if prepared.white_box else "black-box",
-        [a.name for a in chosen],
-    )
-    bind_surrogates(chosen, config, data, device, progress)
-    clean = clean_accuracy(model, x, y, int(config["eval"].get("batch_size", 1000)), device)
-    battery = run_battery(
-        model,
-        x,
-        y,
+        loaded = loading.load_model_file(path, allow_pickle=settings.allow_pickle, onnx_mode=settings.onnx)
+    model_section = config.get("model") or {}
+    outcome = audit_model(
+        AuditedModel(loaded, source, name, model_section.get("arch"), model_section.get("options") or {}),
+        data,
         threat,
-        chosen,
-        undefended=False,
-        settings=BatterySettings.from_mapping(config.get("checks")),
-        clean_accuracy=clean.accuracy,
+        attacks,
+        settings,
+        checks=BatterySettings.from_mapping(config.get("checks")),
         device=device,
+        eval_batch_size=int(config["eval"].get("batch_size", 1000)),
+        bind_surrogates=lambda chosen: bind_surrogates(chosen, config, data, device, progress),
         progress=progress,
-        reference_only=section["reference_eps_only"] if prepared.white_box else (),
     )
-    results = battery.to_dict()
-    gate = gate_result(section, list(threat.eps), battery.worst_case_robust_accuracy(), battery.reference_eps)
-    results.update(
-        {
-            "clean_accuracy": clean.accuracy,
-            "model": {
-                "name": name,
-                "source": source,
-                "path": str(path) if not sources.is_mlflow_uri(source) else source,
-                "format": loaded.format,
-                "sha256": loaded.sha256,
-                "parameters": prepared.parameters,
-                "input_shape": list(data.info.input_shape),
-                "num_classes": data.info.num_classes,
-                "arch": prepared.arch,
-                "normalization": prepared.normalization,
-            },
-            "white_box": prepared.white_box,
-            "notes": prepared.notes,
-            "data": data.info.name,
-            "data_identity": data.info.identity,
-            "n_test": n,
-            "seed": int(config.get("seed", 0)),
-            "device": str(device),
-            "environment": environment_info(device),
-            "gate": gate,
-            "exit_code": exit_code(battery.verdict, gate),
-            "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        }
-    )
-    card = model_card(results)
-    results["model_card"] = card
+    results = outcome.results
+    results["seed"] = int(config.get("seed", 0))
     results["out_dir"] = str(out)
     results["audit_seconds"] = time.perf_counter() - started
     write_json(out, "audit.json", results)
-    write_json(out, "model_card.json", card)
-    log_to_mlflow(store, tracking, config, results, battery, out, data.info.class_names, card)
+    write_json(out, "model_card.json", outcome.card)
+    log_to_mlflow(store, tracking, config, outcome, out, data.info.class_names)
     write_json(out, "audit.json", results)  # now with the MLflow run id
-    write_report(out, results, config, card, store=store.uri)
-    return int(results["exit_code"]), results
+    write_report(out, results, config, outcome.card, store=store.uri)
+    return outcome.exit_code, results
 
 
 def log_to_mlflow(
     store: TrackingStore,
     tracking: dict[str, Any],
     config: dict[str, Any],
-    results: dict[str, Any],
-    battery: Any,
+    outcome: AuditOutcome,
     out: Path,
     class_names: tuple[str, ...],
-    card: dict[str, Any],
 ) -> None:
+    """The audit as an MLflow run (experiment ``audit``): params, metrics, examples, card and results."""
+    results, battery, card = outcome.results, outcome.battery, outcome.card
     model = results["model"]
     tags = {
         "robustcnn.version": __version__,
