@@ -25,7 +25,7 @@ import time
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any, ClassVar, TypedDict
 
 import torch
 import torch.nn.functional as F
@@ -40,6 +40,10 @@ from robustcnn.threat import ThreatModel, perturbation_norms, project
 #: Slack allowed between an attack's raw output and the eps ball / bounds before projection.
 BALL_TOLERANCE = 1e-4
 BOUNDS_TOLERANCE = 1e-5
+
+
+#: A setting's value, as ``params()`` reports it (numbers, flags, names).
+SettingValue = bool | int | float | str | None
 
 
 class AttackInvariantError(RobustCNNError):
@@ -155,6 +159,20 @@ class PerturbContext:
             full = torch.rand(full_shape, generator=generator, device=self.device)
         return full.index_select(0, self.active)
 
+    def for_samples(self, idx: Tensor) -> PerturbContext:
+        """The context of the samples ``idx`` of this one: the same noise per sample, shared counters."""
+        return PerturbContext(
+            device=self.device,
+            eps_index=self.eps_index,
+            batch_index=self.batch_index,
+            full_batch=self.full_batch,
+            active=self.active.index_select(0, idx),
+            seed=self.seed,
+            bounds=self.bounds,
+            amp=self.amp,
+            counters=self.counters,
+        )
+
     def autocast(self) -> contextlib.AbstractContextManager[Any]:
         return autocast_for(self.device, self.amp)
 
@@ -169,28 +187,6 @@ def goal_reached(logits: Tensor, y: Tensor, targets: Tensor | None) -> Tensor:
     """Untargeted: the prediction differs from the label; targeted: it equals the target."""
     pred = logits.argmax(1)
     return pred == targets if targets is not None else pred != y
-
-
-def record_first_hits(
-    hit: Tensor,
-    candidate: Tensor,
-    idx: Tensor,
-    result: Tensor,
-    fooled: Tensor,
-    logits: Tensor | None = None,
-    result_logits: Tensor | None = None,
-) -> None:
-    """The first candidate that reaches the goal is the sample's result; later ones are ignored.
-
-    ``hit``/``candidate`` cover the samples ``idx`` of the batch; ``result``/``fooled`` the whole batch.
-    With ``logits``/``result_logits`` the candidate's logits are kept too (for :meth:`PerturbContext.vouch`).
-    """
-    newly = hit & ~fooled.index_select(0, idx)
-    rows = idx[newly]
-    result[rows] = candidate[newly]
-    fooled[rows] = True
-    if logits is not None and result_logits is not None:
-        result_logits[rows] = logits[newly]
 
 
 @contextlib.contextmanager
@@ -248,6 +244,16 @@ def validate_inputs(model: nn.Module, x: Tensor, y: Tensor, bounds: tuple[float,
             f"labels lie in [{int(y.min())}, {int(y.max())}] but the model has {num_classes} "
             "classes; labels must be 0..classes-1"
         )
+
+
+class AttackOptions(TypedDict, total=False):
+    """The settings every attack takes (:class:`Attack`'s keywords), passed on by a subclass."""
+
+    batch_size: int
+    seed: int
+    early_stop: bool
+    keep_examples: int
+    amp: bool
 
 
 class Attack(ABC):
