@@ -40,7 +40,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from robustcnn.attacks.backends._common import (
+from robustcnn.attacks.backends.common import (
     CountedLogits,
     backend_seed,
     check_installed,

@@ -38,7 +38,7 @@ from typing import TYPE_CHECKING, Any
 
 from torch import Tensor, nn
 
-from robustcnn.attacks.backends._common import (
+from robustcnn.attacks.backends.common import (
     CountedLogits,
     backend_seed,
     check_installed,
