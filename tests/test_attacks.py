@@ -2,12 +2,32 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import pytest
 import torch
 from torch import nn
 
-from robustcnn.attacks import FGSM, PGD, AttackResult, RandomNoise, Transfer, build_attack
-from robustcnn.attacks.base import AttackInvariantError, PerturbContext
+from robustcnn.attacks import (
+    FGSM,
+    PGD,
+    AttackResult,
+    RandomNoise,
+    Transfer,
+    available_attacks,
+    build_attack,
+    with_eot,
+)
+from robustcnn.attacks.base import (
+    Attack,
+    AttackInvariantError,
+    AttackOptions,
+    PerturbContext,
+    constructor_parameters,
+)
+from robustcnn.attacks.gradient import GradientAttack, GradientOptions
+from robustcnn.attacks.pgd import PGDOptions
+from robustcnn.attacks.restarts import Restarts, SampleRows
 from robustcnn.errors import ConfigError
 from robustcnn.models import build_model
 from robustcnn.threat import ThreatModel
@@ -241,3 +261,100 @@ def test_apgd_breaks_an_undefended_model_with_every_loss_and_targeted(trained_le
     targeted = ThreatModel(norm="linf", eps=(0.0, 0.3), targeted=True, target="random")
     result = build_attack({"name": "apgd", "steps": 30, "loss": "margin"}).run(trained_lenet, x, y, targeted)
     assert result.success_rate()[-1] >= 0.9
+
+
+def test_with_derives_a_checked_variant_and_leaves_the_attack_alone() -> None:
+    pgd = PGD(steps=10, seed=3, loss="margin")
+    before = pgd.settings()
+    variant = pgd.with_(steps=25, restarts=2.0, seed=4, name="pgd_strong")
+    assert pgd.settings() == before and pgd.name == "pgd", "the original is untouched"
+    assert type(variant) is PGD and variant.name == "pgd_strong"
+    assert (variant.steps, variant.restarts, variant.seed) == (25, 2, 4)
+    assert type(variant.restarts) is int, "values are normalised as a config's are"
+    changed = {"steps", "restarts", "seed"}
+    assert {k: v for k, v in variant.settings().items() if k not in changed} == {
+        k: v for k, v in before.items() if k not in changed
+    }
+    with pytest.raises(ConfigError, match=r"no setting\(s\) \['queries'\]"):
+        pgd.with_(queries=5)
+    with pytest.raises(ConfigError, match="steps=0 must be >= 1"):
+        pgd.with_(steps=0)
+    with pytest.raises(ConfigError, match="name of a variant"):
+        pgd.with_(name=3)
+    assert pgd.settings() == before
+
+
+def test_a_variant_keeps_what_is_no_setting() -> None:
+    surrogate = nn.Linear(2, 2)
+    transfer = Transfer(steps=5).bind(surrogate)
+    transfer.progress = True
+    variant = transfer.with_(steps=7)
+    assert variant.surrogate_model is surrogate and variant.progress and variant.steps == 7
+    assert transfer.steps == 5
+
+
+def test_with_eot_is_the_one_eot_builder() -> None:
+    pgd = PGD(steps=3)
+    eot = with_eot(pgd, 4)
+    assert (eot.name, eot.eot_samples, type(eot)) == ("eot_pgd", 4, PGD)
+    assert (pgd.name, pgd.eot_samples) == ("pgd", 1)
+    built = build_attack({"name": "eot", "attack": "fgsm", "samples": 3})
+    assert (built.name, type(built)) == ("eot_fgsm", FGSM)
+    assert isinstance(built, GradientAttack) and built.eot_samples == 3
+
+
+def test_every_attack_rebuilds_from_its_settings() -> None:
+    """``settings()`` (what ``with_`` starts from) reads every constructor keyword back unchanged."""
+    specs = [{"name": name} for name in available_attacks()]
+    specs += [{"name": n, "backend": b} for n in ("fgsm", "pgd") for b in ("torchattacks", "art")]
+    for spec in specs:
+        attack = build_attack(spec)
+        rebuilt = type(attack)(**attack.settings())
+        assert rebuilt.params() == attack.params(), spec
+
+
+def test_the_options_types_name_exactly_the_constructor_keywords() -> None:
+    """The TypedDicts that type ``**kwargs`` pass-through must not drift from the constructors."""
+    for options, cls in ((AttackOptions, Attack), (GradientOptions, GradientAttack), (PGDOptions, PGD)):
+        keys = options.__required_keys__ | options.__optional_keys__
+        assert keys == set(constructor_parameters(cls)), cls
+
+
+def test_restarts_keep_first_hits_and_attack_only_the_unfooled() -> None:
+    x = torch.zeros(4, 1)
+    hits = [[True, False, True, False], [True, False], [True]]  # per restart, on the samples it attacks
+    restarts = Restarts(x, 5, early_stop=True)
+    attacked = []
+    for restart, idx in restarts:
+        attacked.append(idx.tolist())
+        candidate = torch.full((idx.numel(), 1), float(restart + 1))
+        restarts.record_hits(torch.tensor(hits[restart]), candidate, idx)
+        restarts.keep_misses(candidate, idx)
+    assert attacked == [[0, 1, 2, 3], [1, 3], [3]], "stops once every sample is fooled"
+    assert restarts.result.flatten().tolist() == [1.0, 2.0, 1.0, 3.0]
+    assert bool(restarts.fooled.all())
+    plain = Restarts(x, 2, early_stop=False)
+    for restart, idx in plain:
+        assert idx.tolist() == [0, 1, 2, 3], "without early stop every restart attacks every sample"
+        candidate = torch.full((4, 1), float(restart + 1))
+        plain.record_hits(torch.tensor([True, False, restart == 1, False]), candidate, idx)
+        plain.keep_misses(candidate, idx)
+    assert plain.result.flatten().tolist() == [1.0, 2.0, 2.0, 2.0], "a first hit is never replaced"
+
+
+@dataclass
+class _Rows(SampleRows):
+    value: torch.Tensor
+    label: str = "kept"
+
+
+def test_drop_finished_keeps_every_tensor_aligned() -> None:
+    state = _Rows(idx=torch.arange(3), value=torch.tensor([1.0, 2.0, 3.0]))
+    restarts = Restarts(torch.zeros(3, 1), 1, early_stop=True)
+    assert restarts.drop_finished(torch.tensor([False, False, False]), state) is state
+    kept = restarts.drop_finished(torch.tensor([False, True, False]), state)
+    assert kept is not None and kept.idx.tolist() == [0, 2] and kept.value.tolist() == [1.0, 3.0]
+    assert kept.label == "kept" and state.idx.tolist() == [0, 1, 2]
+    assert restarts.drop_finished(torch.tensor([True, True, True]), state) is None
+    plain = Restarts(torch.zeros(3, 1), 1, early_stop=False)
+    assert plain.drop_finished(torch.tensor([True, True, True]), state) is state

@@ -311,3 +311,11 @@ def test_backends_agree_pgd_l2(trained: tuple[nn.Module, torch.Tensor, torch.Ten
     documented difference of the library that moved robust accuracy by 2.5 points at eps 2.0."""
     threat = ThreatModel(norm="l2", eps=(0.0, 1.0, 2.0))
     _assert_agreement("pgd", threat, {"steps": 10, "random_start": False, "batch_size": 512}, trained)
+
+
+@pytest.mark.parametrize("cls", LIBRARY_CLASSES, ids=lambda c: c.__name__)
+def test_a_variant_of_a_backend_attack_runs_on_the_same_library(cls: type[Attack]) -> None:
+    attack = cls(**_settings(cls))
+    variant = attack.with_(seed=5, name="probe")
+    assert type(variant) is cls and variant.backend == attack.backend
+    assert (variant.seed, variant.name, attack.seed, attack.name) == (5, "probe", 0, cls.name)

@@ -16,8 +16,13 @@ FAST = BatterySettings(probe_samples=64, eot_samples=4)
 
 def test_undefended_model_is_not_robust_and_checks_pass(trained_lenet, mnist_small) -> None:
     x, y = mnist_small.x_test[:128], mnist_small.y_test[:128]
-    battery = run_battery(
-        trained_lenet, x, y, THREAT, [FGSM(), PGD(steps=20)], undefended=True, settings=FAST
+    pgd = PGD(steps=20)
+    before = pgd.settings()
+    battery = run_battery(trained_lenet, x, y, THREAT, [FGSM(), pgd], undefended=True, settings=FAST)
+    assert pgd.settings() == before and pgd.name == "pgd", "the battery derives its probes, it never edits"
+    strong = battery.probes["pgd_strong"].params
+    assert (strong["steps"], strong["restarts"], strong["seed"]) == (50, 2, 1), (
+        "2.5x steps, +1 restart, seed+1"
     )
     results = battery.to_dict()
     assert set(results["robust_accuracy"]) == {"fgsm", "pgd", "noise"}, "the noise floor always runs"
@@ -78,8 +83,11 @@ def test_stochastic_model_is_detected_and_attacked_with_eot(trained_lenet, mnist
     set_inference_dropout(model, True)
     assert is_stochastic(model, mnist_small.x_test[:16])
     x, y = mnist_small.x_test[:64], mnist_small.y_test[:64]
-    battery = run_battery(model, x, y, THREAT, [PGD(steps=10)], undefended=False, settings=FAST)
+    pgd = PGD(steps=10)
+    battery = run_battery(model, x, y, THREAT, [pgd], undefended=False, settings=FAST)
     assert battery.stochastic and "eot_pgd" in battery.attacks
+    assert battery.attacks["eot_pgd"].params["eot_samples"] == FAST.eot_samples
+    assert (pgd.name, pgd.eot_samples) == ("pgd", 1), "the EOT variant is derived, the caller's attack kept"
     assert {c.name: c.passed for c in battery.checks}["stochastic_model_eot"] is True
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from robustcnn.attacks.apgd import APGD
 from robustcnn.attacks.base import Attack, AttackInvariantError, AttackResult, PerturbContext
-from robustcnn.attacks.eot import make_eot
+from robustcnn.attacks.eot import make_eot, with_eot
 from robustcnn.attacks.fgsm import FGSM
 from robustcnn.attacks.gradient import GradientAttack
 from robustcnn.attacks.noise import RandomNoise
@@ -50,4 +50,5 @@ __all__ = [
     "register_backend",
     "Transfer",
     "make_eot",
+    "with_eot",
 ]

@@ -13,16 +13,21 @@ As in :class:`PGD`, the first iterate that reaches the goal is the sample's resu
 
 from __future__ import annotations
 
-from typing import Any
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor, nn
 
-from robustcnn.attacks.base import PerturbContext, goal_reached, record_first_hits
-from robustcnn.attacks.gradient import GradientAttack, objective, step_direction
-from robustcnn.attacks.pgd import random_start
+from robustcnn.attacks.base import PerturbContext, SettingValue, goal_reached
+from robustcnn.attacks.gradient import GradientAttack, GradientOptions, objective, step_direction
+from robustcnn.attacks.pgd import start_point
+from robustcnn.attacks.restarts import Restarts, SampleRows, optional_rows
 from robustcnn.errors import ConfigError
 from robustcnn.threat import ThreatModel, project
+
+if TYPE_CHECKING:
+    from typing import Unpack  # Python 3.11+; only the type checker reads it
 
 MOMENTUM = 0.75
 RHO = 0.75
@@ -39,11 +44,56 @@ def checkpoints(steps: int) -> list[int]:
     return sorted({int(round(p * steps)) for p in fractions[1:] if 0 < round(p * steps) < steps})
 
 
+@dataclass
+class Search(SampleRows):
+    """The samples one APGD restart still attacks, one row each (see :class:`SampleRows`)."""
+
+    x0: Tensor  # their clean inputs: the centre of each eps ball
+    y: Tensor
+    targets: Tensor | None
+    current: Tensor  # the current iterate ...
+    previous: Tensor  # ... and the one before it (the momentum term)
+    grad: Tensor  # the objective's gradient at ``current``
+    value: Tensor  # the objective at ``current``
+    eta: Tensor  # each sample's step size
+    increases: Tensor  # steps since the last checkpoint that raised the objective
+    best_x: Tensor  # each sample's best point so far, its objective and gradient
+    best_value: Tensor
+    best_grad: Tensor
+    mark_eta: Tensor  # the step size and best objective at the last checkpoint
+    mark_best: Tensor
+    last_mark: int = 0  # the step of the last checkpoint
+
+    def shape(self) -> tuple[int, ...]:
+        """The shape that broadcasts a per-sample value over an image."""
+        return (-1,) + (1,) * (self.current.dim() - 1)
+
+    def checkpoint(self, step: int) -> None:
+        """Halve the step, and go back to the best point, where progress since the last one stalled.
+
+        Stalled: fewer than ``RHO`` of the steps raised the objective, or neither the step size nor
+        the best objective changed since the last checkpoint (the paper's two conditions).
+        """
+        reduce = (self.increases < RHO * (step - self.last_mark)) | (
+            (self.mark_eta == self.eta) & (self.mark_best == self.best_value)
+        )
+        self.eta = torch.where(reduce, self.eta / 2, self.eta)
+        self.current = torch.where(reduce.view(self.shape()), self.best_x, self.current)
+        self.grad = torch.where(reduce.view(self.shape()), self.best_grad, self.grad)
+        self.increases.zero_()
+        self.last_mark, self.mark_eta, self.mark_best = step, self.eta.clone(), self.best_value.clone()
+
+
 class APGD(GradientAttack):
     name = "apgd"
 
     def __init__(
-        self, *, steps: int = 100, restarts: int = 1, random_start: bool = True, **kwargs: Any
+        self,
+        *,
+        steps: int = 100,
+        restarts: int = 1,
+        random_start: bool = True,
+        **kwargs: Unpack[GradientOptions],
     ) -> None:
         super().__init__(**kwargs)
         if int(steps) < 2:
@@ -54,7 +104,7 @@ class APGD(GradientAttack):
         self.restarts = int(restarts)
         self.random_start = bool(random_start)
 
-    def params(self) -> dict[str, Any]:
+    def params(self) -> dict[str, SettingValue]:
         return {
             **super().params(),
             "steps": self.steps,
@@ -72,20 +122,13 @@ class APGD(GradientAttack):
         targets: Tensor | None,
         ctx: PerturbContext,
     ) -> Tensor:
-        result = x.clone()
-        fooled = torch.zeros(x.shape[0], dtype=torch.bool, device=x.device)
-        for restart in range(self.restarts):
-            idx = (
-                (~fooled).nonzero().flatten()
-                if self.early_stop
-                else torch.arange(x.shape[0], device=x.device)
-            )
-            if idx.numel() == 0:
-                break
-            self._restart(model, x, y, targets, eps, threat.norm, ctx, restart, idx, result, fooled)
-        return result
+        restarts = Restarts(x, self.restarts, early_stop=self.early_stop)
+        for restart, idx in restarts:
+            search = self.begin(model, x, y, targets, eps, threat.norm, ctx, restart, idx, restarts)
+            self.search(model, search, eps, threat.norm, ctx, restarts)
+        return restarts.result
 
-    def _restart(
+    def begin(
         self,
         model: nn.Module,
         x: Tensor,
@@ -96,74 +139,84 @@ class APGD(GradientAttack):
         ctx: PerturbContext,
         restart: int,
         idx: Tensor,
-        result: Tensor,
-        fooled: Tensor,
+        restarts: Restarts,
+    ) -> Search:
+        """The start of one restart on the samples ``idx``: its point is checked (a hit is kept)."""
+        x0, ys, ts = x.index_select(0, idx), y.index_select(0, idx), optional_rows(targets, idx)
+        current = start_point(x, eps, norm, ctx, restart, idx) if self.random_start else x0.clone()
+        grad, logits = self.gradient(model, current, ys, ts, ctx)
+        value = objective(logits, ys, ts, self.loss).detach()
+        restarts.record_hits(goal_reached(logits, ys, ts), current, idx)
+        eta = torch.full((idx.numel(),), 2.0 * eps, device=x.device)
+        return Search(
+            idx=idx,
+            x0=x0,
+            y=ys,
+            targets=ts,
+            current=current,
+            previous=current.clone(),
+            grad=grad,
+            value=value,
+            eta=eta,
+            increases=torch.zeros(idx.numel(), device=x.device),
+            best_x=current.clone(),
+            best_value=value.clone(),
+            best_grad=grad.clone(),
+            mark_eta=eta.clone(),
+            mark_best=value.clone(),
+        )
+
+    def search(
+        self, model: nn.Module, search: Search, eps: float, norm: str, ctx: PerturbContext, restarts: Restarts
     ) -> None:
-        """One APGD run on the samples ``idx``: first hits are recorded, misses end at their best point."""
-        x0, ys = x.index_select(0, idx), y.index_select(0, idx)
-        ts = targets.index_select(0, idx) if targets is not None else None
-        if self.random_start:
-            current = project(
-                x0 + random_start(x, eps, norm, ctx, stream=restart).index_select(0, idx),
-                x0,
+        """The steps of one restart: first hits are recorded, misses end at their best point."""
+        marks = set(checkpoints(self.steps))
+        for k in range(self.steps - 1):
+            hit = self.advance(model, search, k, eps, norm, ctx, restarts)
+            if k + 1 in marks:
+                search.checkpoint(k + 1)
+            remaining = restarts.drop_finished(hit, search)
+            if remaining is None:
+                return
+            search = remaining
+        restarts.keep_misses(search.best_x, search.idx)
+
+    def advance(
+        self,
+        model: nn.Module,
+        s: Search,
+        k: int,
+        eps: float,
+        norm: str,
+        ctx: PerturbContext,
+        restarts: Restarts,
+    ) -> Tensor:
+        """Step ``k``: a gradient step with momentum (none on the first), checked; returns the hits.
+
+        Counts the steps that raised the objective and keeps each sample's best point so far, which
+        is what the next checkpoint decides on.
+        """
+        step = s.eta.view(s.shape()) * step_direction(s.grad, norm)
+        z = project(s.current + step, s.x0, eps, norm, ctx.bounds)
+        if k > 0:
+            z = project(
+                s.current + MOMENTUM * (z - s.current) + (1 - MOMENTUM) * (s.current - s.previous),
+                s.x0,
                 eps,
                 norm,
                 ctx.bounds,
             )
-        else:
-            current = x0.clone()
-        grad, logits = self.gradient(model, current, ys, ts, ctx)
-        value = objective(logits, ys, ts, self.loss).detach()
-        record_first_hits(goal_reached(logits, ys, ts), current, idx, result, fooled)
-        shape = (-1,) + (1,) * (x.dim() - 1)
-        eta = torch.full((idx.numel(),), 2.0 * eps, device=x.device)
-        best_x, best_value, best_grad = current.clone(), value.clone(), grad.clone()
-        previous = current.clone()
-        increases = torch.zeros(idx.numel(), device=x.device)
-        marks = set(checkpoints(self.steps))
-        last_mark, mark_eta, mark_best = 0, eta.clone(), best_value.clone()
-        for k in range(self.steps - 1):
-            z = project(current + eta.view(shape) * step_direction(grad, norm), x0, eps, norm, ctx.bounds)
-            if k > 0:
-                z = project(
-                    current + MOMENTUM * (z - current) + (1 - MOMENTUM) * (current - previous),
-                    x0,
-                    eps,
-                    norm,
-                    ctx.bounds,
-                )
-            previous, current = current, z
-            grad, logits = self.gradient(model, current, ys, ts, ctx)
-            new_value = objective(logits, ys, ts, self.loss).detach()
-            hit = goal_reached(logits, ys, ts)
-            record_first_hits(hit, current, idx, result, fooled)
-            increases += (new_value > value).float()
-            better = new_value > best_value
-            best_x[better], best_value[better], best_grad[better] = (
-                current[better],
-                new_value[better],
-                grad[better],
-            )
-            value = new_value
-            if k + 1 in marks:
-                reduce = (increases < RHO * (k + 1 - last_mark)) | (
-                    (mark_eta == eta) & (mark_best == best_value)
-                )
-                eta = torch.where(reduce, eta / 2, eta)
-                current = torch.where(reduce.view(shape), best_x, current)
-                grad = torch.where(reduce.view(shape), best_grad, grad)
-                increases.zero_()
-                last_mark, mark_eta, mark_best = k + 1, eta.clone(), best_value.clone()
-            if self.early_stop and bool(hit.any()):
-                keep = ~hit
-                if not bool(keep.any()):
-                    return
-                idx, x0, ys, current, previous, grad, value, eta, increases = (
-                    t[keep] for t in (idx, x0, ys, current, previous, grad, value, eta, increases)
-                )
-                best_x, best_value, best_grad, mark_eta, mark_best = (
-                    t[keep] for t in (best_x, best_value, best_grad, mark_eta, mark_best)
-                )
-                ts = ts[keep] if ts is not None else None
-        missed = ~fooled.index_select(0, idx)
-        result[idx[missed]] = best_x[missed]
+        s.previous, s.current = s.current, z
+        s.grad, logits = self.gradient(model, s.current, s.y, s.targets, ctx)
+        new_value = objective(logits, s.y, s.targets, self.loss).detach()
+        hit = goal_reached(logits, s.y, s.targets)
+        restarts.record_hits(hit, s.current, s.idx)
+        s.increases += (new_value > s.value).float()
+        better = new_value > s.best_value
+        s.best_x[better], s.best_value[better], s.best_grad[better] = (
+            s.current[better],
+            new_value[better],
+            s.grad[better],
+        )
+        s.value = new_value
+        return hit

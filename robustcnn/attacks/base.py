@@ -21,16 +21,19 @@ writes ``perturb`` (how to find a candidate inside one eps ball):
 from __future__ import annotations
 
 import contextlib
+import copy
+import inspect
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any, ClassVar, TypedDict, TypeVar
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from robustcnn.attacks.restarts import optional_rows
 from robustcnn.batching import autocast_for, in_batches, is_out_of_memory, out_of_memory_error
 from robustcnn.errors import ConfigError, RobustCNNError
 from robustcnn.interrupts import raise_if_requested
@@ -40,6 +43,10 @@ from robustcnn.threat import ThreatModel, perturbation_norms, project
 #: Slack allowed between an attack's raw output and the eps ball / bounds before projection.
 BALL_TOLERANCE = 1e-4
 BOUNDS_TOLERANCE = 1e-5
+
+
+#: A setting's value: what ``params()`` reports and what ``with_`` changes (numbers, flags, names).
+SettingValue = bool | int | float | str | None
 
 
 class AttackInvariantError(RobustCNNError):
@@ -54,7 +61,7 @@ class AttackResult:
 
     name: str
     threat: ThreatModel
-    params: dict[str, Any]
+    params: dict[str, SettingValue]
     clean_correct: Tensor  # bool [N]
     success: Tensor  # bool [E, N]: the attack's goal reached (untargeted: misclassified)
     correct: Tensor  # bool [E, N]: the model still predicts the true label
@@ -155,7 +162,21 @@ class PerturbContext:
             full = torch.rand(full_shape, generator=generator, device=self.device)
         return full.index_select(0, self.active)
 
-    def autocast(self) -> contextlib.AbstractContextManager[Any]:
+    def for_samples(self, idx: Tensor) -> PerturbContext:
+        """The context of the samples ``idx`` of this one: the same noise per sample, shared counters."""
+        return PerturbContext(
+            device=self.device,
+            eps_index=self.eps_index,
+            batch_index=self.batch_index,
+            full_batch=self.full_batch,
+            active=self.active.index_select(0, idx),
+            seed=self.seed,
+            bounds=self.bounds,
+            amp=self.amp,
+            counters=self.counters,
+        )
+
+    def autocast(self) -> contextlib.AbstractContextManager[None]:
         return autocast_for(self.device, self.amp)
 
     def logits(self, model: nn.Module, x: Tensor) -> Tensor:
@@ -169,28 +190,6 @@ def goal_reached(logits: Tensor, y: Tensor, targets: Tensor | None) -> Tensor:
     """Untargeted: the prediction differs from the label; targeted: it equals the target."""
     pred = logits.argmax(1)
     return pred == targets if targets is not None else pred != y
-
-
-def record_first_hits(
-    hit: Tensor,
-    candidate: Tensor,
-    idx: Tensor,
-    result: Tensor,
-    fooled: Tensor,
-    logits: Tensor | None = None,
-    result_logits: Tensor | None = None,
-) -> None:
-    """The first candidate that reaches the goal is the sample's result; later ones are ignored.
-
-    ``hit``/``candidate`` cover the samples ``idx`` of the batch; ``result``/``fooled`` the whole batch.
-    With ``logits``/``result_logits`` the candidate's logits are kept too (for :meth:`PerturbContext.vouch`).
-    """
-    newly = hit & ~fooled.index_select(0, idx)
-    rows = idx[newly]
-    result[rows] = candidate[newly]
-    fooled[rows] = True
-    if logits is not None and result_logits is not None:
-        result_logits[rows] = logits[newly]
 
 
 @contextlib.contextmanager
@@ -209,9 +208,15 @@ def attack_mode(model: nn.Module) -> Iterator[None]:
         for p, flag in zip(params, flags, strict=True):
             p.requires_grad_(flag)
         model.train(was_training)
-    for p, before in zip(params, grads_before, strict=True):
-        if (before is None) != (p.grad is None) or (before is not None and not torch.equal(before, p.grad)):
-            raise AttackInvariantError("an attack accumulated gradients into the model's parameters")
+    if any(gradient_changed(before, p.grad) for p, before in zip(params, grads_before, strict=True)):
+        raise AttackInvariantError("an attack accumulated gradients into the model's parameters")
+
+
+def gradient_changed(before: Tensor | None, after: Tensor | None) -> bool:
+    """A parameter's ``.grad`` appeared, vanished or changed."""
+    if before is None or after is None:
+        return (before is None) != (after is None)
+    return not torch.equal(before, after)
 
 
 def validate_inputs(model: nn.Module, x: Tensor, y: Tensor, bounds: tuple[float, float]) -> None:
@@ -250,10 +255,51 @@ def validate_inputs(model: nn.Module, x: Tensor, y: Tensor, bounds: tuple[float,
         )
 
 
+def input_bounds(model: nn.Module) -> tuple[float, float]:
+    """The pixel range the model takes (a :class:`Classifier` declares it; [0, 1] otherwise)."""
+    low, high = getattr(model, "bounds", (0.0, 1.0))
+    return (low, high)
+
+
+def constructor_parameters(cls: type) -> dict[str, inspect.Parameter]:
+    """Keyword parameters of ``cls``'s constructor through its bases (most derived first), by name.
+
+    A subclass that only passes ``**kwargs`` on (a library backend) adds nothing, so it has exactly
+    the settings of the class it extends.
+    """
+    found: dict[str, inspect.Parameter] = {}
+    for klass in inspect.getmro(cls):
+        init = klass.__dict__.get("__init__")
+        if init is None:
+            continue
+        try:
+            params = inspect.signature(init).parameters.values()
+        except (TypeError, ValueError):
+            continue
+        for p in params:
+            if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD) and p.name != "self":
+                found.setdefault(p.name, p)
+    return found
+
+
+class AttackOptions(TypedDict, total=False):
+    """The settings every attack takes (:class:`Attack`'s keywords), passed on by a subclass."""
+
+    batch_size: int
+    seed: int
+    early_stop: bool
+    keep_examples: int
+    amp: bool
+
+
+AttackT = TypeVar("AttackT", bound="Attack")
+
+
 class Attack(ABC):
     """Base of every attack. Subclasses set ``name`` and implement :meth:`perturb`."""
 
-    name: ClassVar[str] = "attack"
+    #: What the attack reports under; an instance may carry its own (``with_(name=...)``).
+    name: str = "attack"
     #: False for attacks that only query predictions (noise, Square): usable on black-box models.
     uses_gradients: ClassVar[bool] = True
     norms: ClassVar[tuple[str, ...]] = ("linf", "l2")
@@ -296,7 +342,7 @@ class Attack(ABC):
     ) -> Tensor:
         """Return one candidate per sample inside the eps ball around ``x`` (and inside [0,1])."""
 
-    def params(self) -> dict[str, Any]:
+    def params(self) -> dict[str, SettingValue]:
         """The settings that define this attack (logged, shown in reports and ``repr``)."""
         return {
             "backend": self.backend,
@@ -309,71 +355,115 @@ class Attack(ABC):
         inner = ", ".join(f"{k}={v!r}" for k, v in self.params().items())
         return f"{type(self).__name__}({inner})"
 
+    # -- variants --------------------------------------------------------------------------------
+    def settings(self) -> dict[str, SettingValue]:
+        """The constructor's keyword arguments that rebuild this attack, read back from it.
+
+        Every setting is stored under its own name (a test holds each registered attack to that).
+        """
+        return {key: getattr(self, key) for key in constructor_parameters(type(self))}
+
+    @classmethod
+    def native_class(cls) -> type[Attack]:
+        """The class whose constructor defines the settings: ``cls``, or the attack a backend runs."""
+        return next(c for c in cls.__mro__ if issubclass(c, Attack) and c.backend == "native")
+
+    def with_(self: AttackT, **changes: SettingValue) -> AttackT:
+        """A new attack equal to this one except for ``changes``; this one is left as it was.
+
+        Why: the battery derives variants (an EOT version, a stronger probe) from attacks that
+        belong to its caller, who may run them again. ``changes`` are settings (``steps``,
+        ``restarts``, ``eot_samples``, ``seed``, ...) and ``name``, the name the variant reports
+        under. A name the attack does not have is refused; values are checked and normalised by
+        the native attack's constructor (the same ranges and errors as a config). Everything that
+        is no setting is carried over: a bound surrogate, the progress flag, the name unless given.
+
+        What only a library backend refuses (EOT with ART, or with torchattacks' FGSM) is not
+        re-checked, so that the battery derives exactly the variants it derived before; such a
+        variant runs without EOT, a known gap left for the battery to decide.
+        """
+        name = changes.pop("name", None)
+        settings = self.settings()
+        unknown = sorted(set(changes) - set(settings))
+        if unknown:
+            raise ConfigError(
+                f"attack {self.name} has no setting(s) {unknown} to change; "
+                f"accepted: {sorted({'name', *settings})}"
+            )
+        if name is not None and not isinstance(name, str):
+            raise ConfigError(f"attack {self.name}: the name of a variant must be a string, got {name!r}")
+        # Any: keywords chosen by name at run time cannot be matched to parameters by mypy; the
+        # constructor checks each one
+        keywords: dict[str, Any] = {**settings, **changes}
+        checked = self.native_class()(**keywords)
+        variant = copy.copy(self)
+        for key in changes:
+            setattr(variant, key, getattr(checked, key))
+        if name is not None:
+            variant.name = name
+        return variant
+
     # -- the contract ---------------------------------------------------------------------------
     def __call__(self, model: nn.Module, x: Tensor, y: Tensor, threat: ThreatModel) -> AttackResult:
         return self.run(model, x, y, threat)
 
     def run(self, model: nn.Module, x: Tensor, y: Tensor, threat: ThreatModel) -> AttackResult:
-        if threat.norm not in self.norms:
-            raise ConfigError(f"attack {self.name} supports the norms {self.norms}, not {threat.norm!r}")
-        if x.shape[0] == 0:
-            raise ConfigError("no images to attack; check data.max_test / eval.max_samples")
-        bounds = tuple(getattr(model, "bounds", (0.0, 1.0)))
-        with attack_mode(model):  # eval mode: validation must not touch BatchNorm statistics
-            try:
-                validate_inputs(model, x, y, bounds)  # type: ignore[arg-type]
-            except RuntimeError as exc:
-                if is_out_of_memory(exc):  # two images (the shape probe) already do not fit
-                    raise out_of_memory_error(f"attack {self.name}", 2) from exc
-                raise
-        threat.check_input_size(tuple(x.shape[1:]))
+        """Attack ``x`` at every eps of ``threat``, in batches (halved when memory runs out)."""
+        bounds = self.check_call(model, x, y, threat)
         device = next((p.device for p in model.parameters()), torch.device("cpu"))
-        y = y.long()
-        counters = {"forward": 0, "gradient": 0}
-        batches_done = 0
-        bar = progress_bar(
-            x.shape[0], f"attack {self.name}", self.progress and x.shape[0] > self.batch_size, unit="img"
+        show = self.progress and x.shape[0] > self.batch_size
+        slices = _Slices(
+            self,
+            model,
+            x,
+            y.long(),
+            threat,
+            bounds,
+            device,
+            progress_bar(x.shape[0], f"attack {self.name}", show, unit="img"),
         )
-
-        def attack_slice(begin: int, end: int) -> dict[str, Tensor]:
-            # a slice that runs out of memory is redone smaller (in_batches): only finished
-            # slices may count passes or advance the batch index that seeds the noise
-            nonlocal batches_done
-            raise_if_requested()
-            slice_counters = {"forward": 0, "gradient": 0}
-            part = self._run_batch(
-                model,
-                x[begin:end].to(device),
-                y[begin:end].to(device),
-                threat,
-                bounds,
-                batches_done,
-                device,
-                slice_counters,
-                keep=max(0, min(self.keep_examples, end) - begin),
-            )
-            batches_done += 1
-            for key, value in slice_counters.items():
-                counters[key] += value
-            if bar is not None:
-                bar.update(end - begin)
-            return part
-
         start = time.perf_counter()
         with attack_mode(model):
             # the batch size is halved for this call only: a later call (another model) may fit
             parts = in_batches(
-                attack_slice,
+                slices,
                 x.shape[0],
                 self.batch_size,
                 what=f"attack {self.name}",
                 setting=f"attack.{type(self).name}.batch_size (or eval.attack_batch_size)",
             )
-        if bar is not None:
-            bar.close()
+        if slices.bar is not None:
+            slices.bar.close()
         if device.type == "cuda":
             torch.cuda.synchronize(device)
-        seconds = time.perf_counter() - start
+        return self.merge(threat, x, parts, slices.counters, time.perf_counter() - start)
+
+    def check_call(self, model: nn.Module, x: Tensor, y: Tensor, threat: ThreatModel) -> tuple[float, float]:
+        """Refuse what cannot be attacked before any work; returns the model's input bounds."""
+        if threat.norm not in self.norms:
+            raise ConfigError(f"attack {self.name} supports the norms {self.norms}, not {threat.norm!r}")
+        if x.shape[0] == 0:
+            raise ConfigError("no images to attack; check data.max_test / eval.max_samples")
+        bounds = input_bounds(model)
+        with attack_mode(model):  # eval mode: validation must not touch BatchNorm statistics
+            try:
+                validate_inputs(model, x, y, bounds)
+            except RuntimeError as exc:
+                if is_out_of_memory(exc):  # two images (the shape probe) already do not fit
+                    raise out_of_memory_error(f"attack {self.name}", 2) from exc
+                raise
+        threat.check_input_size(tuple(x.shape[1:]))
+        return bounds
+
+    def merge(
+        self,
+        threat: ThreatModel,
+        x: Tensor,
+        parts: list[dict[str, Tensor]],
+        counters: dict[str, int],
+        seconds: float,
+    ) -> AttackResult:
+        """One :class:`AttackResult` from the batches' parts (in order)."""
         merged = {
             key: torch.cat([p[key] for p in parts], dim=0 if key in _SAMPLE_FIRST else 1)
             for key in parts[0]
@@ -398,92 +488,7 @@ class Attack(ABC):
             gradient_passes=counters["gradient"],
         )
 
-    def _run_batch(
-        self,
-        model: nn.Module,
-        x: Tensor,
-        y: Tensor,
-        threat: ThreatModel,
-        bounds: tuple[float, float],
-        batch_index: int,
-        device: torch.device,
-        counters: dict[str, int],
-        *,
-        keep: int,
-    ) -> dict[str, Tensor]:
-        """Attack one batch at every eps; ``keep``: how many of its first images to return."""
-        n = x.shape[0]
-        with torch.no_grad():
-            clean_logits = model(x).float()
-        counters["forward"] += n
-        clean_prob = F.softmax(clean_logits, 1).gather(1, y[:, None]).squeeze(1)
-        clean_correct = clean_logits.argmax(1) == y
-        targets = None
-        if threat.targeted:
-            generator = torch.Generator().manual_seed(self.seed * 7919 + batch_index)
-            targets = threat.choose_targets(clean_logits, y, clean_logits.shape[1], generator)
-        reached = goal_reached(clean_logits, y, targets)
-        # state carried across eps: the reported example per sample and what it achieves
-        best = x.clone()
-        best_correct = clean_correct.clone()
-        best_prob = clean_prob.clone()
-        done = reached.clone()
-        success_rows, correct_rows, norm_rows, prob_rows, adv_rows = [], [], [], [], []
-        for e, eps in enumerate(threat.eps):
-            if eps > 0:
-                # samples the model already gets wrong need no attack; with early_stop, neither do
-                # samples fooled at a smaller eps (their example lies inside this larger ball)
-                attack_now = clean_correct & ~done if self.early_stop else clean_correct
-                active = attack_now.nonzero().flatten()
-                if active.numel():
-                    ctx = PerturbContext(
-                        device=device,
-                        eps_index=e,
-                        batch_index=batch_index,
-                        full_batch=n,
-                        active=active,
-                        seed=self.seed,
-                        bounds=bounds,
-                        amp=self.amp,
-                        counters=counters,
-                    )
-                    tx, ty = x.index_select(0, active), y.index_select(0, active)
-                    tt = targets.index_select(0, active) if targets is not None else None
-                    raw = self.perturb(model, tx, ty, float(eps), threat, tt, ctx).detach()
-                    self._check_candidate(raw, tx, float(eps), threat.norm, bounds)
-                    candidate = project(raw, tx, float(eps), threat.norm, bounds)
-                    logits = self._measure(model, candidate, raw, ctx, counters)
-                    hit = goal_reached(logits, ty, tt)
-                    # a sample already fooled at a smaller eps keeps that (smaller) example, so the
-                    # plain computation (early_stop off) reports exactly what the shortcut does
-                    replace = ~done.index_select(0, active)
-                    newly = hit & replace
-                    idx = active[replace]
-                    best[idx] = candidate[replace]
-                    best_correct[idx] = (logits.argmax(1) == ty)[replace]
-                    best_prob[idx] = F.softmax(logits, 1).gather(1, ty[:, None]).squeeze(1)[replace]
-                    done[active[newly]] = True
-            success_rows.append(done.clone())
-            correct_rows.append(best_correct.clone())
-            norm_rows.append(perturbation_norms(best - x, threat.norm))
-            prob_rows.append(best_prob.clone())
-            if keep:
-                adv_rows.append(best[:keep].detach().cpu().clone())  # .cpu() is no copy on CPU
-        out = {
-            "clean_correct": clean_correct.cpu(),
-            "success": torch.stack(success_rows).cpu(),
-            "correct": torch.stack(correct_rows).cpu(),
-            "norms": torch.stack(norm_rows).cpu(),
-            "true_prob_clean": clean_prob.cpu(),
-            "true_prob_adv": torch.stack(prob_rows).cpu(),
-        }
-        if keep:
-            out["adv_examples"] = torch.stack(adv_rows)
-        return out
-
-    def _measure(
-        self, model: nn.Module, candidate: Tensor, raw: Tensor, ctx: PerturbContext, counters: dict[str, int]
-    ) -> Tensor:
+    def measure(self, model: nn.Module, candidate: Tensor, raw: Tensor, ctx: PerturbContext) -> Tensor:
         """fp32 logits of the (projected) candidates: a fresh forward pass, except where vouched for.
 
         A vouched row is reused only if the attack vouched with this very model and the projection
@@ -502,20 +507,21 @@ class Attack(ABC):
         ):
             reuse = known & (candidate == raw).flatten(1).all(1)
         if reuse is None or known_logits is None or not bool(reuse.any()):
-            counters["forward"] += candidate.shape[0]
+            ctx.counters["forward"] += candidate.shape[0]
             with torch.no_grad():
                 return model(candidate).float()
         logits = known_logits.clone()
         rest = (~reuse).nonzero().flatten()
         if rest.numel():
-            counters["forward"] += rest.numel()
+            ctx.counters["forward"] += rest.numel()
             with torch.no_grad():
                 logits[rest] = model(candidate.index_select(0, rest)).float()
         return logits
 
-    def _check_candidate(
+    def check_candidate(
         self, candidate: Tensor, x: Tensor, eps: float, norm: str, bounds: tuple[float, float]
     ) -> None:
+        """An attack's raw output must lie in the eps ball and the bounds (up to round-off): else a bug."""
         if candidate.shape != x.shape:
             raise AttackInvariantError(
                 f"attack {self.name} returned shape {tuple(candidate.shape)} for inputs {tuple(x.shape)}"
@@ -536,3 +542,168 @@ class Attack(ABC):
 
 #: Result tensors whose first axis is the sample axis (the others are [E, N, ...]).
 _SAMPLE_FIRST = {"clean_correct", "true_prob_clean"}
+
+
+@dataclass
+class _Slices:
+    """The work ``in_batches`` does for one :meth:`Attack.run`: each slice of the images is one batch.
+
+    A slice that runs out of memory is redone smaller (``in_batches``), so only a finished slice
+    may count its passes or advance the batch index that seeds the noise.
+    """
+
+    attack: Attack
+    model: nn.Module
+    x: Tensor
+    y: Tensor
+    threat: ThreatModel
+    bounds: tuple[float, float]
+    device: torch.device
+    bar: Any  # a tqdm bar or None (tqdm ships no type information)
+    counters: dict[str, int] = field(default_factory=lambda: {"forward": 0, "gradient": 0})
+    batches_done: int = 0
+
+    def __call__(self, begin: int, end: int) -> dict[str, Tensor]:
+        raise_if_requested()
+        slice_counters = {"forward": 0, "gradient": 0}
+        batch = _Batch(
+            self.attack,
+            self.model,
+            self.x[begin:end].to(self.device),
+            self.y[begin:end].to(self.device),
+            self.threat,
+            self.bounds,
+            self.batches_done,
+            self.device,
+            slice_counters,
+        )
+        part = batch.attack_every_eps(keep=max(0, min(self.attack.keep_examples, end) - begin))
+        self.batches_done += 1
+        for key, value in slice_counters.items():
+            self.counters[key] += value
+        if self.bar is not None:
+            self.bar.update(end - begin)
+        return part
+
+
+class _Batch:
+    """One batch attacked at every eps: what each sample reports, carried from eps to eps.
+
+    Why carried: a sample fooled at a smaller eps keeps that adversarial example at every larger
+    eps (it lies inside the larger ball), and with ``early_stop`` it is not attacked again; samples
+    the model already gets wrong are not attacked at all. Each eps adds one row to every result.
+    """
+
+    def __init__(
+        self,
+        attack: Attack,
+        model: nn.Module,
+        x: Tensor,
+        y: Tensor,
+        threat: ThreatModel,
+        bounds: tuple[float, float],
+        batch_index: int,
+        device: torch.device,
+        counters: dict[str, int],
+    ) -> None:
+        self.attack, self.model, self.x, self.y, self.threat = attack, model, x, y, threat
+        self.bounds, self.batch_index, self.device, self.counters = bounds, batch_index, device, counters
+        with torch.no_grad():
+            clean_logits = model(x).float()
+        counters["forward"] += x.shape[0]
+        self.clean_prob = F.softmax(clean_logits, 1).gather(1, y[:, None]).squeeze(1)
+        self.clean_correct = clean_logits.argmax(1) == y
+        self.targets = self.choose_targets(clean_logits)
+        # per sample: the reported example, whether the model still gets it right, its true-class
+        # probability, and whether it reaches the goal (already on clean input: misclassified)
+        self.best = x.clone()
+        self.best_correct = self.clean_correct.clone()
+        self.best_prob = self.clean_prob.clone()
+        self.done = goal_reached(clean_logits, y, self.targets)
+        self.history: dict[str, list[Tensor]] = {key: [] for key in _PER_EPS}
+
+    def attack_every_eps(self, *, keep: int) -> dict[str, Tensor]:
+        """Attack at every eps, smallest first; ``keep``: how many of the first images to return."""
+        for e, eps in enumerate(self.threat.eps):
+            if eps > 0:
+                self.attack_at(e, float(eps))
+            self.add_row(keep)
+        return self.part(keep)
+
+    def choose_targets(self, clean_logits: Tensor) -> Tensor | None:
+        """A targeted threat's target per sample, drawn from (attack seed, batch): reproducible."""
+        if not self.threat.targeted:
+            return None
+        generator = torch.Generator().manual_seed(self.attack.seed * 7919 + self.batch_index)
+        return self.threat.choose_targets(clean_logits, self.y, clean_logits.shape[1], generator)
+
+    def attack_at(self, eps_index: int, eps: float) -> None:
+        """Attack the samples that still need it at this eps and report what each candidate achieves."""
+        # samples the model already gets wrong need no attack; with early_stop, neither do samples
+        # fooled at a smaller eps (their example lies inside this larger ball)
+        attack_now = self.clean_correct & ~self.done if self.attack.early_stop else self.clean_correct
+        active = attack_now.nonzero().flatten()
+        if not active.numel():
+            return
+        ctx = PerturbContext(
+            device=self.device,
+            eps_index=eps_index,
+            batch_index=self.batch_index,
+            full_batch=self.x.shape[0],
+            active=active,
+            seed=self.attack.seed,
+            bounds=self.bounds,
+            amp=self.attack.amp,
+            counters=self.counters,
+        )
+        tx, ty = self.x.index_select(0, active), self.y.index_select(0, active)
+        tt = optional_rows(self.targets, active)
+        raw = self.attack.perturb(self.model, tx, ty, eps, self.threat, tt, ctx).detach()
+        self.attack.check_candidate(raw, tx, eps, self.threat.norm, self.bounds)
+        candidate = project(raw, tx, eps, self.threat.norm, self.bounds)
+        logits = self.attack.measure(self.model, candidate, raw, ctx)
+        self.report(active, candidate, logits, ty, tt)
+
+    def report(
+        self, active: Tensor, candidate: Tensor, logits: Tensor, ty: Tensor, tt: Tensor | None
+    ) -> None:
+        """The samples ``active`` report their candidates, except those fooled at a smaller eps.
+
+        Those keep that (smaller) example, so the plain computation (early_stop off) reports
+        exactly what the shortcut does.
+        """
+        hit = goal_reached(logits, ty, tt)
+        replace = ~self.done.index_select(0, active)
+        newly = hit & replace
+        idx = active[replace]
+        self.best[idx] = candidate[replace]
+        self.best_correct[idx] = (logits.argmax(1) == ty)[replace]
+        self.best_prob[idx] = F.softmax(logits, 1).gather(1, ty[:, None]).squeeze(1)[replace]
+        self.done[active[newly]] = True
+
+    def add_row(self, keep: int) -> None:
+        """Record what every sample reports at the eps just attacked."""
+        self.history["success"].append(self.done.clone())
+        self.history["correct"].append(self.best_correct.clone())
+        self.history["norms"].append(perturbation_norms(self.best - self.x, self.threat.norm))
+        self.history["true_prob_adv"].append(self.best_prob.clone())
+        if keep:  # (.cpu() is no copy on the CPU, hence the clone)
+            self.history["adv_examples"].append(self.best[:keep].detach().cpu().clone())
+
+    def part(self, keep: int) -> dict[str, Tensor]:
+        """The batch's part of the result, on the CPU; ``keep``: how many adversarial examples."""
+        out = {
+            "clean_correct": self.clean_correct.cpu(),
+            "true_prob_clean": self.clean_prob.cpu(),
+            **{
+                key: torch.stack(self.history[key]).cpu()
+                for key in ("success", "correct", "norms", "true_prob_adv")
+            },
+        }
+        if keep:
+            out["adv_examples"] = torch.stack(self.history["adv_examples"])
+        return out
+
+
+#: What a batch records at every eps (one row each).
+_PER_EPS = ("success", "correct", "norms", "true_prob_adv", "adv_examples")

@@ -10,14 +10,17 @@ implementation serves every gradient attack. Gradients are taken w.r.t. the inpu
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from robustcnn.attacks.base import Attack, PerturbContext
+from robustcnn.attacks.base import Attack, AttackOptions, PerturbContext, SettingValue
 from robustcnn.errors import ConfigError
+
+if TYPE_CHECKING:
+    from typing import Unpack  # Python 3.11+; only the type checker reads it
 
 LOSSES = ("ce", "margin", "dlr")
 
@@ -61,10 +64,17 @@ def step_direction(grad: Tensor, norm: str) -> Tensor:
     return grad / flat.view(-1, *([1] * (grad.dim() - 1)))
 
 
+class GradientOptions(AttackOptions, total=False):
+    """The settings every gradient attack takes (:class:`GradientAttack`'s and the base's keywords)."""
+
+    loss: str
+    eot_samples: int
+
+
 class GradientAttack(Attack):
     """An attack driven by the input gradient of :func:`objective` (optionally EOT-averaged)."""
 
-    def __init__(self, *, loss: str = "ce", eot_samples: int = 1, **kwargs: Any) -> None:
+    def __init__(self, *, loss: str = "ce", eot_samples: int = 1, **kwargs: Unpack[AttackOptions]) -> None:
         super().__init__(**kwargs)
         if loss not in LOSSES:
             raise ConfigError(f"attack.loss={loss!r} is unknown; choose one of {', '.join(LOSSES)}")
@@ -73,7 +83,7 @@ class GradientAttack(Attack):
         self.loss = loss
         self.eot_samples = int(eot_samples)
 
-    def params(self) -> dict[str, Any]:
+    def params(self) -> dict[str, SettingValue]:
         return {**super().params(), "loss": self.loss, "eot_samples": self.eot_samples}
 
     def gradient(
@@ -120,6 +130,7 @@ class GradientAttack(Attack):
         log_probs = []
         try:
             if single_draw:
+                # ignore: torch types a module attribute as Tensor | Module (nn.Module.__getattr__)
                 model.inference_samples = 1  # type: ignore[assignment]
             for _ in range(self.eot_samples):
                 with ctx.autocast():
@@ -130,7 +141,7 @@ class GradientAttack(Attack):
                 log_probs.append(logits.detach().log_softmax(1))
         finally:
             if single_draw:
-                model.inference_samples = saved  # type: ignore[assignment]
+                model.inference_samples = saved  # type: ignore[assignment]  # as above
         ctx.counters["gradient"] += x.shape[0] * self.eot_samples
         ctx.counters["forward"] += x.shape[0] * self.eot_samples
         mean_log_prob = torch.logsumexp(torch.stack(log_probs), 0) - math.log(len(log_probs))

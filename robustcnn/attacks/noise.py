@@ -8,13 +8,16 @@ honest rather than weak.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING
 
 from torch import Tensor, nn
 
-from robustcnn.attacks.base import Attack, PerturbContext, goal_reached
+from robustcnn.attacks.base import Attack, AttackOptions, PerturbContext, SettingValue, goal_reached
 from robustcnn.errors import ConfigError
 from robustcnn.threat import ThreatModel, project
+
+if TYPE_CHECKING:
+    from typing import Unpack  # Python 3.11+; only the type checker reads it
 
 KINDS = ("sign", "uniform")
 
@@ -23,7 +26,7 @@ class RandomNoise(Attack):
     name = "noise"
     uses_gradients = False
 
-    def __init__(self, *, kind: str = "sign", samples: int = 8, **kwargs: Any) -> None:
+    def __init__(self, *, kind: str = "sign", samples: int = 8, **kwargs: Unpack[AttackOptions]) -> None:
         super().__init__(**kwargs)
         if kind not in KINDS:
             raise ConfigError(f"attack.kind={kind!r} is unknown; choose one of {', '.join(KINDS)}")
@@ -32,7 +35,7 @@ class RandomNoise(Attack):
         self.kind = kind
         self.samples = int(samples)
 
-    def params(self) -> dict[str, Any]:
+    def params(self) -> dict[str, SettingValue]:
         return {**super().params(), "kind": self.kind, "samples": self.samples}
 
     def draw(self, x: Tensor, eps: float, norm: str, ctx: PerturbContext, stream: int) -> Tensor:

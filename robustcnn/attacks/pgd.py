@@ -17,15 +17,20 @@ the per-sample computation and its random start do not depend on the other sampl
 from __future__ import annotations
 
 import math
-from typing import Any
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor, nn
 
-from robustcnn.attacks.base import PerturbContext, goal_reached, record_first_hits
-from robustcnn.attacks.gradient import GradientAttack, step_direction
+from robustcnn.attacks.base import PerturbContext, SettingValue, goal_reached
+from robustcnn.attacks.gradient import GradientAttack, GradientOptions, step_direction
+from robustcnn.attacks.restarts import Restarts, SampleRows, optional_rows
 from robustcnn.errors import ConfigError
 from robustcnn.threat import ThreatModel, project
+
+if TYPE_CHECKING:
+    from typing import Unpack  # Python 3.11+; only the type checker reads it
 
 
 def random_start(x: Tensor, eps: float, norm: str, ctx: PerturbContext, stream: int) -> Tensor:
@@ -40,6 +45,43 @@ def random_start(x: Tensor, eps: float, norm: str, ctx: PerturbContext, stream: 
     return direction * radius
 
 
+def start_point(
+    x: Tensor, eps: float, norm: str, ctx: PerturbContext, stream: int, idx: Tensor | None = None
+) -> Tensor:
+    """A uniform random point of the eps ball around ``x`` (its rows ``idx``), inside the bounds.
+
+    The noise is drawn for all of ``x`` and then indexed, so a sample starts at the same point
+    whichever other samples a restart attacks.
+    """
+    noise = random_start(x, eps, norm, ctx, stream)
+    if idx is None:
+        return project(x + noise, x, eps, norm, ctx.bounds)
+    x0 = x.index_select(0, idx)
+    return project(x0 + noise.index_select(0, idx), x0, eps, norm, ctx.bounds)
+
+
+@dataclass
+class Iterates(SampleRows):
+    """The samples one PGD restart still attacks, one row each (see :class:`SampleRows`)."""
+
+    x0: Tensor  # their clean inputs: the centre of each eps ball
+    y: Tensor
+    targets: Tensor | None
+    current: Tensor  # the current iterate
+    grad: Tensor  # the objective's gradient at ``current``, set by each step before it is read
+
+
+class PGDOptions(GradientOptions, total=False):
+    """PGD's settings (its keywords and a gradient attack's), for a class that passes them on."""
+
+    steps: int
+    step_size: float | None
+    rel_step_size: float
+    random_start: bool
+    restarts: int
+    return_last: bool
+
+
 class PGD(GradientAttack):
     name = "pgd"
 
@@ -52,7 +94,7 @@ class PGD(GradientAttack):
         random_start: bool = True,
         restarts: int = 1,
         return_last: bool = False,
-        **kwargs: Any,
+        **kwargs: Unpack[GradientOptions],
     ) -> None:
         super().__init__(**kwargs)
         if int(steps) < 1:
@@ -70,7 +112,7 @@ class PGD(GradientAttack):
         self.restarts = int(restarts)
         self.return_last = bool(return_last)
 
-    def params(self) -> dict[str, Any]:
+    def params(self) -> dict[str, SettingValue]:
         return {
             **super().params(),
             "steps": self.steps,
@@ -102,19 +144,11 @@ class PGD(GradientAttack):
         (An evaluation wants the first iterate that fools the model; training wants the point of
         highest loss, which usually lies beyond it.) One restart: training draws a fresh start per batch.
         """
-        current = x.clone()
-        if self.random_start:
-            current = project(x + random_start(x, eps, norm, ctx, stream=stream), x, eps, norm, ctx.bounds)
+        current = start_point(x, eps, norm, ctx, stream) if self.random_start else x.clone()
         for _ in range(self.steps):
             grad, _ = self.gradient(model, current, y, targets, ctx)
             current = project(current + alpha * step_direction(grad, norm), x, eps, norm, ctx.bounds)
         return current
-
-    def restart_indices(self, fooled: Tensor) -> Tensor:
-        """Samples a restart attacks: those not fooled yet (early stop) or all of them."""
-        if self.early_stop:
-            return (~fooled).nonzero().flatten()
-        return torch.arange(fooled.shape[0], device=fooled.device)
 
     def perturb_stochastic(
         self,
@@ -134,50 +168,57 @@ class PGD(GradientAttack):
         stop inside a restart; a restart's end point is judged by one forward pass of the deployed
         model, and only the samples it did not fool get the next restart.
         """
-        result = x.clone()
-        fooled = torch.zeros(x.shape[0], dtype=torch.bool, device=x.device)
-        for restart in range(self.restarts):
-            idx = self.restart_indices(fooled)
-            if idx.numel() == 0:
-                break
-            yi = y.index_select(0, idx)
-            ti = targets.index_select(0, idx) if targets is not None else None
-            current = self._ascend_on(idx, model, x, y, eps, norm, targets, ctx, alpha, restart)
+        restarts = Restarts(x, self.restarts, early_stop=self.early_stop)
+        for restart, idx in restarts:
+            yi, ti = y.index_select(0, idx), optional_rows(targets, idx)
+            # the samples idx with the random start they would get in the full batch
+            current = self.ascend(
+                model, x.index_select(0, idx), yi, eps, norm, ti, ctx.for_samples(idx), alpha, stream=restart
+            )
             hit = goal_reached(ctx.logits(model, current), yi, ti)
-            take = ~fooled.index_select(0, idx)
-            result[idx[take]] = current[take]
-            fooled[idx[hit & take]] = True
-        return result
+            restarts.record_hits(hit, current, idx)
+            restarts.keep_misses(current, idx)
+        return restarts.result
 
-    def _ascend_on(
+    def walk(
         self,
-        idx: Tensor,
         model: nn.Module,
-        x: Tensor,
-        y: Tensor,
         eps: float,
         norm: str,
-        targets: Tensor | None,
         ctx: PerturbContext,
         alpha: float,
-        restart: int,
-    ) -> Tensor:
-        """``ascend`` on the samples ``idx`` with the random start they would get in the full batch."""
-        sub = PerturbContext(
-            device=ctx.device,
-            eps_index=ctx.eps_index,
-            batch_index=ctx.batch_index,
-            full_batch=ctx.full_batch,
-            active=ctx.active.index_select(0, idx),
-            seed=ctx.seed,
-            bounds=ctx.bounds,
-            amp=ctx.amp,
-            counters=ctx.counters,
-        )
-        ti = targets.index_select(0, idx) if targets is not None else None
-        return self.ascend(
-            model, x.index_select(0, idx), y.index_select(0, idx), eps, norm, ti, sub, alpha, stream=restart
-        )
+        restarts: Restarts,
+        iterates: Iterates,
+        *,
+        check_last: bool,
+    ) -> None:
+        """One restart on the samples of ``iterates``: every iterate is checked, first hits recorded.
+
+        The check of an iterate is the forward pass of its gradient step (free); with early stop a
+        sample leaves at its first hit. The samples that never reach the goal report their last
+        iterate. ``check_last``: check that last iterate here, because the next restart will not
+        start from it (the very last one is checked by the base, which measures every candidate
+        it gets back: a check here would be a second forward pass for the same answer).
+        """
+        for _step in range(self.steps):
+            iterates.grad, log_probs, raw = self.gradient_and_logits(
+                model, iterates.current, iterates.y, iterates.targets, ctx
+            )
+            if raw is not None:
+                restarts.keep_logits(raw)
+            hit = goal_reached(log_probs, iterates.y, iterates.targets)
+            restarts.record_hits(hit, iterates.current, iterates.idx, raw)
+            remaining = restarts.drop_finished(hit, iterates)
+            if remaining is None:
+                return
+            iterates = remaining
+            step = alpha * step_direction(iterates.grad, norm)
+            iterates.current = project(iterates.current + step, iterates.x0, eps, norm, ctx.bounds)
+        if check_last:
+            logits = ctx.logits(model, iterates.current)
+            hit = goal_reached(logits, iterates.y, iterates.targets)
+            restarts.record_hits(hit, iterates.current, iterates.idx, logits)
+        restarts.keep_misses(iterates.current, iterates.idx)
 
     def perturb(
         self,
@@ -194,49 +235,21 @@ class PGD(GradientAttack):
             return self.ascend(model, x, y, eps, threat.norm, targets, ctx, alpha)
         if getattr(model, "stochastic", False):
             return self.perturb_stochastic(model, x, y, eps, threat.norm, targets, ctx, alpha)
-        result = x.clone()
-        fooled = torch.zeros(x.shape[0], dtype=torch.bool, device=x.device)
-        # logits of each first hit, handed to the base so it need not run that forward pass again
-        hit_logits: Tensor | None = None
-        for restart in range(self.restarts):
-            idx = self.restart_indices(fooled)
-            if idx.numel() == 0:
-                break
+        restarts = Restarts(x, self.restarts, early_stop=self.early_stop)
+        for restart, idx in restarts:
             x0 = x.index_select(0, idx)
-            yi = y.index_select(0, idx)
-            ti = targets.index_select(0, idx) if targets is not None else None
-            if self.random_start:
-                start = random_start(x, eps, threat.norm, ctx, stream=restart).index_select(0, idx)
-                current = project(x0 + start, x0, eps, threat.norm, ctx.bounds)
-            else:
-                current = x0.clone()
-            for _step in range(self.steps):
-                grad, log_probs, raw = self.gradient_and_logits(model, current, yi, ti, ctx)
-                if raw is not None and hit_logits is None:
-                    hit_logits = raw.new_empty((x.shape[0], raw.shape[1]))
-                hit = goal_reached(log_probs, yi, ti)
-                record_first_hits(hit, current, idx, result, fooled, raw, hit_logits)
-                if self.early_stop:
-                    keep = ~hit
-                    kept = int(keep.sum())  # one host sync per step, none per tensor
-                    if kept == 0:
-                        idx, current = idx[:0], current[:0]
-                        break
-                    if kept < keep.shape[0]:
-                        idx, current, grad, x0, yi = idx[keep], current[keep], grad[keep], x0[keep], yi[keep]
-                        ti = ti[keep] if ti is not None else None
-                current = project(
-                    current + alpha * step_direction(grad, threat.norm), x0, eps, threat.norm, ctx.bounds
-                )
-            if restart < self.restarts - 1 and idx.numel():
-                # before the next restart overwrites it, the final iterate gets its check
-                logits = ctx.logits(model, current)
-                hit = goal_reached(logits, yi, ti)
-                record_first_hits(hit, current, idx, result, fooled, logits, hit_logits)
-            # the very last iterate is returned unchecked: the base measures success on every candidate
-            # it gets back, so a check here would be a second forward pass for the same answer
-            missed = ~fooled.index_select(0, idx)
-            result[idx[missed]] = current[missed]
-        if hit_logits is not None:
-            ctx.vouch(model, hit_logits, fooled)
-        return result
+            current = start_point(x, eps, threat.norm, ctx, restart, idx) if self.random_start else x0.clone()
+            iterates = Iterates(
+                idx=idx,
+                x0=x0,
+                y=y.index_select(0, idx),
+                targets=optional_rows(targets, idx),
+                current=current,
+                grad=torch.zeros_like(current),
+            )
+            last = restart == self.restarts - 1
+            self.walk(model, eps, threat.norm, ctx, alpha, restarts, iterates, check_last=not last)
+        if restarts.logits is not None:
+            # the logits of each first hit, so that the base need not run that forward pass again
+            ctx.vouch(model, restarts.logits, restarts.fooled)
+        return restarts.result

@@ -12,9 +12,12 @@ import re
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from robustcnn.attacks.base import Attack
+from robustcnn.attacks.base import Attack, constructor_parameters
 from robustcnn.config import config_bool, config_float, config_int, show
 from robustcnn.errors import ConfigError
+
+#: A config section as Hydra hands it over: Any because YAML values are untyped until checked here.
+ConfigSection = Mapping[str, Any]
 
 _REGISTRY: dict[str, Callable[..., Attack]] = {}
 BACKENDS = ("native", "torchattacks", "art")
@@ -34,7 +37,12 @@ def available_attacks() -> list[str]:
     return sorted(_REGISTRY)
 
 
-def accepted_keys(factory: Callable[..., Any]) -> set[str] | None:
+def registered_factory(name: str) -> Callable[..., Attack] | None:
+    """What builds the native attack registered as ``name`` (a class or a function), None if none is."""
+    return _REGISTRY.get(name)
+
+
+def accepted_keys(factory: Callable[..., object]) -> set[str] | None:
     """Keyword arguments a class (with its bases) accepts; None for a function taking **kwargs."""
     if not inspect.isclass(factory):
         try:
@@ -59,25 +67,19 @@ def register_backend(name: str, backend: str) -> Callable[[Callable[..., Attack]
 _BACKEND_REGISTRY: dict[tuple[str, str], Callable[..., Attack]] = {}
 
 
-def setting_defaults(factory: Callable[..., Any]) -> dict[str, inspect.Parameter]:
+def setting_defaults(factory: Callable[..., object]) -> dict[str, inspect.Parameter]:
     """Keyword parameters of a class (most derived first, through its bases) or a function, by name."""
-    found: dict[str, inspect.Parameter] = {}
-    targets = inspect.getmro(factory) if inspect.isclass(factory) else (factory,)
-    for target in targets:
-        init = target.__dict__.get("__init__") if inspect.isclass(factory) else target
-        if init is None:
-            continue
-        try:
-            params = inspect.signature(init).parameters.values()
-        except (TypeError, ValueError):
-            continue
-        for p in params:
-            if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD) and p.name != "self":
-                found.setdefault(p.name, p)
-    return found
+    if inspect.isclass(factory):
+        return constructor_parameters(factory)
+    try:
+        params = inspect.signature(factory).parameters.values()
+    except (TypeError, ValueError):
+        return {}
+    kinds = (inspect.Parameter.KEYWORD_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    return {p.name: p for p in params if p.kind in kinds and p.name != "self"}
 
 
-def check_settings(factory: Callable[..., Any], params: Mapping[str, Any], prefix: str) -> dict[str, Any]:
+def check_settings(factory: Callable[..., object], params: ConfigSection, prefix: str) -> dict[str, Any]:
     """Type-check settings against the factory's defaults; every error names ``prefix.<key>``.
 
     A setting whose default is a bool must be a bool, an int default a whole number (3.0 becomes 3),
@@ -119,7 +121,7 @@ COMMON_KEYS = {
 }
 
 
-def _check_common(common: Mapping[str, Any]) -> dict[str, Any]:
+def _check_common(common: ConfigSection) -> dict[str, Any]:
     checked = dict(common)
     for key, value in common.items():
         name = COMMON_KEYS.get(key, key)
@@ -139,7 +141,7 @@ def qualify(message: str, name: str) -> str:
     return re.sub(rf"^attack\.(?!{re.escape(name)}\.)(\w+)=", rf"attack.{name}.\1=", message)
 
 
-def build_attack(spec: Mapping[str, Any], common: Mapping[str, Any] | None = None) -> Attack:
+def build_attack(spec: ConfigSection, common: ConfigSection | None = None) -> Attack:
     """Build one attack from its config node (``name``, ``backend``, settings).
 
     ``common`` holds job-wide settings (seed, batch size, amp) used where the attack accepts them
@@ -184,7 +186,7 @@ def build_attack(spec: Mapping[str, Any], common: Mapping[str, Any] | None = Non
         raise ConfigError(f"attack {name}: {detail}; check the settings under attack.{name}") from exc
 
 
-def attack_specs(section: Mapping[str, Any] | None) -> list[dict[str, Any]]:
+def attack_specs(section: ConfigSection | None) -> list[dict[str, Any]]:
     """The selected attacks of an ``attack`` config node, in selection order, backend filled in."""
     if not section:
         return []

@@ -38,15 +38,20 @@ computation), which costs more but reports exactly the same per-sample results.
 from __future__ import annotations
 
 import math
-from typing import Any
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor, nn
 
-from robustcnn.attacks.base import Attack, PerturbContext, goal_reached, record_first_hits
+from robustcnn.attacks.base import Attack, AttackOptions, PerturbContext, SettingValue, goal_reached
 from robustcnn.attacks.gradient import LOSSES, objective
+from robustcnn.attacks.restarts import Restarts, SampleRows, optional_rows
 from robustcnn.errors import ConfigError
 from robustcnn.threat import ThreatModel
+
+if TYPE_CHECKING:
+    from typing import Unpack  # Python 3.11+; only the type checker reads it
 
 #: The reference schedule: ``p = p_init / divisor`` while the iteration (out of 10,000) is <= bound.
 P_SCHEDULE: tuple[tuple[int, int], ...] = (
@@ -138,6 +143,18 @@ def l2_scale(delta: Tensor, eps: float) -> Tensor:
     return delta / norms * eps
 
 
+@dataclass
+class Proposals(SampleRows):
+    """The samples one Square restart still attacks, one row each (see :class:`SampleRows`)."""
+
+    xs: Tensor  # their clean inputs
+    y: Tensor
+    targets: Tensor | None
+    best: Tensor  # the current point: the best proposal accepted so far
+    value: Tensor  # the objective at ``best``
+    done: Tensor  # the goal is reached
+
+
 class Square(Attack):
     """Square attack, L-inf and L2, untargeted or targeted; see the module docstring."""
 
@@ -151,7 +168,7 @@ class Square(Attack):
         p_init: float = 0.8,
         loss: str = "margin",
         restarts: int = 1,
-        **kwargs: Any,
+        **kwargs: Unpack[AttackOptions],
     ) -> None:
         super().__init__(**kwargs)
         if isinstance(queries, bool) or not isinstance(queries, int) or queries < 1:
@@ -173,7 +190,7 @@ class Square(Attack):
         self.restarts = int(restarts)
         self._patterns: dict[tuple[int, str], tuple[Tensor, Tensor]] = {}
 
-    def params(self) -> dict[str, Any]:
+    def params(self) -> dict[str, SettingValue]:
         return {
             **super().params(),
             "queries": self.queries,
@@ -195,20 +212,15 @@ class Square(Attack):
     ) -> Tensor:
         if x.dim() != 4:
             raise ConfigError(f"the square attack needs images [N, C, H, W], got shape {tuple(x.shape)}")
-        n = x.shape[0]
-        result = x.clone()
-        fooled = torch.zeros(n, dtype=torch.bool, device=x.device)
-        best_value = torch.full((n,), float("-inf"), device=x.device)
-        for restart in range(self.restarts):
-            idx = (~fooled).nonzero().flatten() if self.early_stop else torch.arange(n, device=x.device)
-            if idx.numel() == 0:
-                break
-            self._search(
-                model, x, y, targets, eps, threat.norm, ctx, restart, idx, result, fooled, best_value
-            )
-        return result
+        restarts = Restarts(x, self.restarts, early_stop=self.early_stop)
+        # each sample's best objective over the restarts: a miss reports its best point
+        best_value = torch.full((x.shape[0],), float("-inf"), device=x.device)
+        for restart, idx in restarts:
+            state = self.begin(model, x, y, targets, eps, threat.norm, ctx, restart, idx, restarts)
+            self.search(model, state, eps, threat.norm, ctx, restart, restarts, best_value)
+        return restarts.result
 
-    def _search(
+    def begin(
         self,
         model: nn.Module,
         x: Tensor,
@@ -219,51 +231,64 @@ class Square(Attack):
         ctx: PerturbContext,
         restart: int,
         idx: Tensor,
-        result: Tensor,
-        fooled: Tensor,
-        best_value: Tensor,
-    ) -> None:
-        """One restart on the samples ``idx``; writes first hits / better misses into ``result``."""
-        stream = restart * self.queries  # streams stream .. stream + queries - 1 belong to this restart
-        xs = x.index_select(0, idx)
-        ys = y.index_select(0, idx)
-        ts = targets.index_select(0, idx) if targets is not None else None
+        restarts: Restarts,
+    ) -> Proposals:
+        """The start of one restart on the samples ``idx`` (stripes or bumps), checked: one query."""
+        xs, ys, ts = x.index_select(0, idx), y.index_select(0, idx), optional_rows(targets, idx)
+        stream = self.first_stream(restart)
         if norm == "linf":
             best = self._linf_start(xs, eps, ctx, stream, idx)
         else:
             best = self._l2_start(xs, eps, ctx, stream, idx)
         logits = ctx.logits(model, best)
-        value = objective(logits, ys, ts, self.loss)
         done = goal_reached(logits, ys, ts)
-        record_first_hits(done, best, idx, result, fooled)
+        restarts.record_hits(done, best, idx)
+        return Proposals(
+            idx=idx, xs=xs, y=ys, targets=ts, best=best, value=objective(logits, ys, ts, self.loss), done=done
+        )
+
+    def first_stream(self, restart: int) -> int:
+        """Streams ``first .. first + queries - 1`` of the noise belong to ``restart``."""
+        return restart * self.queries
+
+    def search(
+        self,
+        model: nn.Module,
+        state: Proposals,
+        eps: float,
+        norm: str,
+        ctx: PerturbContext,
+        restart: int,
+        restarts: Restarts,
+        best_value: Tensor,
+    ) -> None:
+        """The proposals of one restart: first hits are kept, misses report their best point."""
+        stream = self.first_stream(restart)
         iterations = self.queries - 1
         for it in range(iterations):
-            if self.early_stop:
-                keep = ~done
-                if not bool(keep.any()):
-                    break
-                if not bool(keep.all()):
-                    idx, xs, ys, best, value, done = (t[keep] for t in (idx, xs, ys, best, value, done))
-                    ts = ts[keep] if ts is not None else None
+            remaining = restarts.drop_finished(state.done, state)
+            if remaining is None:
+                return
+            state = remaining
             p = p_selection(self.p_init, it, iterations)
             if norm == "linf":
-                candidate = self._linf_step(xs, best, eps, p, ctx, stream + 1 + it, idx)
+                candidate = self._linf_step(state.xs, state.best, eps, p, ctx, stream + 1 + it, state.idx)
             else:
-                candidate = self._l2_step(xs, best, eps, p, ctx, stream + 1 + it, idx)
+                candidate = self._l2_step(state.xs, state.best, eps, p, ctx, stream + 1 + it, state.idx)
             logits = ctx.logits(model, candidate)
-            new_value = objective(logits, ys, ts, self.loss)
-            hit = goal_reached(logits, ys, ts)
-            record_first_hits(hit, candidate, idx, result, fooled)
+            new_value = objective(logits, state.y, state.targets, self.loss)
+            hit = goal_reached(logits, state.y, state.targets)
+            restarts.record_hits(hit, candidate, state.idx)
             # keep a proposal only if it improves the objective (or reaches the goal, which with the CE
             # loss need not come with a higher CE): the paper's acceptance rule
-            accept = (new_value > value) | hit
-            best = torch.where(accept.view(-1, 1, 1, 1), candidate, best)
-            value = torch.where(accept, new_value, value)
-            done = done | hit
+            accept = (new_value > state.value) | hit
+            state.best = torch.where(accept.view(-1, 1, 1, 1), candidate, state.best)
+            state.value = torch.where(accept, new_value, state.value)
+            state.done = state.done | hit
         # samples that never reached the goal report their best point over the restarts
-        missed = ~fooled.index_select(0, idx) & (value > best_value.index_select(0, idx))
-        result[idx[missed]] = best[missed]
-        best_value[idx[missed]] = value[missed]
+        better = state.value > best_value.index_select(0, state.idx)
+        missed = restarts.keep_misses(state.best, state.idx, where=better)
+        best_value[state.idx[missed]] = state.value[missed]
 
     # -- L-inf ----------------------------------------------------------------------------------
     def _linf_start(self, xs: Tensor, eps: float, ctx: PerturbContext, stream: int, idx: Tensor) -> Tensor:

@@ -7,15 +7,18 @@ The runner trains (or loads from the cache) the surrogate and binds it with :met
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING
 
 from torch import Tensor, nn
 
-from robustcnn.attacks.base import PerturbContext, attack_mode
-from robustcnn.attacks.gradient import GradientAttack
+from robustcnn.attacks.base import PerturbContext, SettingValue, attack_mode
+from robustcnn.attacks.gradient import GradientAttack, GradientOptions
 from robustcnn.attacks.pgd import PGD
 from robustcnn.errors import ConfigError
 from robustcnn.threat import ThreatModel
+
+if TYPE_CHECKING:
+    from typing import Unpack  # Python 3.11+; only the type checker reads it
 
 
 class Transfer(GradientAttack):
@@ -29,7 +32,7 @@ class Transfer(GradientAttack):
         steps: int = 40,
         rel_step_size: float = 2.5,
         random_start: bool = True,
-        **kwargs: Any,
+        **kwargs: Unpack[GradientOptions],
     ) -> None:
         super().__init__(**kwargs)
         if int(steps) < 1:
@@ -49,7 +52,7 @@ class Transfer(GradientAttack):
         self.random_start = bool(random_start)
         self.surrogate_model: nn.Module | None = None
 
-    def params(self) -> dict[str, Any]:
+    def params(self) -> dict[str, SettingValue]:
         return {
             **super().params(),
             "surrogate": self.surrogate,

@@ -10,18 +10,17 @@ in the worst case, so no reported number is one that a stronger attack we ran wo
 
 from __future__ import annotations
 
-import copy
 import logging
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeGuard
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from robustcnn.attacks import APGD, PGD, Attack, AttackResult, GradientAttack, RandomNoise, Transfer
+from robustcnn.attacks import APGD, PGD, Attack, AttackResult, GradientAttack, RandomNoise, Transfer, with_eot
 from robustcnn.attacks.base import attack_mode
 from robustcnn.batching import in_batches
 from robustcnn.config import config_bool, config_float, config_int, config_section
@@ -59,7 +58,10 @@ class BatterySettings:
 
     @classmethod
     def from_mapping(cls, cfg: Mapping[str, Any] | None) -> BatterySettings:
-        """Build from the ``checks`` config section; a wrong value fails naming ``checks.<key>``."""
+        """Build from the ``checks`` config section; a wrong value fails naming ``checks.<key>``.
+
+        (Any: YAML values from Hydra are untyped until checked here.)
+        """
         cfg = config_section(cfg, "checks", CHECKS_KEYS)
         for key in ("tolerance", "zero_tolerance", "max_zero_gradient_fraction", "robust_threshold"):
             if key in cfg:  # accuracy fractions
@@ -126,7 +128,10 @@ class BatteryResult:
         return self.worst_case_robust_accuracy()[list(self.threat.eps).index(self.reference_eps)]
 
     def to_dict(self) -> dict[str, Any]:
-        """The robustness part of ``results.json``."""
+        """The robustness part of ``results.json``.
+
+        (Any: a JSON document of nested, mixed values, which the jobs extend with their own sections.)
+        """
         everything = {**self.attacks, **self.probes}
         return {
             "threat": self.threat.to_dict(),
@@ -224,14 +229,13 @@ def gradient_stats(
     return float(zero.float().mean()), float(nan.float().mean())
 
 
-def _with_eot(attack: GradientAttack, samples: int) -> GradientAttack:
-    clone = copy.copy(attack)
-    clone.eot_samples = samples
-    clone.name = f"eot_{attack.name}"  # type: ignore[misc]
-    return clone
+def is_white_box_gradient(attack: Attack) -> TypeGuard[GradientAttack]:
+    """A gradient attack on the model itself (not a transfer from a surrogate)."""
+    return isinstance(attack, GradientAttack) and not isinstance(attack, Transfer)
 
 
-def _unique_names(attacks: Sequence[Attack]) -> dict[str, Attack]:
+def unique_names(attacks: Sequence[Attack]) -> dict[str, Attack]:
+    """The attacks by the name they report under; a repeated name gets ``_2``, ``_3``, ..."""
     named: dict[str, Attack] = {}
     for attack in attacks:
         name, i = attack.name, 2
@@ -241,9 +245,123 @@ def _unique_names(attacks: Sequence[Attack]) -> dict[str, Attack]:
     return named
 
 
-def _large_eps(threat: ThreatModel, shape: Sequence[int]) -> float:
+def large_eps(threat: ThreatModel, shape: Sequence[int]) -> float:
     """A radius that admits any image: 1 for linf, the cube's diameter for l2."""
     return 1.0 if threat.norm == "linf" else math.sqrt(math.prod(shape))
+
+
+def with_eps(threat: ThreatModel, eps: tuple[float, ...]) -> ThreatModel:
+    """``threat`` at other radii (same norm and targeting; the knowledge and reference are dropped)."""
+    return ThreatModel(
+        norm=threat.norm,
+        eps=eps,
+        targeted=threat.targeted,
+        target=threat.target,
+        target_class=threat.target_class,
+    )
+
+
+def reference_eps(threat: ThreatModel) -> float:
+    """The eps the verdict is judged at: the threat's reference, else its largest."""
+    return threat.reference_eps if threat.reference_eps is not None else threat.eps[-1]
+
+
+def probe_eps(threat: ThreatModel) -> tuple[float, ...]:
+    """Where probes and ``reference_only`` attacks run: the reference eps and the largest (not 0)."""
+    return tuple(sorted({reference_eps(threat), threat.eps[-1]} - {0.0})) or (threat.eps[-1],)
+
+
+def select_attacks(
+    attacks: Sequence[Attack], stochastic: bool, eot_samples: int, batch_size: int
+) -> dict[str, Attack]:
+    """The attacks the battery runs, by name: the caller's, the noise floor, EOT variants.
+
+    The noise floor runs whatever was selected (the baseline every real attack must beat); on a
+    stochastic model every white-box gradient attack without EOT also runs as ``eot_<name>``.
+    """
+    selected = list(attacks)
+    if not any(isinstance(a, RandomNoise) for a in selected):
+        seed = attacks[0].seed if attacks else 0
+        selected.append(RandomNoise(seed=seed, batch_size=batch_size))
+    if stochastic:
+        selected += [
+            with_eot(a, eot_samples) for a in selected if is_white_box_gradient(a) and a.eot_samples == 1
+        ]
+    return unique_names(selected)
+
+
+def run_selected(
+    named: Mapping[str, Attack],
+    model: nn.Module,
+    x: Tensor,
+    y: Tensor,
+    threat: ThreatModel,
+    reference_only: Sequence[str],
+    progress: bool,
+) -> dict[str, AttackResult]:
+    """Run every attack, in order; those in ``reference_only`` (or their EOT variant) at the probe eps."""
+    results: dict[str, AttackResult] = {}
+    for name, attack in named.items():
+        log.info("attack %s: %r", name, attack)
+        attack.progress = progress
+        sparse = name in reference_only or name.removeprefix("eot_") in reference_only
+        results[name] = attack.run(model, x, y, with_eps(threat, probe_eps(threat)) if sparse else threat)
+    return results
+
+
+def reference_attack(named: Mapping[str, Attack], stochastic: bool) -> tuple[str, PGD | APGD] | None:
+    """The first PGD or APGD (with EOT on a stochastic model), by name: the attack the probes strengthen."""
+    for name, attack in named.items():
+        if isinstance(attack, (PGD, APGD)) and (not stochastic or attack.eot_samples > 1):
+            return name, attack
+    return None
+
+
+def run_probes(
+    reference: PGD | APGD,
+    name: str,
+    model: nn.Module,
+    x: Tensor,
+    y: Tensor,
+    threat: ThreatModel,
+    settings: BatterySettings,
+) -> dict[str, AttackResult]:
+    """The strength probes on the first ``probe_samples`` images: more effort, and an unbounded eps.
+
+    ``<name>_strong`` (more steps and restarts, another seed) runs at the verdict's eps and the
+    largest one, where a too-weak attack would mislead most; ``<name>_unbounded`` at a radius that
+    admits any image, where every model must fall.
+    """
+    probe_n = min(int(x.shape[0]), settings.probe_samples)
+    x, y = x[:probe_n], y[:probe_n]
+    strong = reference.with_(
+        steps=max(reference.steps + 1, int(round(reference.steps * settings.strong_steps_factor))),
+        restarts=reference.restarts + settings.strong_extra_restarts,
+        seed=reference.seed + 1,
+    )
+    unbounded = ThreatModel(norm=threat.norm, eps=(large_eps(threat, tuple(x.shape[1:])),), targeted=False)
+    return {
+        f"{name}_strong": strong.run(model, x, y, with_eps(threat, probe_eps(threat))),
+        f"{name}_unbounded": reference.run(model, x, y, unbounded),
+    }
+
+
+def worst_case(
+    threat: ThreatModel, results: Mapping[str, AttackResult], probes: Mapping[str, AttackResult]
+) -> Tensor:
+    """Per eps and sample: correct under every attack run (bool [E, N]).
+
+    Attacks that ran at a subset of the eps, and probes (on the first samples only), count where
+    they ran: no reported number is one that a stronger attack we ran would lower.
+    """
+    eps_rows = {value: i for i, value in enumerate(threat.eps)}
+    full = [r for r in results.values() if r.eps == threat.eps]
+    worst = torch.stack([r.correct for r in full]).all(0)
+    for probe in (*[r for r in results.values() if r.eps != threat.eps], *probes.values()):
+        for j, value in enumerate(probe.eps):
+            if value in eps_rows:
+                worst[eps_rows[value], : probe.n] &= probe.correct[j]
+    return worst
 
 
 def run_battery(
@@ -270,75 +388,23 @@ def run_battery(
     device = device or next(model.parameters()).device
     x, y = x.to(device), y.to(device).long()
     n = int(x.shape[0])
-    probe_n = min(n, settings.probe_samples)
-    seed = attacks[0].seed if attacks else 0
     batch_size = attacks[0].batch_size if attacks else 256
-
     stochastic = is_stochastic(model, x[: min(n, 64)], batch_size)
-    selected = list(attacks)
-    if not any(isinstance(a, RandomNoise) for a in selected):
-        selected.append(RandomNoise(seed=seed, batch_size=batch_size))
-    gradient_attacks = [a for a in selected if isinstance(a, GradientAttack) and not isinstance(a, Transfer)]
-    if stochastic:
-        selected += [_with_eot(a, settings.eot_samples) for a in gradient_attacks if a.eot_samples == 1]
-    named = _unique_names(selected)
-
-    reference = threat.reference_eps if threat.reference_eps is not None else threat.eps[-1]
-    probe_eps = tuple(sorted({reference, threat.eps[-1]} - {0.0})) or (threat.eps[-1],)
-
-    def restricted(eps: tuple[float, ...]) -> ThreatModel:
-        return ThreatModel(
-            norm=threat.norm,
-            eps=eps,
-            targeted=threat.targeted,
-            target=threat.target,
-            target_class=threat.target_class,
-        )
-
-    results: dict[str, AttackResult] = {}
-    for name, attack in named.items():
-        log.info("attack %s: %r", name, attack)
-        attack.progress = progress
-        sparse = name in reference_only or name.removeprefix("eot_") in reference_only
-        results[name] = attack.run(model, x, y, restricted(probe_eps) if sparse else threat)
-
+    named = select_attacks(attacks, stochastic, settings.eot_samples, batch_size)
+    results = run_selected(named, model, x, y, threat, reference_only, progress)
+    reference = reference_attack(named, stochastic)
+    reference_pgd = reference[0] if reference is not None else None
     probes: dict[str, AttackResult] = {}
-    reference_pgd = next(
-        (k for k, a in named.items() if isinstance(a, (PGD, APGD)) and (not stochastic or a.eot_samples > 1)),
-        None,
-    )
-    if settings.enabled and reference_pgd is not None:
-        base: PGD | APGD = named[reference_pgd]  # type: ignore[assignment]
-        strong = copy.copy(base)
-        strong.steps = max(base.steps + 1, int(round(base.steps * settings.strong_steps_factor)))
-        strong.restarts = base.restarts + settings.strong_extra_restarts
-        strong.seed = base.seed + 1
-        # at the verdict's eps and the largest one: where a too-weak attack would mislead most
-        strong_threat = restricted(probe_eps)
-        probes[f"{reference_pgd}_strong"] = strong.run(model, x[:probe_n], y[:probe_n], strong_threat)
-        large = _large_eps(threat, tuple(x.shape[1:]))
-        unbounded_threat = ThreatModel(norm=threat.norm, eps=(large,), targeted=False)
-        probes[f"{reference_pgd}_unbounded"] = base.run(model, x[:probe_n], y[:probe_n], unbounded_threat)
-
-    eps_rows = {value: i for i, value in enumerate(threat.eps)}
-    full = [r for r in results.values() if r.eps == threat.eps]
-    worst = torch.stack([r.correct for r in full]).all(0)
-    for probe in (*[r for r in results.values() if r.eps != threat.eps], *probes.values()):
-        for j, value in enumerate(probe.eps):
-            if value in eps_rows:
-                worst[eps_rows[value], : probe.n] &= probe.correct[j]
-
-    zero_frac = nan_frac = None
-    if settings.enabled and gradient_attacks:
-        zero_frac, nan_frac = gradient_stats(model, x[:probe_n], y[:probe_n], batch_size)
-
-    clean = (
-        clean_accuracy
-        if clean_accuracy is not None
-        else float(results[next(iter(results))].clean_correct.float().mean())
-    )
+    if settings.enabled and reference is not None:
+        probes = run_probes(reference[1], reference[0], model, x, y, threat, settings)
+    worst = worst_case(threat, results, probes)
+    gradient: tuple[float | None, float | None] = (None, None)
+    if settings.enabled and any(is_white_box_gradient(a) for a in named.values()):
+        probe_n = min(n, settings.probe_samples)
+        gradient = gradient_stats(model, x[:probe_n], y[:probe_n], batch_size)
+    if clean_accuracy is None:
+        clean_accuracy = float(results[next(iter(results))].clean_correct.float().mean())
     eps = list(threat.eps)
-    reference_eps = threat.reference_eps if threat.reference_eps is not None else eps[-1]
     worst_curve = [float(v) for v in worst.float().mean(1)]
     check_list = (
         judge(
@@ -348,7 +414,7 @@ def run_battery(
             eps,
             undefended=undefended,
             stochastic=stochastic,
-            gradient=(zero_frac, nan_frac),
+            gradient=gradient,
             reference_pgd=reference_pgd,
             settings=settings.checks,
             named=named,
@@ -356,22 +422,146 @@ def run_battery(
         if settings.enabled
         else []
     )
-    reference_accuracy = worst_curve[eps.index(reference_eps)]
-    final = checks.verdict(check_list, reference_accuracy, settings.checks.robust_threshold)
+    reference_accuracy = worst_curve[eps.index(reference_eps(threat))]
     return BatteryResult(
         threat=threat,
-        clean_accuracy=clean,
+        clean_accuracy=clean_accuracy,
         n=n,
         attacks=results,
         probes=probes,
         worst_correct=worst,
         stochastic=stochastic,
-        gradient_zero_fraction=zero_frac,
-        gradient_nan_fraction=nan_frac,
+        gradient_zero_fraction=gradient[0],
+        gradient_nan_fraction=gradient[1],
         checks=check_list,
-        verdict=final,
-        reference_eps=reference_eps,
+        verdict=checks.verdict(check_list, reference_accuracy, settings.checks.robust_threshold),
+        reference_eps=reference_eps(threat),
     )
+
+
+def slack(settings: CheckSettings, stochastic: bool, samples: int) -> float:
+    """The tolerance of a comparison at ``samples`` samples.
+
+    On a randomised model every accuracy is itself a random draw, so the comparisons allow two
+    binomial standard errors on top of the configured tolerance.
+    """
+    if not stochastic:
+        return settings.tolerance
+    return max(settings.tolerance, 2 * math.sqrt(0.25 / max(samples, 1)))
+
+
+def curves_at(results: Mapping[str, AttackResult], eps: Sequence[float]) -> dict[str, list[float]]:
+    """Each attack's robust accuracy at every eps; NaN where it did not run (comparisons skip NaN)."""
+    return {
+        k: [dict(zip(r.eps, r.robust_accuracy(), strict=True)).get(e, math.nan) for e in eps]
+        for k, r in results.items()
+    }
+
+
+def zero_checks(
+    worst: Sequence[float],
+    eps: Sequence[float],
+    undefended: bool,
+    unbounded: AttackResult | None,
+    settings: CheckSettings,
+) -> list[CheckResult]:
+    """An undefended model falls to ~0 at the threat's largest eps; every model at an unbounded eps."""
+    return [
+        checks.reaches_zero(
+            "zero_at_largest_eps_undefended",
+            worst[-1] if undefended else None,
+            eps[-1],
+            settings.zero_tolerance,
+            "a defended model need not reach 0 at the threat's eps",
+        ),
+        checks.reaches_zero(
+            "zero_at_unbounded_eps",
+            unbounded.robust_accuracy()[0] if unbounded else None,
+            unbounded.eps[0] if unbounded else None,
+            settings.zero_tolerance,
+            "needs a PGD attack",
+        ),
+    ]
+
+
+def pick(curves: Mapping[str, list[float]], name: str) -> tuple[str, list[float]] | None:
+    """``(name, curve)`` for a comparison, None when that attack did not run."""
+    return (name, curves[name]) if name in curves else None
+
+
+def single_step_check(
+    curves: Mapping[str, list[float]], stochastic: bool, eps: Sequence[float], tol: float
+) -> CheckResult:
+    """An iterative attack (PGD, else APGD; the EOT one on a stochastic model) beats FGSM."""
+    iterative = ("apgd", "pgd") if "pgd" not in curves else ("pgd",)
+    pgd_name = next((f"eot_{n}" for n in iterative if stochastic and f"eot_{n}" in curves), None) or next(
+        (n for n in iterative if n in curves), "pgd"
+    )
+    fgsm_name = "eot_fgsm" if stochastic and "eot_fgsm" in curves else "fgsm"
+    return checks.not_above(
+        "iterative_beats_single_step",
+        pick(curves, pgd_name),
+        pick(curves, fgsm_name),
+        eps,
+        tol,
+        "PGD and FGSM",
+    )
+
+
+def effort_check(
+    results: Mapping[str, AttackResult],
+    strong: AttackResult | None,
+    reference_pgd: str | None,
+    eps: Sequence[float],
+    settings: CheckSettings,
+    stochastic: bool,
+) -> CheckResult:
+    """More steps and restarts do not lower the reference attack's accuracy (on the probe samples)."""
+    if strong is None or reference_pgd is None:
+        return checks.skip("more_effort_no_gain", "needs a PGD attack")
+    rows = [list(eps).index(value) for value in strong.eps]
+    base_curve = [float(results[reference_pgd].correct[r, : strong.n].float().mean()) for r in rows]
+    return checks.not_above(
+        "more_effort_no_gain",
+        (f"{reference_pgd} with more steps/restarts", strong.robust_accuracy()),
+        (reference_pgd, base_curve),
+        strong.eps,
+        slack(settings, stochastic, strong.n),
+        "a PGD attack",
+    )
+
+
+def baseline_checks(
+    curves: Mapping[str, list[float]], white: Sequence[str], eps: Sequence[float], tol: float
+) -> list[CheckResult]:
+    """The best white-box attack beats noise, Square and transfer (else the gradients are masked)."""
+    best_white = [min(curves[k][i] for k in white) for i in range(len(eps))] if white else None
+    best = ("best white-box", best_white) if best_white is not None else None
+    return [
+        checks.not_above(
+            f"white_box_beats_{baseline}",
+            best,
+            pick(curves, baseline),
+            eps,
+            tol,
+            f"a white-box attack and {baseline}",
+        )
+        for baseline in ("noise", "square", "transfer")
+    ]
+
+
+def threat_check(results: Mapping[str, AttackResult], probes: Mapping[str, AttackResult]) -> CheckResult:
+    """Every reported example lies in its eps ball and in [0, 1]."""
+    excess = max(
+        float((r.norms - torch.tensor(r.eps).view(-1, 1)).max())
+        for r in (*results.values(), *probes.values())
+    )
+    out_of_bounds = any(
+        bool((r.adv_examples < 0).any() or (r.adv_examples > 1).any())
+        for r in results.values()
+        if r.adv_examples.numel()
+    )
+    return checks.within_threat(excess, out_of_bounds)
 
 
 def judge(
@@ -387,101 +577,20 @@ def judge(
     settings: CheckSettings,
     named: Mapping[str, Attack],
 ) -> list[CheckResult]:
-    """All sanity checks of DESIGN.md, in a fixed order.
-
-    On a randomised model every accuracy is itself a random draw, so the comparisons allow two
-    binomial standard errors (at n samples) on top of the configured tolerance.
-    """
+    """All sanity checks of DESIGN.md, in a fixed order (see each check's function for why)."""
     n = int(next(iter(results.values())).n)
-
-    def slack(samples: int) -> float:
-        if not stochastic:
-            return settings.tolerance
-        return max(settings.tolerance, 2 * math.sqrt(0.25 / max(samples, 1)))
-
-    tol = slack(n)
-    # attacks run at a subset of the eps (reference_only) get NaN elsewhere: comparisons skip NaN
-    curves = {
-        k: [dict(zip(r.eps, r.robust_accuracy(), strict=True)).get(e, math.nan) for e in eps]
-        for k, r in results.items()
-    }
-    white = [k for k, a in named.items() if isinstance(a, GradientAttack) and not isinstance(a, Transfer)]
-    best_white = [min(curves[k][i] for k in white) for i in range(len(eps))] if white else None
-
-    def pick(*names: str) -> tuple[str, list[float]] | None:
-        for name in names:
-            if name in curves:
-                return name, curves[name]
-        return None
-
-    out = [checks.monotone_in_eps(curves, worst, tol)]
-    out.append(
-        checks.reaches_zero(
-            "zero_at_largest_eps_undefended",
-            worst[-1] if undefended else None,
-            eps[-1],
-            settings.zero_tolerance,
-            "a defended model need not reach 0 at the threat's eps",
-        )
-    )
+    tol = slack(settings, stochastic, n)
+    curves = curves_at(results, eps)
+    white = [k for k, a in named.items() if is_white_box_gradient(a)]
     unbounded = probes.get(f"{reference_pgd}_unbounded") if reference_pgd else None
-    out.append(
-        checks.reaches_zero(
-            "zero_at_unbounded_eps",
-            unbounded.robust_accuracy()[0] if unbounded else None,
-            unbounded.eps[0] if unbounded else None,
-            settings.zero_tolerance,
-            "needs a PGD attack",
-        )
-    )
-    iterative = ("apgd", "pgd") if "pgd" not in curves else ("pgd",)
-    pgd_name = next((f"eot_{n}" for n in iterative if stochastic and f"eot_{n}" in curves), None) or next(
-        (n for n in iterative if n in curves), "pgd"
-    )
-    fgsm_name = "eot_fgsm" if stochastic and "eot_fgsm" in curves else "fgsm"
-    out.append(
-        checks.not_above(
-            "iterative_beats_single_step", pick(pgd_name), pick(fgsm_name), eps, tol, "PGD and FGSM"
-        )
-    )
     strong = probes.get(f"{reference_pgd}_strong") if reference_pgd else None
-    if strong is not None and reference_pgd is not None:
-        rows = [list(eps).index(value) for value in strong.eps]
-        base_curve = [float(results[reference_pgd].correct[r, : strong.n].float().mean()) for r in rows]
-        out.append(
-            checks.not_above(
-                "more_effort_no_gain",
-                (f"{reference_pgd} with more steps/restarts", strong.robust_accuracy()),
-                (reference_pgd, base_curve),
-                strong.eps,
-                slack(strong.n),
-                "a PGD attack",
-            )
-        )
-    else:
-        out.append(checks.skip("more_effort_no_gain", "needs a PGD attack"))
-    best = ("best white-box", best_white) if best_white is not None else None
-    for baseline in ("noise", "square", "transfer"):
-        out.append(
-            checks.not_above(
-                f"white_box_beats_{baseline}",
-                best,
-                pick(baseline),
-                eps,
-                tol,
-                f"a white-box attack and {baseline}",
-            )
-        )
-    out.append(checks.gradient_health(*gradient, settings.max_zero_gradient_fraction))
-    out.append(checks.stochastic_handled(stochastic, [k for k in curves if k.startswith("eot_")], white))
-    excess = max(
-        float((r.norms - torch.tensor(r.eps).view(-1, 1)).max())
-        for r in (*results.values(), *probes.values())
-    )
-    out_of_bounds = any(
-        bool((r.adv_examples < 0).any() or (r.adv_examples > 1).any())
-        for r in results.values()
-        if r.adv_examples.numel()
-    )
-    out.append(checks.within_threat(excess, out_of_bounds))
-    return out
+    return [
+        checks.monotone_in_eps(curves, worst, tol),
+        *zero_checks(worst, eps, undefended, unbounded, settings),
+        single_step_check(curves, stochastic, eps, tol),
+        effort_check(results, strong, reference_pgd, eps, settings, stochastic),
+        *baseline_checks(curves, white, eps, tol),
+        checks.gradient_health(*gradient, settings.max_zero_gradient_fraction),
+        checks.stochastic_handled(stochastic, [k for k in curves if k.startswith("eot_")], white),
+        threat_check(results, probes),
+    ]

@@ -29,28 +29,32 @@ class EvalSettings:
 
     @classmethod
     def from_mapping(cls, section: Any) -> EvalSettings:
+        """Build from the ``eval`` section (a mapping or OmegaConf node from YAML: untyped until checked)."""
         known = [f.name for f in dataclasses.fields(cls)]
         values = config_section(section, "eval", known)
 
-        def count(key: str, minimum: int = 1) -> int | None:
-            value = values.get(key, getattr(cls, key))
-            if value is None and key in ("max_samples", "attack_samples"):
-                return None
+        def count(key: str, minimum: int = 1) -> int:
             hint = f" (or null for all); e.g. eval.{key}=1000" if key.endswith("samples") else ""
-            return config_int(value, f"eval.{key}", minimum=minimum, hint=hint)
+            return config_int(values.get(key, getattr(cls, key)), f"eval.{key}", minimum=minimum, hint=hint)
+
+        def count_or_all(key: str) -> int | None:
+            return None if values.get(key, getattr(cls, key)) is None else count(key)
 
         return cls(
-            batch_size=count("batch_size"),  # type: ignore[arg-type]
-            max_samples=count("max_samples"),
-            attack_samples=count("attack_samples"),
-            attack_batch_size=count("attack_batch_size"),  # type: ignore[arg-type]
+            batch_size=count("batch_size"),
+            max_samples=count_or_all("max_samples"),
+            attack_samples=count_or_all("attack_samples"),
+            attack_batch_size=count("attack_batch_size"),
             amp=config_bool(values.get("amp", cls.amp), "eval.amp"),
-            keep_examples=count("keep_examples", minimum=0),  # type: ignore[arg-type]
+            keep_examples=count("keep_examples", minimum=0),
         )
 
 
 def plan_attacks(config: dict[str, Any]) -> tuple[ThreatModel | None, list[Attack]]:
-    """Validate the threat model and build every selected attack before any training starts."""
+    """Validate the threat model and build every selected attack before any training starts.
+
+    ``config``: the job's resolved config (from YAML through Hydra: untyped until checked).
+    """
     specs = attack_specs(config.get("attack"))
     if not specs:
         return None, []
@@ -71,4 +75,3 @@ def plan_attacks(config: dict[str, Any]) -> tuple[ThreatModel | None, list[Attac
                 "select query/transfer attacks, e.g. attack=[square,transfer]"
             )
     return threat, attacks
-

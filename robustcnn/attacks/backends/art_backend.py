@@ -33,13 +33,14 @@ keeps the first iterate that reaches the goal (native can only be as strong or s
 from __future__ import annotations
 
 import warnings
-from typing import Any
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 from torch import Tensor, nn
 
-from robustcnn.attacks.backends._common import (
+from robustcnn.attacks.backends.common import (
     CountedLogits,
     backend_seed,
     check_installed,
@@ -51,9 +52,13 @@ from robustcnn.attacks.backends._common import (
 )
 from robustcnn.attacks.base import PerturbContext
 from robustcnn.attacks.fgsm import FGSM
-from robustcnn.attacks.pgd import PGD
+from robustcnn.attacks.gradient import GradientOptions
+from robustcnn.attacks.pgd import PGD, PGDOptions
 from robustcnn.errors import ConfigError
 from robustcnn.threat import ThreatModel
+
+if TYPE_CHECKING:
+    from typing import Unpack  # Python 3.11+; only the type checker reads it
 
 BACKEND = "art"
 INSTALL = "pip install adversarial-robustness-toolbox"
@@ -92,7 +97,7 @@ def _run_art(
     y: Tensor,
     targets: Tensor | None,
     ctx: PerturbContext,
-    make: Any,
+    make: Callable[[Any], Any],  # ART classifier -> ART attack (Any: ART ships no type information)
 ) -> Tensor:
     """Wrap the model in a ``PyTorchClassifier``, build the attack with ``make(classifier)``, run it.
 
@@ -136,7 +141,7 @@ class ArtFGSM(FGSM):
 
     backend = BACKEND
 
-    def __init__(self, **kwargs: Any) -> None:
+    def __init__(self, **kwargs: Unpack[GradientOptions]) -> None:
         super().__init__(**kwargs)
         _check_settings(self)
 
@@ -152,7 +157,7 @@ class ArtFGSM(FGSM):
     ) -> Tensor:
         evasion = import_library("art.attacks.evasion", INSTALL, BACKEND)
 
-        def make(classifier: Any) -> Any:
+        def make(classifier: Any) -> Any:  # ART objects (Any: ART ships no type information)
             return evasion.FastGradientMethod(
                 classifier,
                 norm=ART_NORMS[threat.norm],
@@ -172,7 +177,7 @@ class ArtPGD(PGD):
 
     backend = BACKEND
 
-    def __init__(self, **kwargs: Any) -> None:
+    def __init__(self, **kwargs: Unpack[PGDOptions]) -> None:
         super().__init__(**kwargs)
         _check_settings(self)
 
@@ -188,7 +193,7 @@ class ArtPGD(PGD):
     ) -> Tensor:
         evasion = import_library("art.attacks.evasion", INSTALL, BACKEND)
 
-        def make(classifier: Any) -> Any:
+        def make(classifier: Any) -> Any:  # ART objects (Any: ART ships no type information)
             return evasion.ProjectedGradientDescentPyTorch(
                 classifier,
                 norm=ART_NORMS[threat.norm],

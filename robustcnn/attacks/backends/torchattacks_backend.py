@@ -32,12 +32,13 @@ from __future__ import annotations
 
 import contextlib
 import io
-from typing import Any
+from collections.abc import Callable
+from types import ModuleType
+from typing import TYPE_CHECKING, Any
 
-import torch
 from torch import Tensor, nn
 
-from robustcnn.attacks.backends._common import (
+from robustcnn.attacks.backends.common import (
     CountedLogits,
     backend_seed,
     check_installed,
@@ -47,9 +48,14 @@ from robustcnn.attacks.backends._common import (
 )
 from robustcnn.attacks.base import AttackResult, PerturbContext, goal_reached
 from robustcnn.attacks.fgsm import FGSM
-from robustcnn.attacks.pgd import PGD
+from robustcnn.attacks.gradient import GradientOptions
+from robustcnn.attacks.pgd import PGD, PGDOptions
+from robustcnn.attacks.restarts import Restarts, optional_rows
 from robustcnn.errors import ConfigError
 from robustcnn.threat import ThreatModel
+
+if TYPE_CHECKING:
+    from typing import Unpack  # Python 3.11+; only the type checker reads it
 
 BACKEND = "torchattacks"
 INSTALL = "pip install --no-deps torchattacks"
@@ -80,8 +86,17 @@ def _check_bounds(ctx: PerturbContext) -> None:
         )
 
 
+#: Builds a torchattacks attack on a model (Any: torchattacks ships no type information).
+LibraryAttackFactory = Callable[[nn.Module], Any]
+
+
 def _run_library_attack(
-    make: Any, model: nn.Module, x: Tensor, labels: Tensor, targeted: bool, ctx: PerturbContext
+    make: LibraryAttackFactory,
+    model: nn.Module,
+    x: Tensor,
+    labels: Tensor,
+    targeted: bool,
+    ctx: PerturbContext,
 ) -> Tensor:
     """Build a torchattacks attack on a counted view of ``model`` and run it on one batch.
 
@@ -106,7 +121,7 @@ class TorchattacksFGSM(FGSM):
     backend = BACKEND
     norms = ("linf",)
 
-    def __init__(self, **kwargs: Any) -> None:
+    def __init__(self, **kwargs: Unpack[GradientOptions]) -> None:
         super().__init__(**kwargs)
         _check_settings(self, eot_ok=False)
 
@@ -140,7 +155,7 @@ class TorchattacksPGD(PGD):
 
     backend = BACKEND
 
-    def __init__(self, **kwargs: Any) -> None:
+    def __init__(self, **kwargs: Unpack[PGDOptions]) -> None:
         super().__init__(**kwargs)
         _check_settings(self, eot_ok=True)
 
@@ -153,7 +168,7 @@ class TorchattacksPGD(PGD):
             )
         return super().run(model, x, y, threat)
 
-    def _factory(self, ta: Any, eps: float, norm: str) -> Any:
+    def _factory(self, ta: ModuleType, eps: float, norm: str) -> LibraryAttackFactory:
         settings = {
             "eps": eps,
             "alpha": self.alpha(eps),
@@ -180,20 +195,18 @@ class TorchattacksPGD(PGD):
         ta = import_library("torchattacks", INSTALL, BACKEND)
         make = self._factory(ta, eps, threat.norm)
         labels = targets if targets is not None else y
-        result = x.clone()
-        fooled = torch.zeros(x.shape[0], dtype=torch.bool, device=x.device)
-        restarts = self.restarts if self.random_start else 1
-        for restart in range(restarts):
-            idx = (~fooled).nonzero().flatten()
-            if idx.numel() == 0:
-                break
+        # a restart attacks only the samples not fooled yet, whatever early_stop says: the library
+        # draws its random start for the whole batch it gets, so adding fooled samples back would
+        # change the other samples' noise. Without a random start every restart would repeat the
+        # same computation, so one run is made.
+        restarts = Restarts(x, self.restarts if self.random_start else 1, early_stop=True)
+        for restart, idx in restarts:
             xi, li = x.index_select(0, idx), labels.index_select(0, idx)
             with seeded_rng(backend_seed(self.seed, ctx, restart), x.device):
                 adv = _run_library_attack(make, model, xi, li, targets is not None, ctx)
-            ti = targets.index_select(0, idx) if targets is not None else None
+            ti = optional_rows(targets, idx)
             hit = goal_reached(ctx.logits(model, adv), y.index_select(0, idx), ti)
-            # the not-yet-fooled samples take this restart's point; a sample that reaches the goal
-            # keeps it, because it is never attacked again
-            result[idx] = adv
-            fooled[idx[hit]] = True
-        return result
+            # every sample attacked takes this restart's point; one that reaches the goal keeps it
+            restarts.record_hits(hit, adv, idx)
+            restarts.keep_misses(adv, idx)
+        return restarts.result
