@@ -134,7 +134,7 @@ def test_l2_and_targeted_pgd(trained_lenet, mnist_small) -> None:
         targeted = ThreatModel(norm="linf", eps=(0.0, 0.3), targeted=True, target=target)
         result = PGD(steps=40).run(trained_lenet, x, y, targeted)
         assert result.success_rate()[-1] >= floor, f"targeted PGD ({target}) reaches its target too rarely"
-        assert result.robust_accuracy()[-1] <= 0.1
+        assert result.robust_accuracy()[-1] <= 0.1 + 1e-6  # 20 of 200 is 0.1 (0.10000000149 in float32)
 
 
 @pytest.mark.parametrize(
