@@ -44,8 +44,11 @@ test: $(STAMP) lint assets
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -q -m "not slow"
 
+## ruff, the type checker (mypy; settings in pyproject.toml) and the architecture's import contracts
 lint: $(STAMP)
 	$(BIN)/ruff check robustcnn tests benchmarks tools
+	$(BIN)/mypy
+	$(BIN)/lint-imports
 
 ## Speed benchmarks (JSON under reports/benchmarks/): training, attacks, defenses.
 bench: $(STAMP)

@@ -95,9 +95,9 @@ def robustness_curve(
     xs = eps_arr[order]
     series = {name: _as_floats(f"curve {name!r}", vals, xs.size)[order] for name, vals in curves.items()}
     worst = None if worst_case is None else _as_floats("worst_case", worst_case, xs.size)[order]
-    has_clean = clean_accuracy is not None and math.isfinite(clean_accuracy)
-    if has_clean and not -1e-6 <= clean_accuracy <= 1 + 1e-6:
-        raise ValueError(f"clean_accuracy must be a fraction in [0,1], got {clean_accuracy}")
+    clean = clean_accuracy if clean_accuracy is not None and math.isfinite(clean_accuracy) else None
+    if clean is not None and not -1e-6 <= clean <= 1 + 1e-6:
+        raise ValueError(f"clean_accuracy must be a fraction in [0,1], got {clean}")
 
     fig = Figure(figsize=(6, 4), dpi=DPI)
     ax = fig.add_subplot()
@@ -128,9 +128,9 @@ def robustness_curve(
             label="worst case" if ok.any() else "worst case (no data)",
             zorder=1.5,  # beneath the attack lines, so the attack that sets the worst case stays visible
         )
-    if has_clean:
+    if clean is not None:
         ax.axhline(
-            clean_accuracy,
+            clean,
             color="0.35",
             linestyle="--",
             linewidth=1.2,
@@ -312,7 +312,7 @@ def example_grid(
     ax = fig.add_axes((0.0, 0.0, 1.0, 1.0))
     ax.set_axis_off()
     grey = clean_np.shape[1] == 1
-    show = {"cmap": "gray", "vmin": 0.0, "vmax": 1.0} if grey else {}
+    cmap, vmin, vmax = ("gray", 0.0, 1.0) if grey else (None, None, None)
     for (row_label, cells), top in zip(rows, tops, strict=True):
         for j, (image, title, color) in enumerate(cells):
             x0 = left + j * (cell_w + gap_x)
@@ -321,7 +321,9 @@ def example_grid(
                 extent=(x0, x0 + cell_w, top + cell_h, top),
                 interpolation="antialiased",
                 aspect="auto",
-                **show,
+                cmap=cmap,
+                vmin=vmin,
+                vmax=vmax,
             )
             if title:
                 ax.text(

@@ -38,7 +38,7 @@ def compose_each_job_once() -> bool:
         return False
     if getattr(load, "robustcnn_compose_once", False):
         return True
-    Sweeper.validate_batch_is_legal = _keeping_checked(load)  # type: ignore[method-assign]
+    Sweeper.validate_batch_is_legal = _keeping_checked(load)  # type: ignore[method-assign,assignment]
     ConfigLoaderImpl.load_sweep_config = _taking_checked(load)  # type: ignore[method-assign]
     return True
 

@@ -184,14 +184,12 @@ class RunLogger:
         metrics = self._metrics
         self._params, self._tags, self._metrics = {}, {}, []
         while params or tags or metrics:
-            batch = {
-                "params": params[:PARAM_BATCH],
-                "tags": tags[:TAG_BATCH],
-                "metrics": metrics[: METRIC_BATCH - len(params[:PARAM_BATCH]) - len(tags[:TAG_BATCH])],
-            }
-            params, tags = params[PARAM_BATCH:], tags[TAG_BATCH:]
-            metrics = metrics[len(batch["metrics"]) :]
-            send = functools.partial(self._client.log_batch, self.run_id, **batch)
+            some_params, some_tags = params[:PARAM_BATCH], tags[:TAG_BATCH]
+            some_metrics = metrics[: METRIC_BATCH - len(some_params) - len(some_tags)]
+            params, tags, metrics = params[PARAM_BATCH:], tags[TAG_BATCH:], metrics[len(some_metrics) :]
+            send = functools.partial(
+                self._client.log_batch, self.run_id, metrics=some_metrics, params=some_params, tags=some_tags
+            )
             self._call("logging params, metrics and tags", send)
 
     def log_dict(self, data: Mapping[str, Any], artifact_file: str) -> None:
