@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import gc
-import math
 import sys
 import weakref
 from concurrent.futures import ThreadPoolExecutor
@@ -16,7 +15,7 @@ from matplotlib.figure import Figure
 from PIL import Image
 
 from robustcnn.report import figures as plots
-from robustcnn.report.figures import example_grid, robustness_curve
+from robustcnn.report.figures import example_grid
 
 
 def _png_size(path: Path) -> tuple[int, int]:
@@ -42,59 +41,6 @@ def _attack(
     radii = torch.tensor(eps).view(-1, 1, 1, 1, 1)
     adv = (clean.unsqueeze(0) + radii * signs).clamp(0, 1)
     return clean, adv
-
-
-def test_robustness_curve_writes_png_and_creates_folders(tmp_path: Path) -> None:
-    eps = [0.0, 1 / 255, 2 / 255, 4 / 255, 8 / 255]
-    out = robustness_curve(
-        tmp_path / "a" / "b" / "curve.png",
-        eps,
-        {"fgsm": [0.98, 0.9, 0.8, 0.6, 0.3], "pgd": [0.98, 0.85, 0.7, 0.4, 0.1]},
-        worst_case=[0.98, 0.85, 0.7, 0.4, 0.1],
-        clean_accuracy=0.98,
-        title="MNIST CNN",
-    )
-    assert out == tmp_path / "a" / "b" / "curve.png"
-    width, height = _png_size(out)
-    assert 500 < width < 1200 and 300 < height < 800  # about 6x4 in at 120 dpi
-    assert list(out.parent.iterdir()) == [out]  # the temporary file was renamed, not left behind
-
-
-def test_robustness_curve_nan_single_eps_and_all_nan(tmp_path: Path) -> None:
-    nan = math.nan
-    _png_size(
-        robustness_curve(
-            tmp_path / "nan.png",
-            [0, 0.1, 0.2],
-            {"a": [1.0, nan, 0.5], "b": [nan] * 3},
-            worst_case=[1.0, nan, 0.5],
-            clean_accuracy=nan,
-            norm="l2",
-        )
-    )
-    _png_size(
-        robustness_curve(
-            str(tmp_path / "one.png"), [0.3], {"pgd": [0.2]}, worst_case=[0.2], clean_accuracy=0.99
-        )
-    )
-    _png_size(robustness_curve(tmp_path / "empty.png", [0.0, 0.1], {}))
-
-
-def test_robustness_curve_many_attacks_and_unsorted_eps(tmp_path: Path) -> None:
-    eps = [0.3, 0.0, 0.1, 0.2]
-    curves = {f"attack_{i:02d}": [max(0.0, 0.9 - 0.1 * i - e) for e in eps] for i in range(12)}
-    width, _ = _png_size(robustness_curve(tmp_path / "many.png", eps, curves, clean_accuracy=0.9))
-    assert width > 6 * 120  # the legend went outside and widened the image
-
-
-def test_robustness_curve_rejects_bad_input(tmp_path: Path) -> None:
-    with pytest.raises(ValueError, match="fractions"):
-        robustness_curve(tmp_path / "pct.png", [0, 0.1], {"pgd": [98.0, 40.0]})
-    with pytest.raises(ValueError, match="2 eps values"):
-        robustness_curve(tmp_path / "len.png", [0, 0.1], {"pgd": [0.9]})
-    with pytest.raises(ValueError, match="non-empty"):
-        robustness_curve(tmp_path / "none.png", [], {})
-    assert not any(tmp_path.iterdir())
 
 
 @pytest.mark.parametrize("channels", [1, 3])
@@ -162,9 +108,8 @@ def test_no_figures_left_open_or_alive_and_pyplot_untouched(
     monkeypatch.setattr(plots, "Figure", TrackedFigure)
     clean, adv = _attack([0.1], k=2, size=6)
     for i in range(6):
-        robustness_curve(tmp_path / "c.png", [0, 0.1], {"pgd": [0.9, 0.5]}, clean_accuracy=0.9)
         example_grid(tmp_path / "g.png", clean, adv, [0.1], predictions=torch.tensor([[i, 1], [2, 3]]))
-    assert len(made) == 12
+    assert len(made) == 6
     assert _open_figures() == 0
     gc.collect()
     assert [ref for ref in made if ref() is not None] == []
@@ -177,7 +122,6 @@ def test_parallel_threads(tmp_path: Path) -> None:
     clean, adv = _attack([0.1], k=3, channels=3, size=8)
 
     def job(i: int) -> Path:
-        robustness_curve(tmp_path / f"c{i}.png", [0, 0.1, 0.2], {"pgd": [0.9, 0.5, 0.1]})
         return example_grid(tmp_path / f"g{i}.png", clean, adv, [0.1])
 
     with ThreadPoolExecutor(max_workers=4) as pool:

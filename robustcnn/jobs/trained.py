@@ -177,34 +177,15 @@ def _train(
     """Train ``model`` (or start from the base defense's model), post-train it, save it to ``cache``."""
     train_config = TrainConfig.from_mapping(config["training"])
     seed = int(config["seed"])
-    result: TrainResult | None = None
     base_key = None
+    result: TrainResult | None = None
     if defense.base is not None:
         base = obtain_model({**config, "defense": spec["base"]}, data, device, progress)
         base_key = base.key
-        try:
-            model.load_state_dict(base.model.state_dict())
-        except RuntimeError:  # the base changed the architecture (e.g. pruned channels)
-            model = copy.deepcopy(base.model)
-        log.info("%s starts from the %s model (%s)", spec["name"], spec["base"]["name"], base.key)
+        model = _start_from(base, model, spec)
     else:
-        log.info(
-            "training %s on %s (%d epochs, defense %s)",
-            config["model"]["name"],
-            data.info.name,
-            train_config.epochs,
-            spec["name"],
-        )
-        x_dev, y_dev = data.x_train.to(device), data.y_train.to(device)
-        result = fit(
-            model,
-            data.x_train,
-            data.y_train,
-            train_config,
-            device,
-            hooks=defense.hooks(seed, x_dev, y_dev),
-            seed=seed,
-            progress=progress,
+        result = _fit_defended(
+            model, config, data, train_config, device, defense, spec["name"], seed, progress
         )
 
     def run_fit(
@@ -218,15 +199,7 @@ def _train(
     post_seconds = time.perf_counter() - started
     report.update(defense.report())
     if result is not None and spec["name"] != "none" and result.history:
-        standard = standard_epoch_seconds(model, data, train_config, device, seed)
-        per_epoch = result.seconds / len(result.history)
-        report.update(
-            {
-                "epoch_seconds": per_epoch,
-                "standard_epoch_seconds": standard,
-                "epoch_cost_ratio": per_epoch / standard,
-            }
-        )
+        report.update(_epoch_cost(result, model, data, train_config, device, seed))
     meta = {
         "model": config["model"],
         "data": data.info.identity,
@@ -245,3 +218,51 @@ def _train(
         cache.save(key, model, meta)
     defense.finalize(model)
     return TrainedModel(model.to(device).eval(), key, False, result, meta, defense)
+
+
+def _start_from(base: TrainedModel, model: Classifier, spec: dict[str, Any]) -> Classifier:
+    """``model`` with the base defense's weights (a copy of the base when it changed the architecture)."""
+    try:
+        model.load_state_dict(base.model.state_dict())
+    except RuntimeError:  # the base changed the architecture (e.g. pruned channels)
+        model = copy.deepcopy(base.model)
+    log.info("%s starts from the %s model (%s)", spec["name"], spec["base"]["name"], base.key)
+    return model
+
+
+def _fit_defended(
+    model: Classifier,
+    config: dict[str, Any],
+    data: Dataset,
+    train_config: TrainConfig,
+    device: torch.device,
+    defense: Defense,
+    defense_name: str,
+    seed: int,
+    progress: bool,
+) -> TrainResult:
+    """Train from scratch with the defense's training hooks (adversarial examples, penalties)."""
+    model_name, epochs = config["model"]["name"], train_config.epochs
+    log.info("training %s on %s (%d epochs, defense %s)", model_name, data.info.name, epochs, defense_name)
+    hooks = defense.hooks(seed, data.x_train.to(device), data.y_train.to(device))
+    return fit(
+        model, data.x_train, data.y_train, train_config, device, hooks=hooks, seed=seed, progress=progress
+    )
+
+
+def _epoch_cost(
+    result: TrainResult,
+    model: Classifier,
+    data: Dataset,
+    train_config: TrainConfig,
+    device: torch.device,
+    seed: int,
+) -> dict[str, float]:
+    """A defended epoch against a standard one, both measured on this machine in this job."""
+    standard = standard_epoch_seconds(model, data, train_config, device, seed)
+    per_epoch = result.seconds / len(result.history)
+    return {
+        "epoch_seconds": per_epoch,
+        "standard_epoch_seconds": standard,
+        "epoch_cost_ratio": per_epoch / standard,
+    }
