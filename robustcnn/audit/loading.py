@@ -1,7 +1,7 @@
 """Load an untrusted model file safely, whatever its format (see formats.py for the detection).
 
-Safety rules (DESIGN.md, "a model file is untrusted input"): state dicts are read with
-``torch.load(weights_only=True)`` or safetensors; a pickled full model is refused unless the user
+Safety rules (a model file is untrusted input; README, "Auditing a deployed model"): state dicts are
+read with ``torch.load(weights_only=True)`` or safetensors; a pickled full model is refused unless the user
 sets ``audit.allow_pickle=true`` (documented as dangerous: unpickling runs the file's code);
 TorchScript, torch.export and ONNX files go through their own loaders, which do not unpickle
 arbitrary Python objects.

@@ -577,7 +577,7 @@ def judge(
     settings: CheckSettings,
     named: Mapping[str, Attack],
 ) -> list[CheckResult]:
-    """All sanity checks of DESIGN.md, in a fixed order (see each check's function for why)."""
+    """All sanity checks (README, "Attacks and the evaluation"), in a fixed order (each function says why)."""
     n = int(next(iter(results.values())).n)
     tol = slack(settings, stochastic, n)
     curves = curves_at(results, eps)
