@@ -10,24 +10,27 @@ taken from the weight cache or trained once), batch 256:
   at a single eps;
 * on CUDA, bf16 autocast's effect on speed and on robust accuracy.
 
-Ratios are time ratios (< 1 is faster). A benchmark, not a test: figures are recorded, not asserted.
+Ratios are time ratios (< 1 is faster), measured with the contenders interleaved round by round
+(benchmarks/_timing.py): the median of the per-round ratios with min, max and a ``meaningful`` flag.
+A benchmark, not a test: figures are recorded, not asserted.
 
-    python benchmarks/attacks.py [--images 512] [--repeats 3] [--out PATH]
+    python benchmarks/attacks.py [--images 512] [--rounds 5] [--threads 1] [--out PATH]
 """
 
 from __future__ import annotations
 
 import argparse
-import time
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from _report import write_report
+from _timing import interleaved
+from torch import Tensor
 
 import robustcnn.attacks.backends  # noqa: F401  (registers the torchattacks and ART backends)
-from robustcnn.attacks import build_attack
+from robustcnn.attacks import Attack, build_attack
 from robustcnn.config import compose
 from robustcnn.device import resolve_device, seed_everything
 from robustcnn.jobs.inputs import load_data, to_container
@@ -36,20 +39,7 @@ from robustcnn.threat import ThreatModel
 
 EPS = 0.3
 BATCH = 256
-
-
-def best_of(repeats: int, fn: Callable[[], object], device: torch.device) -> float:
-    """Fastest of ``repeats`` runs (seconds): the least disturbed by the rest of the machine."""
-    times = []
-    for _ in range(repeats):
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        start = time.perf_counter()
-        fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        times.append(time.perf_counter() - start)
-    return min(times)
+Sync = Callable[[], None] | None
 
 
 def floor_fn(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, steps: int) -> Callable[[], None]:
@@ -70,11 +60,15 @@ def floor_fn(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, steps: in
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--images", type=int, default=512)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=5, help="timed rounds after one warm-up round")
+    parser.add_argument(
+        "--threads", type=int, default=1, help="torch threads (1: a process on the other core disturbs least)"
+    )
     parser.add_argument("--device", default="auto")
     parser.add_argument("--out", type=Path, default=Path("reports/benchmarks/attacks.json"))
     args = parser.parse_args()
 
+    torch.set_num_threads(args.threads)
     device = resolve_device(args.device)
     config = to_container(compose([]))
     data = load_data(config)
@@ -82,72 +76,13 @@ def main() -> None:
     for p in model.parameters():
         p.requires_grad_(False)
     x, y = data.x_test[: args.images].to(device), data.y_test[: args.images].to(device)
-    single = ThreatModel(norm="linf", eps=(EPS,))
-    curve = ThreatModel(norm="linf", eps=(0.0, 0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.4))
+    sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else None
     results: dict[str, object] = {}
-
-    def attack(backend: str, steps: int, early_stop: bool = False, amp: bool = False):
-        spec = {"name": "pgd", "backend": backend, "steps": steps, "batch_size": BATCH, "seed": 0, "amp": amp}
-        if backend == "native":
-            spec["early_stop"] = early_stop
-        return build_attack(spec)
-
     for steps in (10, 40):
-        seed_everything(0)
-        floor = best_of(args.repeats, floor_fn(model, x, y, steps), device)
-        row: dict[str, float] = {"floor_seconds": floor, "floor_images_per_s": args.images / floor}
-        outcomes: dict[str, float] = {}
-        for backend, early in (("native", False), ("native", True), ("torchattacks", False), ("art", False)):
-            key = f"{backend}_early_stop" if early else backend
-            pgd = attack(backend, steps, early)
-            holder: dict[str, object] = {}
-            seconds = best_of(
-                args.repeats if backend != "art" else 1,
-                lambda pgd=pgd, holder=holder: holder.update(r=pgd.run(model, x, y, single)),
-                device,
-            )
-            row[f"{key}_seconds"] = seconds
-            row[f"{key}_images_per_s"] = args.images / seconds
-            outcomes[key] = holder["r"].robust_accuracy()[0]  # type: ignore[attr-defined]
-            print(
-                f"PGD-{steps} {key:22s} {args.images / seconds:9.1f} img/s  robust acc {outcomes[key]:.3f}",
-                flush=True,
-            )
-        print(f"PGD-{steps} floor                  {args.images / floor:9.1f} img/s", flush=True)
-        row["native_vs_floor"] = row["native_seconds"] / floor
-        row["native_early_stop_vs_floor"] = row["native_early_stop_seconds"] / floor
-        row["native_vs_torchattacks"] = row["native_seconds"] / row["torchattacks_seconds"]
-        row["native_vs_art"] = row["native_seconds"] / row["art_seconds"]
-        row["robust_accuracy"] = outcomes
-        results[f"pgd{steps}_eps{EPS}"] = row
-
-    pgd40 = attack("native", 40, early_stop=True)
-    curve_seconds = best_of(args.repeats, lambda: pgd40.run(model, x, y, curve), device)
-    full_single = results["pgd40_eps0.3"]["native_seconds"]  # type: ignore[index]
-    results["pgd40_mnist_linf_curve"] = {
-        "eps": list(curve.eps),
-        "seconds": curve_seconds,
-        "single_eps_full_run_seconds": full_single,
-        "curve_vs_single_full_run": curve_seconds / full_single,
-    }
-    print(
-        f"8-eps curve, PGD-40 with early stop: {curve_seconds:.2f}s = "
-        f"{curve_seconds / full_single:.2f} x one full PGD-40 run",
-        flush=True,
-    )
-
+        results[f"pgd{steps}_eps{EPS}"] = pgd_row(model, x, y, steps, args.rounds, sync)
+    results["pgd40_mnist_linf_curve"] = curve_row(model, x, y, args.rounds, sync)
     if device.type == "cuda":
-        fp32, bf16 = attack("native", 40), attack("native", 40, amp=True)
-        t32 = best_of(args.repeats, lambda: fp32.run(model, x, y, curve), device)
-        t16 = best_of(args.repeats, lambda: bf16.run(model, x, y, curve), device)
-        results["cuda_bf16_autocast"] = {
-            "fp32_seconds": t32,
-            "bf16_seconds": t16,
-            "bf16_vs_fp32": t16 / t32,
-            "fp32_robust_accuracy": fp32.run(model, x, y, curve).robust_accuracy(),
-            "bf16_robust_accuracy": bf16.run(model, x, y, curve).robust_accuracy(),
-        }
-
+        results["cuda_bf16_autocast"] = bf16_row(model, x, y, args.rounds, sync)
     write_report(
         args.out,
         "attacks",
@@ -157,7 +92,86 @@ def main() -> None:
         data="mnist5k",
         images=args.images,
         batch_size=BATCH,
+        rounds=args.rounds,
+        torch_threads=args.threads,
     )
+
+
+def attack(backend: str, steps: int, early_stop: bool = False, amp: bool = False) -> Attack:
+    spec = {"name": "pgd", "backend": backend, "steps": steps, "batch_size": BATCH, "seed": 0, "amp": amp}
+    if backend == "native":
+        spec["early_stop"] = early_stop
+    return build_attack(spec)
+
+
+def pgd_row(model: torch.nn.Module, x: Tensor, y: Tensor, steps: int, rounds: int, sync: Sync) -> dict:
+    """PGD-k through each backend against the gradient floor, interleaved round by round."""
+    single = ThreatModel(norm="linf", eps=(EPS,))
+    attacks = {
+        "native": attack("native", steps),
+        "native_early_stop": attack("native", steps, early_stop=True),
+        "torchattacks": attack("torchattacks", steps),
+        "art": attack("art", steps),
+    }
+    outcomes: dict[str, float] = {}
+
+    def runner(name: str) -> Callable[[], None]:
+        return lambda: outcomes.__setitem__(name, attacks[name].run(model, x, y, single).robust_accuracy()[0])
+
+    seed_everything(0)
+    contenders = {"floor": floor_fn(model, x, y, steps), **{name: runner(name) for name in attacks}}
+    timings = interleaved(contenders, rounds, sync=sync)
+    row: dict[str, object] = {
+        f"{name}_images_per_s": round(x.shape[0] / timings.median(name), 2) for name in contenders
+    }
+    row.update(
+        {
+            "native_vs_floor": timings.ratio("native", "floor"),
+            "native_early_stop_vs_floor": timings.ratio("native_early_stop", "floor"),
+            "native_vs_torchattacks": timings.ratio("native", "torchattacks"),
+            "native_vs_art": timings.ratio("native", "art"),
+            "robust_accuracy": outcomes,
+            "timings": timings.summary(),
+        }
+    )
+    for key in ("native_vs_floor", "native_vs_torchattacks", "native_vs_art"):
+        print(f"PGD-{steps} {key:24s} {row[key]}", flush=True)
+    return row
+
+
+def curve_row(model: torch.nn.Module, x: Tensor, y: Tensor, rounds: int, sync: Sync) -> dict:
+    """The 8-eps mnist_linf curve of PGD-40 with early stop against one full PGD-40 run at eps 0.3."""
+    curve = ThreatModel(norm="linf", eps=(0.0, 0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.4))
+    single = ThreatModel(norm="linf", eps=(EPS,))
+    early, full = attack("native", 40, early_stop=True), attack("native", 40)
+    timings = interleaved(
+        {
+            "curve": lambda: early.run(model, x, y, curve),
+            "single_full": lambda: full.run(model, x, y, single),
+        },
+        rounds,
+        sync=sync,
+    )
+    row = {"eps": list(curve.eps), "curve_vs_single_full_run": timings.ratio("curve", "single_full")}
+    print(f"8-eps curve vs one full PGD-40 run: {row['curve_vs_single_full_run']}", flush=True)
+    return {**row, "timings": timings.summary()}
+
+
+def bf16_row(model: torch.nn.Module, x: Tensor, y: Tensor, rounds: int, sync: Sync) -> dict:
+    """On CUDA: bf16 autocast against fp32 for the curve, speed and robust accuracy."""
+    curve = ThreatModel(norm="linf", eps=(0.0, 0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.4))
+    fp32, bf16 = attack("native", 40), attack("native", 40, amp=True)
+    timings = interleaved(
+        {"fp32": lambda: fp32.run(model, x, y, curve), "bf16": lambda: bf16.run(model, x, y, curve)},
+        rounds,
+        sync=sync,
+    )
+    return {
+        "bf16_vs_fp32": timings.ratio("bf16", "fp32"),
+        "fp32_robust_accuracy": fp32.run(model, x, y, curve).robust_accuracy(),
+        "bf16_robust_accuracy": bf16.run(model, x, y, curve).robust_accuracy(),
+        "timings": timings.summary(),
+    }
 
 
 if __name__ == "__main__":
