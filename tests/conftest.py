@@ -1,15 +1,61 @@
-"""Shared fixtures: every test gets its own MLflow store and weight cache (never the user's)."""
+"""Shared fixtures: every test gets its own MLflow store and weight cache (never the user's).
+
+Models the tests attack are trained once per test session, whatever the number of pytest-xdist
+workers: :func:`session_model` keeps them in a folder all workers of one session share, behind a file
+lock, so the second worker loads what the first trained (``make test`` runs two workers).
+"""
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import os
 import shutil
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 
-torch.set_num_threads(min(2, os.cpu_count() or 1))
+#: Under pytest-xdist each worker gets one core's worth of torch threads (two workers on 2 cores).
+WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1) // WORKERS))
+
+
+@pytest.fixture(scope="session")
+def session_models(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A folder every xdist worker of this test session shares (the parent of the workers' base temps)."""
+    base = tmp_path_factory.getbasetemp()
+    shared = base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+    folder = shared / "session-models"
+    folder.mkdir(exist_ok=True)
+    return folder
+
+
+@contextlib.contextmanager
+def _locked(path: Path) -> Iterator[None]:
+    with path.open("a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def session_model(
+    folder: Path, name: str, build: Callable[[], torch.nn.Module], train: Callable[[torch.nn.Module], None]
+) -> torch.nn.Module:
+    """``build()`` with the weights trained by ``train`` once per session (any worker), then loaded."""
+    weights = folder / f"{name}.safetensors"
+    with _locked(folder / f"{name}.lock"):
+        model = build()
+        if weights.is_file():
+            model.load_state_dict(load_file(str(weights)))
+        else:
+            train(model)
+            save_file({k: v.detach().contiguous() for k, v in model.state_dict().items()}, str(weights))
+    return model
 
 
 @pytest.fixture(scope="session")
@@ -60,22 +106,21 @@ def mnist_small():
 
 
 @pytest.fixture(scope="session")
-def trained_lenet(mnist_small):
+def trained_lenet(mnist_small, session_models: Path):
     """An undefended lenet5 trained briefly on mnist5k (~97% clean): the standard attack target."""
     from robustcnn.models import build_model
     from robustcnn.training.loop import TrainConfig, fit
 
     info = mnist_small.info
-    torch.manual_seed(0)
-    model = build_model(
-        "lenet5", input_shape=info.input_shape, num_classes=info.num_classes, mean=info.mean, std=info.std
-    )
-    fit(
-        model,
-        mnist_small.x_train,
-        mnist_small.y_train,
-        TrainConfig(epochs=4, batch_size=64, shift=2),
-        torch.device("cpu"),
-        progress=False,
-    )
-    return model.eval()
+
+    def build() -> torch.nn.Module:
+        torch.manual_seed(0)
+        return build_model(
+            "lenet5", input_shape=info.input_shape, num_classes=info.num_classes, mean=info.mean, std=info.std
+        )
+
+    def train(model: torch.nn.Module) -> None:
+        config = TrainConfig(epochs=4, batch_size=64, shift=2)
+        fit(model, mnist_small.x_train, mnist_small.y_train, config, torch.device("cpu"), progress=False)
+
+    return session_model(session_models, "trained_lenet", build, train).eval()

@@ -429,18 +429,29 @@ def test_bad_input_through_the_cli_exits_2_without_traceback_and_keeps_earlier_r
 
 # ---------------------------------------------------------------- the acceptance pair: defended vs undefended
 
-#: The adversarially trained lenet5 of the defenses issue (the mnist_defenses preset's pgd_at cell).
-PGD_AT = ("defense=pgd_at", "training.epochs=20", "training.batch_size=100", "attack=[]")
+#: An adversarially trained lenet5: PGD-10 adversarial training as the mnist_defenses preset trains it
+#: (constant Adam 3e-3, batch 100, no shifts) for 4 epochs instead of 12: ~61% robust at eps 0.3 under
+#: APGD-50 (measured on 300 test images), about a minute of training on 2 cores.
+PGD_AT = (
+    "defense=pgd_at",
+    "defense.warmup_epochs=1",
+    "training.epochs=4",
+    "training.batch_size=100",
+    "training.optimizer.lr=0.003",
+    "training.scheduler.name=none",
+    "training.augment.shift=0",
+    "attack=[]",
+)
 
 
-def save_cached_model(overrides: tuple[str, ...], target: Path) -> Path:
-    """Train (or take from the test's weight cache) a model through the runner's own path; save it."""
+def save_cached_model(overrides: tuple[str, ...], target: Path, cache: Path) -> Path:
+    """Train (or take from the session's weight cache) a model through the runner's own path; save it."""
     from robustcnn.config import compose
     from robustcnn.device import resolve_device
     from robustcnn.jobs.inputs import load_data, to_container
     from robustcnn.jobs.trained import obtain_model
 
-    config = to_container(compose(list(overrides)))
+    config = to_container(compose([*overrides, f"paths.cache_dir={cache}"]))
     trained = obtain_model(config, load_data(config), resolve_device("cpu"), progress=False)
     state = {k: v.detach().contiguous() for k, v in trained.model.state_dict().items()}
     save_file(state, str(target), metadata={"robustcnn.model": "lenet5"})
@@ -448,12 +459,14 @@ def save_cached_model(overrides: tuple[str, ...], target: Path) -> Path:
 
 
 @pytest.mark.slow
-def test_gate_passes_for_the_adversarially_trained_lenet_and_fails_for_the_undefended(isolated: dict) -> None:
-    """Issue 7's acceptance: gate 0.5 at eps 0.3 -> exit 0 (PGD-AT, ~7 min of training) and 1 (standard)."""
-    root = isolated["root"]
-    defended = save_cached_model(PGD_AT, root / "lenet5_pgd_at.safetensors")
-    undefended = save_cached_model(("attack=[]",), root / "lenet5.safetensors")
-    gate = ("audit.n_samples=500", "threat.eps=[0,0.1,0.2,0.3]", "audit.min_robust_accuracy=0.5")
+def test_gate_passes_for_the_adversarially_trained_lenet_and_fails_for_the_undefended(
+    isolated: dict, session_models: Path
+) -> None:
+    """Issue 7's acceptance: gate 0.5 at eps 0.3 under the audit defaults: exit 0 (PGD-AT), 1 (standard)."""
+    root, cache = isolated["root"], session_models / "weights"
+    defended = save_cached_model(PGD_AT, root / "lenet5_pgd_at.safetensors", cache)
+    undefended = save_cached_model(("attack=[]",), root / "lenet5.safetensors", cache)
+    gate = ("audit.n_samples=300", "threat.eps=[0,0.1,0.3]", "audit.min_robust_accuracy=0.5")
     passed = cli(str(defended), *gate, cwd=root, timeout=1800)
     assert passed.returncode == 0, passed.stdout + passed.stderr
     assert "verdict=robust" in passed.stdout and "gate=passed" in passed.stdout
