@@ -35,9 +35,9 @@ from _report import write_report
 from safetensors.torch import save_file
 
 from robustcnn.attacks import PGD
-from robustcnn.audit import run_audit
 from robustcnn.config import compose
 from robustcnn.device import resolve_device, seed_everything
+from robustcnn.jobs.audit import run_audit
 from robustcnn.jobs.inputs import load_data, to_container
 from robustcnn.jobs.trained import obtain_model
 from robustcnn.threat import ThreatModel

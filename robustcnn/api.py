@@ -15,8 +15,8 @@ import torch
 from torch import Tensor, nn
 
 from robustcnn.attacks import APGD, FGSM, Attack, Square
-from robustcnn.audit import loading, sources
 from robustcnn.data import Dataset, load_dataset
+from robustcnn.deployed import loading, sources
 from robustcnn.device import resolve_device
 from robustcnn.errors import ConfigError
 from robustcnn.evaluation.battery import BatteryResult, BatterySettings, run_battery

@@ -47,9 +47,21 @@ def test_api_audit_settings_default_to_the_audit_config() -> None:
 
 
 def test_public_names_resolve_and_unknown_ones_fail() -> None:
+    """Every exported name is what it says, even once every subpackage is imported (a subpackage named
+    like a function, e.g. ``robustcnn.audit``, would replace the function on the package)."""
+    import importlib
+    import pkgutil
+    import types
+
     import robustcnn as rc
 
+    for module in pkgutil.walk_packages(rc.__path__, "robustcnn."):
+        if not module.name.endswith("__main__"):
+            importlib.import_module(module.name)
     for name in rc.__all__:
-        assert getattr(rc, name) is not None, name
+        value = getattr(rc, name)
+        assert value is not None, name
+        assert isinstance(value, types.ModuleType) == (name in ("attacks",)), f"rc.{name} is {value!r}"
+    assert callable(rc.evaluate) and callable(rc.audit)
     with pytest.raises(AttributeError, match="no attribute 'nope'"):
         _ = rc.nope  # type: ignore[attr-defined]

@@ -19,9 +19,9 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from robustcnn.audit import formats
-from robustcnn.audit.loading import load_model_file
-from robustcnn.audit.onnx_torch import OnnxModule, UnsupportedOnnx
+from robustcnn.deployed import formats
+from robustcnn.deployed.loading import load_model_file
+from robustcnn.deployed.onnx_torch import OnnxModule, UnsupportedOnnx
 from robustcnn.errors import ModelError, RobustCNNError
 from robustcnn.jobs.audit import run_audit
 

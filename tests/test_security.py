@@ -58,7 +58,7 @@ def _weight_cache(tmp: Path, marker: Path) -> None:
 
 
 def _audit_file(tmp: Path, marker: Path) -> None:
-    from robustcnn.audit.loading import load_model_file
+    from robustcnn.deployed.loading import load_model_file
 
     for name, zipped in (("raw.pkl", False), ("model.pt", True)):
         with pytest.raises(RobustCNNError, match="allow_pickle"):
@@ -217,7 +217,7 @@ def test_an_experiment_named_like_a_path_stays_inside_reports(tmp_path: Path) ->
 
 
 def test_audit_folder_names_stay_inside_reports() -> None:
-    from robustcnn.audit.sources import model_name
+    from robustcnn.deployed.sources import model_name
 
     for source in ("../../x.onnx", "models:/../../evil/1", "runs:/abc/../../../m.pt"):
         assert "/" not in model_name(source) and ".." not in model_name(source).split("_")

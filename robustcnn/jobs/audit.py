@@ -23,11 +23,11 @@ import torch
 
 from robustcnn import __version__
 from robustcnn.attacks import Attack
-from robustcnn.audit import loading, prepare, sources
-from robustcnn.audit.card import model_card
 from robustcnn.batching import clean_accuracy
 from robustcnn.config import config_float
 from robustcnn.data import Dataset
+from robustcnn.deployed import loading, prepare, sources
+from robustcnn.deployed.card import model_card
 from robustcnn.device import resolve_device, seed_everything, set_threads
 from robustcnn.errors import ConfigError
 from robustcnn.evaluation.battery import BatteryResult, BatterySettings, run_battery

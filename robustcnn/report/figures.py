@@ -15,7 +15,7 @@ from matplotlib.figure import Figure
 from torch import Tensor
 
 from robustcnn.plotting import DPI
-from robustcnn.plotting import save_figure as _save
+from robustcnn.plotting import save_figure
 
 __all__ = ["example_grid"]
 
@@ -223,4 +223,4 @@ def _draw(rows: list[Row], path: str | Path, n: int, aspect: float, grey: bool) 
         )
     ax.set_xlim(0, fig_w)
     ax.set_ylim(fig_h, 0)
-    return _save(fig, path, tight=False)  # laid out in inches already; skips the extra draw pass
+    return save_figure(fig, path, tight=False)  # laid out in inches already; skips the extra draw pass

@@ -20,8 +20,8 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from robustcnn.audit import formats
-from robustcnn.audit.onnx_torch import OnnxModule, UnsupportedOnnx
+from robustcnn.deployed import formats
+from robustcnn.deployed.onnx_torch import OnnxModule, UnsupportedOnnx
 from robustcnn.errors import ModelError
 from robustcnn.hashing import file_sha256
 

@@ -16,8 +16,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from robustcnn.audit.loading import LoadedModel
 from robustcnn.data import DatasetInfo
+from robustcnn.deployed.loading import LoadedModel
 from robustcnn.errors import ConfigError, ModelError
 from robustcnn.models import Classifier, available_models, build_model
 
