@@ -14,8 +14,7 @@ import torch
 from matplotlib.figure import Figure
 from torch import Tensor
 
-from robustcnn.plotting import DPI
-from robustcnn.plotting import save_figure
+from robustcnn.plotting import DPI, save_figure
 
 __all__ = ["example_grid"]
 
