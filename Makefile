@@ -37,12 +37,16 @@ assets: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/robustcnn run experiment=demo $(ARGS)
 
-## Lint, then the whole test suite (unit + marked slow end-to-end tests; GPU tests skip without CUDA).
+## Lint, then the whole test suite (unit + marked slow end-to-end tests; GPU tests skip without CUDA)
+## on two pytest-xdist workers; the log ends with the 15 slowest tests and the suite's wall time
+## (budget: 15 minutes on 2 cores; README, Development).
+PYTEST_PARALLEL ?= -n 2 --dist worksteal
 test: $(STAMP) lint assets
-	ROBUSTCNN_REQUIRE_ASSETS=1 $(BIN)/python -m pytest -q
+	ROBUSTCNN_REQUIRE_ASSETS=1 $(BIN)/python -m pytest -q $(PYTEST_PARALLEL) --durations=15
 
+## The edit loop (< 3 minutes): everything but the tests marked slow.
 test-fast: $(STAMP)
-	$(BIN)/python -m pytest -q -m "not slow"
+	$(BIN)/python -m pytest -q $(PYTEST_PARALLEL) -m "not slow" --durations=10
 
 ## ruff, the type checker (mypy; settings in pyproject.toml) and the architecture's import contracts
 lint: $(STAMP)

@@ -111,6 +111,7 @@ def test_base_refuses_an_attack_that_touches_parameters(trained_lenet, mnist_sma
         p.grad = None
 
 
+@pytest.mark.slow
 def test_pgd_breaks_an_undefended_model(trained_lenet, mnist_small) -> None:
     """Strength, not just that it ran: PGD-40 at eps 0.3 leaves ~0%; FGSM >= PGD; noise far above."""
     x, y = mnist_small.x_test[:500], mnist_small.y_test[:500]
@@ -137,6 +138,7 @@ def test_l2_and_targeted_pgd(trained_lenet, mnist_small) -> None:
         assert result.robust_accuracy()[-1] <= 0.1 + 1e-6  # 20 of 200 is 0.1 (0.10000000149 in float32)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "make",
     [
@@ -157,6 +159,7 @@ def test_shortcuts_change_no_number(trained_lenet, mnist_small, make) -> None:
     assert fast.gradient_passes <= plain.gradient_passes
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "threat",
     [

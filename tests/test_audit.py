@@ -325,6 +325,7 @@ def test_a_pickled_full_model_loads_only_with_the_explicit_opt_in(
 # ---------------------------------------------------------------- verdicts and exit codes
 
 
+@pytest.mark.slow
 def test_gradient_masked_model_is_unreliable_with_exit_code_3(
     model_files: dict[str, Path], isolated: dict
 ) -> None:
@@ -338,6 +339,7 @@ def test_gradient_masked_model_is_unreliable_with_exit_code_3(
     assert "gradients_nonzero_finite" in failed
 
 
+@pytest.mark.slow
 def test_gate_below_threshold_exits_1_and_verdict_printed(
     model_files: dict[str, Path], isolated: dict
 ) -> None:
@@ -405,6 +407,7 @@ def test_bad_input_is_one_clear_error(
     assert "\n" not in str(caught.value)
 
 
+@pytest.mark.slow
 def test_bad_input_through_the_cli_exits_2_without_traceback_and_keeps_earlier_results(
     model_files: dict[str, Path], isolated: dict
 ) -> None:

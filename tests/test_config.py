@@ -70,6 +70,7 @@ def experiment_cells() -> list[tuple[str, ...]]:
     return cells
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("cell", experiment_cells(), ids=lambda cell: " ".join(cell))
 def test_every_experiment_runs_tiny(cell: tuple[str, ...], isolated: dict) -> None:
     face = compose(list(cell)).task == "face_patch"

@@ -140,7 +140,7 @@ FORBIDDEN_CALLS = {"eval", "exec", "compile", "__import__"}
 FORBIDDEN_ATTRIBUTES = {("pickle", "load"), ("pickle", "loads"), ("yaml", "load"), ("yaml", "unsafe_load")}
 ALLOWED = {
     # the documented opt-in: audit.allow_pickle=true unpickles a full model the user trusts
-    ("audit/loading.py", "weights_only=False"),
+    ("deployed/loading.py", "weights_only=False"),
 }
 
 
