@@ -20,8 +20,12 @@ A benchmark, not a test: figures are recorded, not asserted.
 from __future__ import annotations
 
 import argparse
-from collections.abc import Callable
+import contextlib
+import subprocess
+import sys
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -64,6 +68,11 @@ def main() -> None:
     parser.add_argument(
         "--threads", type=int, default=1, help="torch threads (1: a process on the other core disturbs least)"
     )
+    parser.add_argument(
+        "--load-check",
+        action="store_true",
+        help="measure twice, idle and beside a busy process, and record how far the ratios move",
+    )
     parser.add_argument("--device", default="auto")
     parser.add_argument("--out", type=Path, default=Path("reports/benchmarks/attacks.json"))
     args = parser.parse_args()
@@ -77,12 +86,11 @@ def main() -> None:
         p.requires_grad_(False)
     x, y = data.x_test[: args.images].to(device), data.y_test[: args.images].to(device)
     sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else None
-    results: dict[str, object] = {}
-    for steps in (10, 40):
-        results[f"pgd{steps}_eps{EPS}"] = pgd_row(model, x, y, steps, args.rounds, sync)
-    results["pgd40_mnist_linf_curve"] = curve_row(model, x, y, args.rounds, sync)
-    if device.type == "cuda":
-        results["cuda_bf16_autocast"] = bf16_row(model, x, y, args.rounds, sync)
+    results = measure(model, x, y, args.rounds, sync, device)
+    if args.load_check:
+        with busy_process():
+            loaded = measure(model, x, y, args.rounds, sync, device)
+        results = {"idle": results, "beside_a_busy_process": loaded, "agreement": agreement(results, loaded)}
     write_report(
         args.out,
         "attacks",
@@ -95,6 +103,47 @@ def main() -> None:
         rounds=args.rounds,
         torch_threads=args.threads,
     )
+
+
+def measure(
+    model: torch.nn.Module, x: Tensor, y: Tensor, rounds: int, sync: Sync, device: torch.device
+) -> dict[str, Any]:
+    """Every comparison once: PGD-10 and PGD-40 against the floor and the libraries, the 8-eps curve."""
+    results: dict[str, Any] = {}
+    for steps in (10, 40):
+        results[f"pgd{steps}_eps{EPS}"] = pgd_row(model, x, y, steps, rounds, sync)
+    results["pgd40_mnist_linf_curve"] = curve_row(model, x, y, rounds, sync)
+    if device.type == "cuda":
+        results["cuda_bf16_autocast"] = bf16_row(model, x, y, rounds, sync)
+    return results
+
+
+@contextlib.contextmanager
+def busy_process() -> Iterator[None]:
+    """Another process spinning a busy Python loop on one core for the duration (a shared machine)."""
+    spinner = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        yield
+    finally:
+        spinner.kill()
+        spinner.wait()
+
+
+def agreement(idle: dict[str, Any], loaded: dict[str, Any], tolerance: float = 0.10) -> dict[str, Any]:
+    """Each median ratio idle against beside the busy process: relative difference, within ``tolerance``?"""
+    found: dict[str, Any] = {}
+    for section, row in idle.items():
+        for key, value in row.items():
+            if isinstance(value, dict) and "median" in value:
+                other = loaded[section][key]["median"]
+                change = abs(other - value["median"]) / value["median"]
+                found[f"{section}.{key}"] = {
+                    "idle": value["median"],
+                    "loaded": other,
+                    "relative_change": round(change, 4),
+                    "within": change <= tolerance,
+                }
+    return {"tolerance": tolerance, "ratios": found, "all_within": all(r["within"] for r in found.values())}
 
 
 def attack(backend: str, steps: int, early_stop: bool = False, amp: bool = False) -> Attack:
