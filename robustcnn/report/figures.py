@@ -1,22 +1,27 @@
 """The dashboard's adversarial example grid as a PNG (the robustness curves are plotly charts).
 
-Every figure is a bare ``matplotlib.figure.Figure`` saved by :func:`robustcnn.plotting.save_figure`
-(the Agg canvas, never pyplot; atomic writes).
+Composed with PIL (no plotting library, no global state): safe to call from parallel threads, and
+cheap enough (milliseconds) to draw for every run of a report.
 """
 
 from __future__ import annotations
 
+import os
+import threading
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
 import torch
-from matplotlib.figure import Figure
+from PIL import Image, ImageDraw, ImageFont
 from torch import Tensor
 
-from robustcnn.plotting import DPI, save_figure
-
 __all__ = ["example_grid"]
+
+#: Target size of one image cell in pixels (a 28 px digit is drawn 3x, a 32 px CIFAR image 3x).
+CELL_PIXELS = 84
+FONT_SIZE = 10
+GAP = 4
 
 
 def _per_255(value: float) -> int | None:
@@ -71,10 +76,6 @@ def example_grid(
     the clean images) appear as small titles, named by ``class_names`` when given; an adversarial
     prediction that differs from the clean one is shown in red. ``labels`` are the true labels, shown
     over the clean images. Returns the written path.
-
-    All cells are drawn into one axes laid out in inches (one ``imshow`` per cell with an extent)
-    rather than one subplot per cell: a subplot costs tens of milliseconds to build, and a grid of
-    8 examples x 6 radii would otherwise take seconds per artifact.
     """
     if max_examples < 1:
         raise ValueError(f"max_examples must be >= 1, got {max_examples}")
@@ -167,59 +168,64 @@ def _eps_rows(
         delta = adv_np[j] - clean_np[j]
         peak = float(np.abs(delta).max())
         scaled = 0.5 + delta / (2 * peak) if peak > 0 else np.full_like(delta, 0.5)
-        delta_cells.append((scaled, f"max|δ| {peak:.3g}", "black"))
+        delta_cells.append((scaled, f"max|delta| {peak:.3g}", "black"))
     n255 = _per_255(e)
-    eps_text = f"ε={e:.3g}" if n255 is None else f"ε={e:.3g}\n({n255}/255)"
-    return [(f"adv\n{eps_text}", adv_cells), (f"δ stretched\n{eps_text}", delta_cells)]
+    eps_text = f"eps={e:.3g}" if n255 is None else f"eps={e:.3g}\n({n255}/255)"  # ASCII: the font's glyphs
+    return [(f"adv\n{eps_text}", adv_cells), (f"delta\nstretched\n{eps_text}", delta_cells)]
 
 
 def _draw(rows: list[Row], path: str | Path, n: int, aspect: float, grey: bool) -> Path:
-    """Lay the rows out in inches on one axes (data units = inches, y growing downwards) and save."""
-    cell_w = 1.0
-    cell_h = cell_w * aspect
-    gap_x, line_h, pad = 0.06, 0.11, 0.04
-    left, block_gap = 0.8, 0.08
-    tops, y = [], 0.02
+    """Paste the cells (upscaled, nearest neighbour) under their titles, label the rows, save atomically.
+
+    Drawn with PIL, not matplotlib: a grid is ~100 small images and labels, which PIL composes in
+    milliseconds where a figure took ~0.3 s (plus ~0.3 s to import matplotlib) per run in a report.
+    """
+    height, width = rows[0][1][0][0].shape[-2:]
+    scale = max(1, round(CELL_PIXELS / max(height, width)))
+    cell_w, cell_h = width * scale, height * scale
+    font = ImageFont.load_default(size=FONT_SIZE)
+    line_h = FONT_SIZE + 2
+    left = max(_text_width(font, line) for label, _ in rows for line in label.split("\n")) + 2 * GAP
+    tops, y = [], GAP
     for r, (_, cells) in enumerate(rows):
         lines = max(title.count("\n") + 1 if title else 0 for _, title, _ in cells)
-        if r > 0 and r % 2 == 1:
-            y += block_gap  # a little air between eps blocks (adv + delta belong together)
-        y += pad + lines * line_h
+        y += (2 * GAP if r > 0 and r % 2 == 1 else 0) + lines * line_h + GAP  # air between eps blocks
         tops.append(y)
         y += cell_h
-    fig_w, fig_h = left + n * cell_w + (n - 1) * gap_x + 0.05, y + 0.05
-    fig = Figure(figsize=(fig_w, fig_h), dpi=DPI)
-    ax = fig.add_axes((0.0, 0.0, 1.0, 1.0))
-    ax.set_axis_off()
-    cmap, vmin, vmax = ("gray", 0.0, 1.0) if grey else (None, None, None)
+    canvas = Image.new("RGB", (left + n * (cell_w + GAP), y + GAP), "white")
+    pen = ImageDraw.Draw(canvas)
     for (row_label, cells), top in zip(rows, tops, strict=True):
         for j, (image, title, color) in enumerate(cells):
-            x0 = left + j * (cell_w + gap_x)
-            extent = (x0, x0 + cell_w, top + cell_h, top)
-            image = _hwc(np.clip(image, 0.0, 1.0))
-            ax.imshow(
-                image,
-                extent=extent,
-                interpolation="antialiased",
-                aspect="auto",
-                cmap=cmap,
-                vmin=vmin,
-                vmax=vmax,
-            )
-            if title:
-                ax.text(
-                    x0 + cell_w / 2,
-                    top - 0.02,
-                    title,
-                    ha="center",
-                    va="bottom",
-                    fontsize=6.5,
-                    color=color,
-                    linespacing=1.1,
-                )
-        ax.text(
-            left - 0.06, top + cell_h / 2, row_label, ha="right", va="center", fontsize=7, linespacing=1.15
-        )
-    ax.set_xlim(0, fig_w)
-    ax.set_ylim(fig_h, 0)
-    return save_figure(fig, path, tight=False)  # laid out in inches already; skips the extra draw pass
+            x0 = left + j * (cell_w + GAP)
+            canvas.paste(_cell(image, cell_w, cell_h), (x0, top))
+            for k, line in enumerate(reversed(title.split("\n") if title else [])):
+                pen.text((x0 + cell_w // 2, top - GAP - k * line_h), line, fill=color, font=font, anchor="md")
+        label_lines = row_label.split("\n")
+        first = top + cell_h // 2 - len(label_lines) * line_h // 2
+        for k, line in enumerate(label_lines):
+            pen.text((left - GAP, first + k * line_h), line, fill="black", font=font, anchor="ra")
+    return _save_png(canvas, Path(path))
+
+
+def _cell(image: np.ndarray, cell_w: int, cell_h: int) -> Image.Image:
+    """One [C, H, W] image in [0, 1] as an upscaled RGB picture."""
+    pixels = (np.clip(_hwc(image), 0.0, 1.0) * 255).round().astype(np.uint8)
+    return Image.fromarray(pixels).convert("RGB").resize((cell_w, cell_h), Image.Resampling.NEAREST)
+
+
+def _text_width(font: ImageFont.FreeTypeFont | ImageFont.ImageFont, text: str) -> int:
+    left, _, right, _ = font.getbbox(text)
+    return int(right - left)
+
+
+def _save_png(image: Image.Image, target: Path) -> Path:
+    """Write atomically (temp file + rename), creating parent folders: a reader never sees half a PNG."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    partial = target.with_name(f".{target.name}.{os.getpid()}.{threading.get_ident()}.tmp")
+    try:
+        image.save(partial, format="PNG")
+        os.replace(partial, target)
+    except BaseException:
+        partial.unlink(missing_ok=True)
+        raise
+    return target
