@@ -5,15 +5,15 @@ CPU (Hydra composition, MLflow logging, results bookkeeping, data loading), <= 8
 (imports, the store, the end-of-sweep report), and a re-run of a finished 3-job sweep (every cell
 reused from the store) <= 5 s. Every figure is the median over ``--rounds`` repeats, with min and max.
 
-How: real ``robustcnn run -m`` sweeps in a private store and cache, of N and of 2N jobs. A job's
-compute is what its results.json says it spent training and attacking; everything else is overhead.
-Inside a job (results.json's job_seconds less the compute: data loading, MLflow logging, plots, the
-dedupe lookup) it is measured per job; around the jobs (Hydra composing and launching each one) it
-comes from the difference between the two sweeps; the fixed part (imports, opening the store, the
-HTML report) is reported on its own. A one-job sweep first creates the store, so that its one-off
-schema migration is in no measured sweep. The re-run repeats the N-job sweep, in which every cell is
-reused from the store. With ``--demo``, the demo sweep (`make demo`) is also run twice from an empty
-cache.
+How: real ``robustcnn run -m`` sweeps of N jobs in a private store and cache. A job's compute is what
+its results.json says it spent training and attacking; everything else is overhead. Inside a job
+(job_seconds less the compute: data loading, MLflow logging, results bookkeeping, the dedupe lookup)
+and around it (the gap between one job's end and the next one's start, from job_started_unix: Hydra
+composing and launching it) are measured per job; the fixed part (imports, opening the store, the
+parent run, the HTML report) is the sweep's wall time less the compute and N times the per-job
+overhead. A one-job sweep first creates the store, so that its one-off schema migration is in no
+measured sweep. The re-run repeats the N-job sweep, in which every cell is reused from the store.
+With ``--demo``, the demo sweep (`make demo`) is also run twice from an empty cache.
 """
 
 from __future__ import annotations
@@ -66,6 +66,7 @@ def sweep(cli: list[str], seeds: range, root: Path, env: dict[str, str]) -> tupl
             {
                 "num": int(path.parent.name),
                 "seconds": float(results.get("job_seconds") or 0.0),
+                "started": float(results.get("job_started_unix") or 0.0),
                 "compute": compute_seconds(results),
             }
         )
@@ -87,27 +88,26 @@ def demo_rerun(cli: list[str], root: Path, env: dict[str, str]) -> dict[str, flo
 
 
 def one_round(cli: list[str], n: int, first_seed: int, root: Path, env: dict[str, str]) -> dict[str, Any]:
-    """Sweeps of N and 2N new jobs, then the N-job sweep again (every job reused): one measurement."""
-    small, small_jobs = sweep(cli, range(first_seed, first_seed + n), root, env)
-    large, large_jobs = sweep(cli, range(first_seed + n, first_seed + 3 * n), root, env)
+    """A sweep of N new jobs, then the same sweep again (every job reused): one measurement.
+
+    Per job, measured directly (no differencing of two noisy sweeps): inside a job, its wall time less
+    training and attacks; around it, the gap between one job's end and the next one's start (Hydra
+    composing and launching it, the job's checks before its clock starts). The first job also pays
+    the process's one-off imports: that, the store, the parent run and the report are the fixed part.
+    """
+    wall, jobs = sweep(cli, range(first_seed, first_seed + n), root, env)
     rerun, rerun_jobs = sweep(cli, range(first_seed, first_seed + n), root, env)
-    # inside a job: its wall time less training and attacks, measured per job (no differencing); the
-    # first job of a sweep also pays the process's one-off imports: counted in the fixed part
-    later = [job for jobs in (small_jobs, large_jobs) for job in jobs[1:]]
-    in_job = statistics.median(job["seconds"] - job["compute"] for job in later)
-    # around the jobs: Hydra composing and launching each one, from the difference of the two sweeps
-    small_inside = sum(job["seconds"] for job in small_jobs)
-    large_inside = sum(job["seconds"] for job in large_jobs)
-    around_job = ((large - large_inside) - (small - small_inside)) / n
+    in_job = statistics.median(job["seconds"] - job["compute"] for job in jobs[1:])
+    gaps = [b["started"] - (a["started"] + a["seconds"]) for a, b in zip(jobs, jobs[1:], strict=False)]
+    around_job = statistics.median(gaps)
     per_job = in_job + around_job
-    fixed = small - sum(job["compute"] for job in small_jobs) - per_job * n
     return {
-        "sweep_seconds": [round(small, 2), round(large, 2)],
-        "compute_seconds": [round(sum(j["compute"] for j in jobs), 2) for jobs in (small_jobs, large_jobs)],
+        "sweep_seconds": round(wall, 2),
+        "compute_seconds": round(sum(job["compute"] for job in jobs), 2),
         "overhead_in_job_seconds": round(in_job, 3),
         "overhead_around_job_seconds": round(around_job, 3),
         "overhead_per_job_seconds": round(per_job, 3),
-        "overhead_fixed_seconds": round(fixed, 2),
+        "overhead_fixed_seconds": round(wall - sum(job["compute"] for job in jobs) - per_job * n, 2),
         "rerun_seconds": round(rerun, 2),
         "rerun_reused_jobs": sum(1 for job in rerun_jobs if job["compute"] == 0.0),
     }
@@ -120,8 +120,8 @@ def spread(rounds: list[dict[str, Any]], key: str) -> dict[str, float]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--jobs", type=int, default=3, help="N: sweeps of N and 2N jobs are timed")
-    parser.add_argument("--rounds", type=int, default=3, help="repeats of the measurement (medians reported)")
+    parser.add_argument("--jobs", type=int, default=3, help="N: a sweep of N jobs and its re-run are timed")
+    parser.add_argument("--rounds", type=int, default=5, help="repeats of the measurement (medians reported)")
     parser.add_argument("--out", type=Path, default=Path("reports/benchmarks/sweep_overhead.json"))
     parser.add_argument("--demo", action="store_true", help="also time the demo sweep and its re-run")
     args = parser.parse_args()
@@ -152,7 +152,7 @@ def main() -> None:
         "overhead_fixed_seconds", "rerun_seconds",
     )}  # fmt: skip
     results = {
-        "jobs": [n, 2 * n],
+        "jobs": n,
         "rounds": rounds,
         **summary,
         "load_average_before": load_before,

@@ -149,6 +149,18 @@ def test_a_basic_sweep_composes_each_job_once(
     assert capsys.readouterr().out.count("clean_accuracy=") == 3
 
 
+def test_report_warm_up_starts_only_after_a_job_that_computed(tmp_path: Path) -> None:
+    """A sweep whose jobs were all reused rebuilds no report: it must not load plotly for one."""
+    from robustcnn.sweeps.callback import computed
+
+    (tmp_path / "new").mkdir()
+    (tmp_path / "new/results.json").write_text(json.dumps({"clean_accuracy": 0.9}))
+    (tmp_path / "old").mkdir()
+    (tmp_path / "old/results.json").write_text(json.dumps({"clean_accuracy": 0.9, "reused_from": "abc"}))
+    assert computed(str(tmp_path / "new"))
+    assert not computed(str(tmp_path / "old")) and not computed(str(tmp_path / "missing"))
+
+
 def test_runs_of_dead_processes_are_marked_killed(isolated: dict) -> None:
     store = isolated["store"]
     experiment_id = TrackingStore.at(store).ensure_experiment("reap")

@@ -172,6 +172,9 @@ def open_job_run(
 def record_results(run: RunLogger, ctx: JobContext, results: dict[str, Any]) -> OutputError | None:
     """results.json on disk and in the run; a disk failure is returned (raised after the run ends)."""
     results["job_seconds"] = time.perf_counter() - ctx.started  # wall time, bookkeeping included
+    # when it started, on the clock other processes read: the gaps between a sweep's jobs are the
+    # runner's own cost around them (benchmarks/sweep_overhead.py)
+    results["job_started_unix"] = time.time() - results["job_seconds"]
     unwritten: OutputError | None = None
     try:
         write_results(ctx.out, results)

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from robustcnn.errors import ReportError
 from robustcnn.files import safe_file_name
-from robustcnn.report import store
+from robustcnn.report import store, warmup
 from robustcnn.report.charts import robustness_curves, tradeoff
 from robustcnn.report.page import render
 from robustcnn.report.records import ExperimentRuns, split_runs
@@ -77,6 +77,7 @@ def build_report(tracking_uri: str, experiment: str | None, out_root: Path) -> l
     lists the experiments that do), or when ``experiment`` is None and the store has no runs.
     """
     out_root = Path(out_root)
+    warmup.wait()  # a sweep may be loading plotly on another thread (report.warmup)
     known = store.experiments(tracking_uri)
     if experiment is not None:
         chosen = {experiment: store.experiment_id(tracking_uri, experiment)}

@@ -23,6 +23,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from robustcnn import __version__
 from robustcnn.errors import RobustCNNError
+from robustcnn.report import warmup
 from robustcnn.sweeps.compose_once import compose_each_job_once, forget_composed
 from robustcnn.sweeps.launchers import prepare_launcher
 from robustcnn.tracking.store import TrackingStore
@@ -118,6 +119,8 @@ class SweepCallback(Callback):
         self.done += 1
         total = f"/{self.total}" if self.total else ""
         print(f"sweep: {self.done}{total} jobs done", file=sys.stderr)
+        if computed(OmegaConf.select(config, "hydra.runtime.output_dir")):
+            warmup.start()  # the end-of-sweep report's plotly loads while the next jobs compute
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         forget_composed()
@@ -149,6 +152,15 @@ class SweepCallback(Callback):
                 file=sys.stderr,
             )
             raise SweepFailed
+
+
+def computed(output_dir: str | None) -> bool:
+    """Whether the job in ``output_dir`` computed its results (a reused job links earlier ones)."""
+    try:
+        results = json.loads((Path(str(output_dir)) / "results.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(results, dict) and not results.get("reused_from")
 
 
 def open_sweep(
