@@ -9,7 +9,8 @@ How: real ``robustcnn run -m`` sweeps of N jobs in a private store and cache. A 
 its results.json says it spent training and attacking; everything else is overhead. Inside a job
 (job_seconds less the compute: data loading, MLflow logging, results bookkeeping, the dedupe lookup)
 and around it (the gap between one job's end and the next one's start, from job_started_unix: Hydra
-composing and launching it) are measured per job; the fixed part (imports, opening the store, the
+launching it; plus one composition of its config, timed here, which Hydra's batch check does for every
+job before the first starts) are measured per job; the fixed part (imports, opening the store, the
 parent run, the HTML report) is the sweep's wall time less the compute and N times the per-job
 overhead. A one-job sweep first creates the store, so that its one-off schema migration is in no
 measured sweep. The re-run repeats the N-job sweep, in which every cell is reused from the store.
@@ -87,7 +88,35 @@ def demo_rerun(cli: list[str], root: Path, env: dict[str, str]) -> dict[str, flo
     }
 
 
-def one_round(cli: list[str], n: int, first_seed: int, root: Path, env: dict[str, str]) -> dict[str, Any]:
+def compose_seconds(repeats: int = 5) -> float:
+    """One composition of a job's config (median): Hydra's batch check composes every job before the
+    first starts, so this per-job cost would otherwise hide in the fixed part."""
+    from robustcnn.config import compose
+
+    compose(list(JOB))  # warm-up: imports and Hydra's config search
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        compose([*JOB, "seed=1"])
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def import_floor_seconds(repeats: int = 3) -> float:
+    """A bare interpreter importing what every run needs (torch, Hydra, mlflow and its sqlite store):
+    the part of a re-run no change to robustcnn can remove (median)."""
+    code = "import torch, hydra, omegaconf, mlflow, mlflow.store.tracking.sqlalchemy_store"
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        subprocess.run([sys.executable, "-c", code], check=True)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def one_round(
+    cli: list[str], n: int, first_seed: int, root: Path, env: dict[str, str], compose: float
+) -> dict[str, Any]:
     """A sweep of N new jobs, then the same sweep again (every job reused): one measurement.
 
     Per job, measured directly (no differencing of two noisy sweeps): inside a job, its wall time less
@@ -99,7 +128,7 @@ def one_round(cli: list[str], n: int, first_seed: int, root: Path, env: dict[str
     rerun, rerun_jobs = sweep(cli, range(first_seed, first_seed + n), root, env)
     in_job = statistics.median(job["seconds"] - job["compute"] for job in jobs[1:])
     gaps = [b["started"] - (a["started"] + a["seconds"]) for a, b in zip(jobs, jobs[1:], strict=False)]
-    around_job = statistics.median(gaps)
+    around_job = statistics.median(gaps) + compose
     per_job = in_job + around_job
     return {
         "sweep_seconds": round(wall, 2),
@@ -137,7 +166,9 @@ def main() -> None:
         }
         cli = [sys.executable, "-m", "robustcnn.cli", "run"]
         sweep(cli, range(1000, 1001), root, env)  # creates the store (schema migrations): not measured
-        rounds = [one_round(cli, n, 100 * (r + 1), root, env) for r in range(args.rounds)]
+        compose = compose_seconds()
+        floor = import_floor_seconds()
+        rounds = [one_round(cli, n, 100 * (r + 1), root, env, compose) for r in range(args.rounds)]
         if args.demo:
             demo_root = root / "demo"
             demo_root.mkdir()
@@ -153,6 +184,8 @@ def main() -> None:
     )}  # fmt: skip
     results = {
         "jobs": n,
+        "compose_seconds": round(compose, 3),
+        "import_floor_seconds": round(floor, 2),
         "rounds": rounds,
         **summary,
         "load_average_before": load_before,
