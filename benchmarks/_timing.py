@@ -11,6 +11,7 @@ far less than wall time.
 
 from __future__ import annotations
 
+import math
 import os
 import resource
 import statistics
@@ -36,6 +37,7 @@ class Timings:
     cpu: dict[str, list[float]] = field(default_factory=dict)
     load_before: list[float] = field(default_factory=list)
     load_after: list[float] = field(default_factory=list)
+    repeats: dict[str, int] = field(default_factory=dict)
 
     def median(self, name: str) -> float:
         return statistics.median(self.wall[name])
@@ -60,6 +62,7 @@ class Timings:
         return {
             "wall_seconds": {k: [round(v, 4) for v in vs] for k, vs in self.wall.items()},
             "cpu_seconds": {k: [round(v, 4) for v in vs] for k, vs in self.cpu.items()},
+            "runs_per_timing": self.repeats,
             "load_average_before": self.load_before,
             "load_average_after": self.load_after,
         }
@@ -70,26 +73,39 @@ def interleaved(
     rounds: int,
     warmup: int = 1,
     sync: Callable[[], None] | None = None,
+    min_seconds: float = 2.0,
 ) -> Timings:
-    """Run every contender once per round, in turn, ``warmup`` + ``rounds`` times; time the last rounds.
+    """Run every contender in turn, ``warmup`` + ``rounds`` times; time the last rounds (seconds per run).
 
+    A contender faster than ``min_seconds`` is run several times in a row within each round (the count
+    set in the warm-up, as ``timeit`` does): a sub-second run is at the mercy of every scheduler tick.
     ``sync`` (e.g. ``torch.cuda.synchronize``) runs before each clock read, so queued GPU work is
     counted where it was launched.
     """
-    if rounds < 1:
-        raise ValueError("rounds must be >= 1")
+    if rounds < 1 or warmup < 1:
+        raise ValueError("rounds and warmup must be >= 1")
     timings = Timings(load_before=[round(v, 2) for v in os.getloadavg()])
+    repeats = dict.fromkeys(contenders, 1)
     for index in range(warmup + rounds):
         for name, run in contenders.items():
-            if sync:
-                sync()
-            wall, cpu = time.perf_counter(), _cpu_seconds()
-            run()
-            if sync:
-                sync()
-            wall, cpu = time.perf_counter() - wall, _cpu_seconds() - cpu
-            if index >= warmup:
+            wall, cpu = _timed(run, repeats[name], sync)
+            if index < warmup:  # calibrate: enough runs in a row to fill min_seconds
+                repeats[name] = max(repeats[name], math.ceil(min_seconds / max(wall, 1e-6)))
+            else:
                 timings.wall.setdefault(name, []).append(wall)
                 timings.cpu.setdefault(name, []).append(cpu)
+    timings.repeats = repeats
     timings.load_after = [round(v, 2) for v in os.getloadavg()]
     return timings
+
+
+def _timed(run: Callable[[], object], repeats: int, sync: Callable[[], None] | None) -> tuple[float, float]:
+    """Wall and CPU seconds of one run, averaged over ``repeats`` runs in a row."""
+    if sync:
+        sync()
+    wall, cpu = time.perf_counter(), _cpu_seconds()
+    for _ in range(repeats):
+        run()
+    if sync:
+        sync()
+    return (time.perf_counter() - wall) / repeats, (_cpu_seconds() - cpu) / repeats
