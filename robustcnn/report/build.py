@@ -14,6 +14,7 @@ from robustcnn.errors import ReportError
 from robustcnn.files import safe_file_name
 from robustcnn.report import store, warmup
 from robustcnn.report.charts import robustness_curves, tradeoff
+from robustcnn.report.figures import GRID_VERSION
 from robustcnn.report.page import render
 from robustcnn.report.records import ExperimentRuns, split_runs
 
@@ -40,8 +41,9 @@ def plotly_js() -> str:
     return js
 
 
-#: The report's own cache of finished runs (results, config, the drawn example grid), per experiment.
-CACHE = ".runs"
+#: The report's own cache of finished runs (results, config, the drawn example grid), per experiment;
+#: versioned with the grid's drawing, so a change to how grids look never shows stale pictures.
+CACHE = f".runs/grid-{GRID_VERSION}"
 
 
 def collect(uri: str, name: str, experiment_id: str, cache: Path | None = None) -> ExperimentRuns:
