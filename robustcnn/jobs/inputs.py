@@ -22,6 +22,7 @@ from robustcnn.jobs.trained import make_model, obtain_model
 def to_container(cfg: DictConfig) -> dict[str, Any]:
     """Resolve interpolations into a plain dict; a missing mandatory value becomes a ConfigError."""
     try:
+        # OmegaConf types the result as any container; a DictConfig always gives a dict
         return OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)  # type: ignore[return-value]
     except OmegaConfBaseException as exc:
         key = getattr(exc, "full_key", None) or "a value"

@@ -38,6 +38,7 @@ def compose_each_job_once() -> bool:
         return False
     if getattr(load, "robustcnn_compose_once", False):
         return True
+    # replacing methods of Hydra's classes is what mypy refuses by default: it is the point here
     Sweeper.validate_batch_is_legal = _keeping_checked(load)  # type: ignore[method-assign,assignment]
     ConfigLoaderImpl.load_sweep_config = _taking_checked(load)  # type: ignore[method-assign]
     return True
@@ -62,7 +63,7 @@ def _taking_checked(compose: Callable[..., Any]) -> Callable[..., Any]:
         kept = _COMPOSED.pop(tuple(sweep_overrides), None)
         return kept if kept is not None else compose(loader, master_config, list(sweep_overrides))
 
-    load_sweep_config.robustcnn_compose_once = True  # type: ignore[attr-defined]
+    load_sweep_config.robustcnn_compose_once = True  # type: ignore[attr-defined]  # a marker on a function
     return load_sweep_config
 
 
