@@ -8,12 +8,21 @@ MB of results and plots, a cache entry a few MB of weights); 0 turns the check o
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
 import shutil
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
+
+try:  # POSIX (Linux, macOS)
+    import fcntl
+except ImportError:  # Windows: no flock; callers say what that costs them
+    HAVE_FLOCK = False
+else:
+    HAVE_FLOCK = True
 
 from robustcnn.errors import RobustCNNError
 
@@ -30,6 +39,27 @@ def min_free_bytes() -> int:
         return max(0, int(float(raw) * 1024 * 1024))
     except ValueError as exc:
         raise OutputError(f"ROBUSTCNN_MIN_FREE_MB={raw!r} is not a number of megabytes; set e.g. 50") from exc
+
+
+@contextlib.contextmanager
+def exclusive_lock(path: Path, on_wait: Callable[[], None] | None = None) -> Iterator[None]:
+    """Hold an exclusive ``flock`` on ``path`` (created empty if needed) for the ``with`` block.
+
+    Why flock: the kernel releases it when its holder dies, so a killed process never leaves a stale
+    lock. The empty file stays behind on purpose: deleting a file another process holds or waits on
+    would let a third process lock a new file of the same name, and the lock would exclude nobody.
+    ``on_wait`` is called once, before blocking, when another process holds the lock. Without
+    fcntl (Windows) the block runs unlocked. Raises OSError when the file cannot be opened.
+    """
+    with open(path, "ab") as handle:  # append: never truncates; the file only carries the lock
+        if HAVE_FLOCK:
+            try:
+                fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                if on_wait is not None:
+                    on_wait()
+                fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
+        yield  # closing the file releases the flock
 
 
 def nearest_existing(path: Path) -> Path:

@@ -19,22 +19,15 @@ import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from robustcnn.errors import CacheError
-from robustcnn.files import check_output_folder
+from robustcnn.files import HAVE_FLOCK, check_output_folder, exclusive_lock
 from robustcnn.hashing import file_sha256
-
-try:  # POSIX (Linux, macOS)
-    import fcntl
-except ImportError:  # Windows: no fcntl; entries stay consistent, only duplicate training is possible
-    _HAVE_FLOCK = False
-else:
-    _HAVE_FLOCK = True
 
 log = logging.getLogger(__name__)
 
@@ -61,19 +54,12 @@ def _held_locks() -> set[str]:
     return _held.paths
 
 
-def _acquire(handle: IO[bytes], key: str, path: Path) -> None:
-    """Take the exclusive lock on ``handle``; say once (INFO) that we wait when someone else holds it."""
+def _say_no_lock() -> None:
+    """Without fcntl (Windows) entries stay consistent; only duplicate training is possible. Said once."""
     global _no_lock_logged
-    if not _HAVE_FLOCK:
-        if not _no_lock_logged:
-            _no_lock_logged = True
-            log.debug("no fcntl on this platform: weight cache entries are filled without a lock")
-        return
-    try:
-        fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        log.info("waiting for another process to finish training weights %s (%s)", key, path)
-        fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
+    if not HAVE_FLOCK and not _no_lock_logged:
+        _no_lock_logged = True
+        log.debug("no fcntl on this platform: weight cache entries are filled without a lock")
 
 
 class WeightCache:
@@ -112,10 +98,8 @@ class WeightCache:
         """Hold the cross-process lock of entry ``key`` while checking, training and saving it.
 
         Why: two sweep workers that miss the same entry at once would otherwise both train it
-        (minutes wasted) and race on its files. ``flock`` is released by the kernel when the
-        holder dies, so a killed trainer never leaves a stale lock. The empty lock file stays
-        behind on purpose: deleting a file another process holds or waits on would let a third
-        process lock a new file of the same name, and the lock would exclude nobody.
+        (minutes wasted) and race on its files. A killed trainer never leaves a stale lock, and the
+        empty lock file stays behind on purpose (:func:`robustcnn.files.exclusive_lock` says why).
 
         Not reentrant: flock on a second descriptor of the same file blocks even in the same
         process, so taking a key this thread already holds raises instead of hanging.
@@ -126,8 +110,12 @@ class WeightCache:
         if ident in held:
             raise CacheError(f"the lock of weight cache entry {key} is already held by this thread ({path})")
         self.ensure_writable()
-        with open(path, "ab") as handle:  # append: never truncates; the file only carries the lock
-            _acquire(handle, key, path)
+        _say_no_lock()
+
+        def say_wait() -> None:
+            log.info("waiting for another process to finish training weights %s (%s)", key, path)
+
+        with exclusive_lock(path, on_wait=say_wait):
             held.add(ident)
             try:
                 yield path
