@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -43,7 +44,13 @@ def code_version() -> str:
 NON_RESULT_KEYS = ("hydra", "tracking", "force", "threads")
 
 
-def job_key(config: dict[str, Any]) -> str:
-    """The identity of a job's results: its resolved config (less bookkeeping) plus the code version."""
+def job_key(config: Mapping[str, Any], *, inputs: Mapping[str, Any]) -> str:
+    """The identity of a job's results: its resolved config (less bookkeeping), its inputs, the code.
+
+    Why ``inputs``: the config names what a job reads (``data.root=X``, the face assets) but not what
+    is in it; the same command on changed images, IDX files or face weights must be recomputed, not
+    linked to the old results. ``inputs`` holds the content identity of everything the job reads
+    (a dataset's ``DatasetInfo.identity``, a gallery's, a weights file's sha256), as JSON values.
+    """
     payload = {k: v for k, v in config.items() if k not in NON_RESULT_KEYS}
-    return config_hash({"config": payload, "code": code_version()})
+    return config_hash({"config": payload, "inputs": dict(inputs), "code": code_version()})

@@ -315,6 +315,21 @@ def _write_mnist(raw: Path, n_train: int = 12, n_test: int = 5, gz: bool = True)
         (raw / f"{prefix}-labels-idx1-ubyte").write_bytes(labels)
 
 
+def test_identity_pins_the_train_pixels_of_idx_files(tmp_path: Path) -> None:
+    """IDX files replaced under the same names (``data.download=true`` after the files changed, a
+    user's copy): the identity, and with it the weight cache and results keys, must change."""
+    raw = tmp_path / "MNIST" / "raw"
+    _write_mnist(raw, gz=False)
+    before = load_dataset("mnist", root=str(tmp_path))
+    images = raw / "train-images-idx3-ubyte"
+    data = bytearray(images.read_bytes())
+    data[-1] ^= 0xFF  # one pixel of the last train image
+    images.write_bytes(bytes(data))
+    after = load_dataset("mnist", root=str(tmp_path))
+    assert not torch.equal(after.x_train, before.x_train) and torch.equal(after.x_test, before.x_test)
+    assert after.info.identity != before.info.identity
+
+
 @pytest.mark.parametrize(("name", "folder"), [("mnist", "MNIST"), ("fashion_mnist", "FashionMNIST")])
 def test_idx_dataset_from_synthetic_files(tmp_path: Path, name: str, folder: str) -> None:
     _write_mnist(tmp_path / folder / "raw")
@@ -551,6 +566,25 @@ def test_image_folder_loads_and_splits(tmp_path: Path) -> None:
     assert again.info.identity == ds.info.identity and torch.equal(again.x_test, ds.x_test)
     other = load_dataset("image_folder", root=str(root), image_size=[8, 6], split_seed=5)
     assert other.info.identity != ds.info.identity
+
+
+def test_identity_pins_the_train_pixels_of_an_image_folder(tmp_path: Path) -> None:
+    """A train image edited in place, its name and byte size unchanged (an uncompressed BMP): the
+    identity must change, so cached weights and results of the old images are not taken for new."""
+    root = tmp_path / "imgs"
+    for c, name in enumerate(("a", "b")):
+        (root / name).mkdir(parents=True)
+        for i in range(5):
+            Image.new("L", (6, 6), color=40 * c + 5 * i + 1).save(root / name / f"{i}.bmp")
+    before = load_dataset("image_folder", root=str(root), image_size=[6, 6], channels=1)
+    in_train = {round(float(x[0, 0, 0]) * 255) for x in before.x_train}
+    edited = next(p for p in sorted(root.rglob("*.bmp")) if np.asarray(Image.open(p))[0, 0] in in_train)
+    size = edited.stat().st_size
+    Image.new("L", (6, 6), color=250).save(edited)
+    assert edited.stat().st_size == size
+    after = load_dataset("image_folder", root=str(root), image_size=[6, 6], channels=1)
+    assert torch.equal(after.x_test, before.x_test)  # the test split is as it was
+    assert after.info.identity != before.info.identity
 
 
 def test_image_folder_errors(tmp_path: Path) -> None:

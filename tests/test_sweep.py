@@ -53,9 +53,13 @@ def summary_ids(stdout: str, key: str = "run_id") -> list[str]:
 def test_job_key_ignores_bookkeeping_but_not_results() -> None:
     base = {"seed": 0, "model": {"name": "lenet5"}, "tracking": {"experiment": "a"}, "threads": 2}
     same = {**base, "tracking": {"experiment": "b"}, "threads": 1, "force": True}
-    assert job_key(base) == job_key(same)
-    assert job_key(base) != job_key({**base, "seed": 1})
-    assert job_key(base) != job_key({**base, "model": {"name": "madry_cnn"}})
+    data = {"data": {"dataset": "mnist5k", "train_sha256": "a1", "test_sha256": "b2"}}
+    assert job_key(base, inputs=data) == job_key(same, inputs=data)
+    assert job_key(base, inputs=data) != job_key({**base, "seed": 1}, inputs=data)
+    assert job_key(base, inputs=data) != job_key({**base, "model": {"name": "madry_cnn"}}, inputs=data)
+    # the same config on other data: other results
+    other = {"data": {**data["data"], "train_sha256": "a2"}}
+    assert job_key(base, inputs=data) != job_key(base, inputs=other)
 
 
 def test_count_jobs_multiplies_sweep_params_and_overrides() -> None:

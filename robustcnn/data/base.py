@@ -20,6 +20,8 @@ from robustcnn.errors import DataError
 
 #: Hex digits kept from a sha256: 64 bits is plenty to tell data sets apart and stays readable in MLflow.
 SHORT_HASH = 16
+#: The identity key holding the whole train split's content hash (pixels and labels).
+TRAIN_CONTENT = "train_sha256"
 
 
 @dataclass(frozen=True)
@@ -165,6 +167,11 @@ def build_dataset(
     mean/std come from the *whole* train split given here. :func:`~robustcnn.data.load_dataset`
     subsets afterwards (``max_train``), so a model trained on all the data and evaluated on a
     subset sees the same normalisation constants.
+
+    ``identity["train_sha256"]`` hashes the whole train split's pixels and labels as given here:
+    a loader's own identity fields name the source (a folder, a mirror) but not what is in it, and
+    trained weights and results depend on every train pixel. Hashing the uint8 pixels is cheap
+    (~0.1 s for CIFAR-10's 150 MB), four times less than their float copy.
     """
     for split, x in (("train", x_train), ("test", x_test)):
         if x.dtype != np.uint8 or x.ndim != 4:
@@ -172,6 +179,7 @@ def build_dataset(
                 f"dataset {name!r}: {split} images must be uint8 [N, C, H, W], got {x.dtype} {x.shape}"
             )
     mean, std = channel_stats(x_train)
+    identity = {**identity, TRAIN_CONTENT: short_sha256(x_train, np.asarray(y_train, dtype=np.int64))}
     info = DatasetInfo(
         name=name,
         num_classes=len(class_names),

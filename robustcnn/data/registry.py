@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from robustcnn.data.base import Dataset, short_sha256
+from robustcnn.data.base import TRAIN_CONTENT, Dataset, short_sha256
 from robustcnn.data.split import subset_indices
 from robustcnn.errors import ConfigError, DataError
 
@@ -126,13 +126,16 @@ def _finalize(name: str, dataset: Dataset, max_train: int | None, max_test: int 
     Identity keys added here are prefixed ``train_`` / ``test_`` so a consumer can tell which
     split they describe (e.g. leave ``test_*`` out of a trained-weights cache key).
     ``test_sha256`` covers the test images' bytes, labels and subset indices (cheap, and it makes
-    the identity self-verifying); ``train_labels_sha256`` covers labels and indices only, because
-    hashing e.g. 600 MB of CIFAR-10 train floats on every load is not worth it (the loader's own
-    identity fields pin the source).
+    the identity self-verifying); ``train_labels_sha256`` covers the kept train labels and indices,
+    and ``train_sha256`` the whole train split's content (hashed by
+    :func:`~robustcnn.data.base.build_dataset` from the uint8 pixels, or here from the floats of a
+    loader that built its :class:`Dataset` itself), so together they pin the train subset's pixels.
     """
     x_train, y_train, train_keep, train_cut = _take(dataset, "train", max_train)
     x_test, y_test, test_keep, test_cut = _take(dataset, "test", max_test)
     identity: dict[str, Any] = {"dataset": name, **dataset.info.identity}
+    if TRAIN_CONTENT not in identity:
+        identity[TRAIN_CONTENT] = short_sha256(dataset.x_train, dataset.y_train)
     identity["train_n"] = len(y_train)
     identity["test_n"] = len(y_test)
     if train_cut:

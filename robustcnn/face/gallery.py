@@ -281,8 +281,13 @@ def gallery_photo_paths(assets_dir: Path | str | None = None) -> list[tuple[str,
     return paths
 
 
-def read_gallery_boxes(path: Path = GALLERY_JSON) -> dict[str, Any]:
-    """The reviewed boxes file as a dict (``photos``: image, source, sha256, size, boxes)."""
+def read_gallery_boxes(path: Path | None = None) -> dict[str, Any]:
+    """The reviewed boxes file as a dict (``photos``: image, source, sha256, size, boxes).
+
+    ``path`` defaults to :data:`GALLERY_JSON` as it is when called (not when defined), so the boxes
+    a gallery is cropped with and the ``boxes_sha256`` in its identity always come from one file.
+    """
+    path = path if path is not None else GALLERY_JSON
     try:
         document = json.loads(path.read_text())
         photos = document["photos"]

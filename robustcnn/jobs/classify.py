@@ -25,6 +25,7 @@ from robustcnn.jobs.inputs import bind_surrogates, check_model_config, load_data
 from robustcnn.jobs.lifecycle import (
     JobContext,
     environment_info,
+    identify_job,
     job_run_tags,
     open_job_run,
     prepare_job,
@@ -87,9 +88,10 @@ def run_classify_job(
 ) -> dict[str, Any]:
     """Run one classifier job end to end (see :func:`robustcnn.jobs.dispatch.run_job`)."""
     ctx = prepare_job(config, output_dir, sweep, uses_cache=bool(config["training"].get("use_cache", True)))
+    data = load_data(config)
+    ctx = identify_job(ctx, {"data": data.info.identity})
     if ctx.previous is not None:
         return ctx.previous
-    data = load_data(config)
     if plan.threat is not None:
         plan.threat.check_input_size(data.info.input_shape)
     check_model_config(config, data, plan.defense)

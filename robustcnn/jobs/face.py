@@ -30,6 +30,7 @@ from robustcnn.face.study import FaceStudyResult, run_face_study
 from robustcnn.jobs.lifecycle import (
     JobContext,
     environment_info,
+    identify_job,
     job_run_tags,
     open_job_run,
     prepare_job,
@@ -71,6 +72,12 @@ def _load_inputs(config: dict[str, Any], plan: FacePlan, ctx: JobContext) -> _Fa
     enrolment = enrol(gallery)
     attackers, targets = study_identities(plan, enrolment.names)
     return _FaceInputs(plan, data, gallery, recognizer, enrolment, attackers, targets)
+
+
+def _input_identity(inputs: _FaceInputs) -> dict[str, Any]:
+    """What the study's results depend on beyond its config: the crops (photos, the boxes file,
+    the margin) and the recognizer's weights file (a re-converted or replaced asset)."""
+    return {"data": inputs.gallery.identity, "recognizer_sha256": inputs.recognizer.weights_sha256}
 
 
 def _run_name(config: dict[str, Any], inputs: _FaceInputs) -> str:
@@ -214,9 +221,10 @@ def run_face_job(
     """Run one face patch study end to end; results in ``output_dir/results.json`` and MLflow."""
     plan = check_face_config(config)
     ctx = prepare_job(config, output_dir, sweep, uses_cache=False)
+    inputs = _load_inputs(config, plan, ctx)  # before the run opens: a missing photo or weights is one line
+    ctx = identify_job(ctx, _input_identity(inputs))
     if ctx.previous is not None:
         return ctx.previous
-    inputs = _load_inputs(config, plan, ctx)  # before the run opens: a missing photo or weights is one line
     run_name = _run_name(config, inputs)
     tags = _run_tags(ctx, inputs, job_tags)
     with open_job_run(ctx, run_name, tags, _run_params(config, inputs.gallery)) as run:

@@ -9,10 +9,11 @@ Why one lifecycle: the classifier, face and audit jobs must fail, resume and reu
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import platform
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -60,9 +61,12 @@ def store_lost_error(uri: str, run: RunLogger, out: Path | None) -> TrackingErro
     )
 
 
-@dataclass
+@dataclass(frozen=True)
 class JobContext:
-    """What every job kind settles before it opens a run: device, store, output folder, job key."""
+    """What every job kind settles before it opens a run: device, store, output folder, job key.
+
+    ``key`` and ``previous`` are set by :func:`identify_job` once the job's inputs are loaded.
+    """
 
     started: float
     config: dict[str, Any]
@@ -72,18 +76,18 @@ class JobContext:
     experiment: str
     experiment_id: str
     out: Path | None
-    key: str
     sweep: SweepLink | None
-    previous: dict[str, Any] | None  # a finished identical job's results (reused unless force=true)
+    key: str | None = None
+    previous: dict[str, Any] | None = None  # a finished identical job's results (reused unless force=true)
 
 
 def prepare_job(
     config: dict[str, Any], output_dir: str | Path | None, sweep: SweepLink | None, *, uses_cache: bool
 ) -> JobContext:
-    """Threads, seed, device, tracking store, cache and output folder checks, then the dedupe lookup.
+    """Threads, seed, device, tracking store, cache and output folder checks (no inputs read yet).
 
     Shared by every kind of job (classifier battery, face patch study) so they fail, resume and
-    reuse results the same way.
+    reuse results the same way; each then loads its inputs and calls :func:`identify_job`.
     """
     started = time.perf_counter()
     set_threads(config.get("threads"))
@@ -100,26 +104,38 @@ def prepare_job(
     if out is not None:
         check_output_folder(out, "the job's output folder", "hydra.run.dir (hydra.sweep.dir in a sweep)")
         out.mkdir(parents=True, exist_ok=True)
-    key = job_key(config)
     experiment_id = sweep.experiment_id if sweep else store.ensure_experiment(experiment)
     if sweep is None:  # a sweep's own process reaped its experiment once, before any job
         store.reap_orphaned_runs(experiment_id)
+    return JobContext(started, config, seed, device, store, experiment, experiment_id, out, sweep)
+
+
+def identify_job(ctx: JobContext, inputs: Mapping[str, Any]) -> JobContext:
+    """The job's key from its config and its ``inputs``' identity; a finished identical job's results.
+
+    Why after the inputs are loaded: a result depends on what the data files, photos and weights
+    hold, not only on the config that names them (:func:`robustcnn.hashing.job_key`); loading them
+    costs a fraction of a second (files are hashed, nothing is trained), and a job that is not
+    reused needs them next anyway. ``ctx.previous`` holds the reused results (also written to the
+    output folder), or None when the job must run.
+    """
+    key = job_key(ctx.config, inputs=inputs)
     previous = None
-    if not config.get("force", False):
-        previous = find_finished(store, experiment_id, key)
+    if not ctx.config.get("force", False):
+        previous = find_finished(ctx.store, ctx.experiment_id, key)
         if previous is not None:
             log.info(
                 "identical job already finished in run %s: reused (force=true runs it again)",
                 previous["reused_from"],
             )
-            write_results(out, previous)
-    return JobContext(
-        started, config, seed, device, store, experiment, experiment_id, out, key, sweep, previous
-    )
+            write_results(ctx.out, previous)
+    return dataclasses.replace(ctx, key=key, previous=previous)
 
 
 def job_run_tags(ctx: JobContext, tags: dict[str, Any], job_tags: dict[str, Any] | None) -> dict[str, Any]:
     """The tags every run starts with: version, job key, code version, the sweep cell's tags."""
+    if ctx.key is None:
+        raise RuntimeError("a job's run is tagged after identify_job (its key covers its inputs)")
     return {
         "robustcnn.version": __version__,
         **tags,

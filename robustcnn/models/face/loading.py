@@ -24,6 +24,16 @@ from robustcnn.models.face.recognizer import DEFAULT_THRESHOLD, FaceRecognizer
 FACE_API = "face_api"
 
 
+def face_api_weights(path: str | Path | None = None) -> Path:
+    """The converted face-api weights file (default: in the assets folder); AssetError when missing."""
+    path = Path(path) if path is not None else face_api_dir() / WEIGHTS_FILE
+    if not path.is_file():
+        raise AssetError(
+            f"face-api weights {path} do not exist; run `robustcnn assets` to fetch and convert them"
+        )
+    return path
+
+
 def load_face_api(path: str | Path | None = None, device: torch.device | str = "cpu") -> FaceApiResNet:
     """The ported net with face-api's weights (safetensors only: no pickle is ever loaded).
 
@@ -35,13 +45,7 @@ def load_face_api(path: str | Path | None = None, device: torch.device | str = "
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
-    if path is None:
-        path = face_api_dir() / WEIGHTS_FILE
-    path = Path(path)
-    if not path.is_file():
-        raise AssetError(
-            f"face-api weights {path} do not exist; run `robustcnn assets` to fetch and convert them"
-        )
+    path = face_api_weights(path)
     sidecar = path.with_name(path.name + ".sha256")
     if sidecar.is_file():
         expected = sidecar.read_text().split()[0]
@@ -100,7 +104,13 @@ def load_face_recognizer(
     face-api's; a user's embedder usually needs its own, e.g. from calibrate_threshold).
     """
     if name_or_path == FACE_API:
-        return FaceRecognizer(load_face_api(device=device), threshold=threshold, name=FACE_API)
+        weights = face_api_weights()
+        return FaceRecognizer(
+            load_face_api(weights, device=device),
+            threshold=threshold,
+            name=FACE_API,
+            weights_sha256=file_sha256(weights),
+        )
     path = Path(name_or_path).expanduser()
     if not path.is_file():
         raise ModelError(
@@ -120,4 +130,4 @@ def load_face_recognizer(
         ) from exc
     module.eval()
     _check_embedder(module, path, device)
-    return FaceRecognizer(module, threshold=threshold, name=path.stem)
+    return FaceRecognizer(module, threshold=threshold, name=path.stem, weights_sha256=file_sha256(path))

@@ -23,9 +23,17 @@ class FaceRecognizer:
     """An embedder ([N, 3, H, W] RGB in [0, 1] -> [N, D]) plus a verification threshold.
 
     ``threshold`` is the distance below which two faces count as the same person.
+    ``weights_sha256`` is the sha256 of the file the embedder was loaded from (None for one built in
+    memory): a face job's results are keyed by it, so changed weights are never taken for the old ones.
     """
 
-    def __init__(self, embedder: nn.Module, threshold: float = DEFAULT_THRESHOLD, name: str = "face") -> None:
+    def __init__(
+        self,
+        embedder: nn.Module,
+        threshold: float = DEFAULT_THRESHOLD,
+        name: str = "face",
+        weights_sha256: str | None = None,
+    ) -> None:
         if not threshold > 0:
             raise ConfigError(f"face verification threshold must be > 0, got {threshold}")
         self.embedder = embedder.eval()
@@ -33,6 +41,7 @@ class FaceRecognizer:
             p.requires_grad_(False)
         self.threshold = float(threshold)
         self.name = name
+        self.weights_sha256 = weights_sha256
 
     def to(self, device: torch.device | str) -> FaceRecognizer:
         self.embedder.to(device)
