@@ -37,10 +37,18 @@ def cmd_report(ns: argparse.Namespace) -> None:
 
 def cmd_ui(ns: argparse.Namespace) -> None:
     """Serve the MLflow UI on the project's store (tracking.ui); 127.0.0.1 unless --host says otherwise."""
+    from robustcnn.tracking.schema import sqlite_file
     from robustcnn.tracking.store import TrackingStore
     from robustcnn.tracking.ui import serve
 
-    serve(ns.tracking_uri or TrackingStore.resolve().uri, ns.host, ns.port)
+    uri = ns.tracking_uri or TrackingStore.resolve().uri
+    if sqlite_file(uri) is not None:
+        # a new store is made here the safe way (robustcnn/tracking/schema.py), not by the server
+        # while a sweep started beside it makes it too
+        store = TrackingStore.at(uri)
+        store.check_writable()
+        _ = store.client
+    serve(uri, ns.host, ns.port)
 
 
 def cmd_audit(ns: argparse.Namespace) -> None:

@@ -25,6 +25,7 @@ from urllib.parse import urlparse
 from robustcnn.errors import TrackingError
 from robustcnn.files import nearest_existing
 from robustcnn.interrupts import raise_if_requested
+from robustcnn.tracking.schema import open_client
 
 log = logging.getLogger(__name__)
 
@@ -257,7 +258,10 @@ class TrackingStore:
         """mlflow's ``MlflowClient`` for this store (mlflow ships no type information for it)."""
         if self._client is None:
             logging.getLogger("alembic").setLevel(logging.WARNING)
-            self._client = self._call("opening the store", lambda: _mlflow().tracking.MlflowClient(self.uri))
+            mlflow = _mlflow()  # first: its settings (above) must be in place when it is imported
+            make_client = functools.partial(mlflow.tracking.MlflowClient, self.uri)
+            # a store another process is creating is waited for, not fatal (tracking/schema.py)
+            self._client = self._call("opening the store", lambda: open_client(self.uri, make_client))
         return self._client
 
     def _call(self, what: str, action: Callable[[], T]) -> T:
@@ -289,7 +293,12 @@ class TrackingStore:
         def find_or_create() -> str:
             found = self.client.get_experiment_by_name(experiment)
             if found is None:
-                return str(self.client.create_experiment(experiment))
+                try:
+                    return str(self.client.create_experiment(experiment))
+                except Exception:  # several jobs started together: another one created it first
+                    found = self.client.get_experiment_by_name(experiment)
+                    if found is None:
+                        raise
             if found.lifecycle_stage == "deleted":
                 self.client.restore_experiment(found.experiment_id)
             return str(found.experiment_id)
@@ -432,6 +441,7 @@ class TrackingStore:
         mlflow = _mlflow()
         from mlflow.exceptions import MlflowException
 
+        _ = self.client  # mlflow opens the store itself below: a new one is made safely here first
         try:
             mlflow.set_tracking_uri(self.uri)
             return Path(mlflow.artifacts.download_artifacts(artifact_uri=artifact_uri, dst_path=str(dst)))
