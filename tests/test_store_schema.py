@@ -186,3 +186,15 @@ def test_robustcnn_ui_makes_a_new_store_before_its_server_starts(
     monkeypatch.setattr(ui, "serve", lambda uri, host, port: seen.append(schema.schema_state(path)))
     main(["ui", "--tracking-uri", f"sqlite:///{path}"])
     assert len(seen) == 1 and seen[0] is not None and seen[0].revision == schema.head_revision()
+
+
+def test_a_complete_store_is_recognised_whatever_its_folder_is_called(
+    tmp_path: Path, empty_store: Path
+) -> None:
+    """Read as a sqlite URI, a path with ``#``, ``?`` or a space must still name the file, or every
+    open of a complete store would wait as if its schema were in the making."""
+    folder = tmp_path / "runs #1? été"
+    folder.mkdir()
+    shutil.copy(empty_store, folder / "mlflow.db")
+    state = schema.schema_state(folder / "mlflow.db")
+    assert state is not None and state.revision == schema.head_revision()

@@ -97,7 +97,8 @@ def schema_state(path: Path) -> SchemaState | None:
         return None
     revision = None
     with contextlib.suppress(sqlite3.Error):  # no table yet, or a writer holds the file: no revision
-        connection = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=0.05)
+        # as_uri percent-encodes the path: a folder named "a#b" or "runs?" is still this file
+        connection = sqlite3.connect(f"{path.absolute().as_uri()}?mode=ro", uri=True, timeout=0.05)
         try:
             row = connection.execute("SELECT version_num FROM alembic_version").fetchone()
             revision = str(row[0]) if row else None
