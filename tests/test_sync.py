@@ -238,6 +238,16 @@ def test_a_tracking_server_killed_mid_sweep(isolated: dict) -> None:
     finished = [r for r in jobs if r["status"] == "FINISHED"]
     assert len(finished) == 2 and len({r["tags"]["robustcnn.job_key"] for r in finished}) == 2
     assert sorted(r["status"] for r in jobs) == ["FAILED", "FINISHED", "FINISHED"]  # + the partial run
+    # the first sweep could not close its parent (the server was down): the first command that
+    # reached the server again (sync) closed it as FAILED, saying why
+    assert "closes it as FAILED" in stderr
+    sweeps = [r for r in runs if r["tags"].get("robustcnn.sweep") == "true"]
+    parents = {r["tags"]["robustcnn.sweep_dir"]: r for r in sweeps}
+    first_parent = parents[str(root / "sweep")]
+    assert first_parent["status"] == "FAILED", first_parent
+    reason = first_parent["tags"]["robustcnn.close_reason"]
+    assert "failed during the job" in reason and "did not answer when the sweep ended" in reason
+    assert parents[str(root / "sweep2")]["status"] == "FINISHED"
 
 
 @pytest.mark.filterwarnings("ignore:`torch.jit.*:DeprecationWarning")  # deployed models still ship in it
