@@ -283,7 +283,8 @@ class TrackingStore:
         """Create the store (schema) and the experiment if needed; return the experiment id.
 
         A sweep calls this in its parent process before any worker starts: a sqlite store first
-        touched by several processes at once can break during its schema migration.
+        touched by several processes at once can break during its schema migration. The store
+        answered, so runs earlier processes could not close are ended here too.
         """
         self.check_writable()
 
