@@ -65,7 +65,8 @@ bench: $(STAMP)
 bench-audit: $(STAMP)
 	$(BIN)/python benchmarks/audit_vs_autoattack.py
 
-## The load test: 50 tiny jobs through joblib with 2 workers (~4 min); figures to reports/benchmarks/soak.json.
+## The load test: 50 tiny jobs through joblib with 2 workers, then 50 with 4 workers while `robustcnn report`
+## reads the same sqlite store in a loop; figures to reports/benchmarks/soak.json.
 soak: $(STAMP)
 	ROBUSTCNN_SOAK_REPORT=$(CURDIR)/reports/benchmarks/soak.json $(BIN)/python -m pytest -q -s --soak tests/test_soak.py
 

@@ -26,11 +26,12 @@ def is_out_of_memory(exc: BaseException) -> bool:
     )
 
 
-def out_of_memory_error(what: str, images: int) -> ConfigError:
+def out_of_memory_error(what: str, images: int, setting: str | None = None) -> ConfigError:
     """The error for a batch too small to halve: halving again cannot help, the user must act."""
+    lower = f" (lowering {setting} cannot help)" if setting else ""
     return ConfigError(
         f"{what} ran out of GPU memory even with a batch of {images} image{'s' * (images != 1)}; "
-        "use a smaller model or input, or device=cpu"
+        f"use a smaller model or input, or device=cpu{lower}"
     )
 
 
@@ -57,7 +58,7 @@ def in_batches(
             if not is_out_of_memory(exc):
                 raise
             if end - begin == 1:
-                raise out_of_memory_error(what, 1) from exc
+                raise out_of_memory_error(what, 1, setting) from exc
         else:
             begin = end
             continue

@@ -18,13 +18,16 @@ from contextlib import contextmanager
 from types import FrameType
 
 _requested: int | None = None
+#: True inside :func:`hold_interrupts`: requests are recorded, nothing is interrupted.
+_holding = False
 
 
 def _request(signum: int, frame: FrameType | None) -> None:
     """The handler: remember the request, then interrupt what runs now (it may be discarded)."""
     global _requested
     _requested = signum
-    raise KeyboardInterrupt
+    if not _holding:
+        raise KeyboardInterrupt
 
 
 def _quiet_unraisable(
@@ -75,3 +78,20 @@ def catch_interrupts(signals: tuple[int, ...] = (signal.SIGINT, signal.SIGTERM))
             signal.signal(sig, handler)
         sys.unraisablehook = previous_hook
         _requested = None
+
+
+@contextmanager
+def hold_interrupts() -> Iterator[None]:
+    """Inside :func:`catch_interrupts`: record a stop request but interrupt nothing until the block ends.
+
+    Why: some clean-up must finish once started, such as stopping a server's whole process group
+    (``robustcnn ui``), where a second Ctrl-C that cut the stop short would leave orphans serving
+    the port. The request stays recorded (:func:`requested`, :func:`raise_if_requested`).
+    """
+    global _holding
+    before = _holding
+    _holding = True
+    try:
+        yield
+    finally:
+        _holding = before

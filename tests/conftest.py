@@ -77,6 +77,7 @@ def isolated(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, empty_store: Path)
     cache = tmp_path / "cache"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", store)
     monkeypatch.setenv("ROBUSTCNN_CACHE_DIR", str(cache))
+    monkeypatch.setenv("ROBUSTCNN_STATE_DIR", str(tmp_path / "state"))  # deferred run closes
     monkeypatch.setenv("GIT_PYTHON_REFRESH", "quiet")
     monkeypatch.chdir(tmp_path)
     return {"root": tmp_path, "store": store, "cache": cache}

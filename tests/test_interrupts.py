@@ -66,3 +66,42 @@ def test_training_stops_at_the_next_step_after_a_discarded_interrupt() -> None:
         with pytest.raises(KeyboardInterrupt):
             fit(model, x, y, TrainConfig(epochs=1, batch_size=4), torch.device("cpu"), progress=False)
     fit(model, x, y, TrainConfig(epochs=1, batch_size=4), torch.device("cpu"), progress=False)  # cleared
+
+
+def test_ui_stops_through_the_shared_handler_and_a_second_signal_cannot_cut_the_stop_short(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """`robustcnn ui` handles SIGTERM/Ctrl-C with catch_interrupts, as every other command does,
+    and a second signal while the server's process group is being stopped is recorded, not raised."""
+    from robustcnn.tracking import ui
+
+    with catch_interrupts():
+        shared = signal.getsignal(signal.SIGTERM)
+    seen: dict[str, object] = {}
+
+    class FakeServer:
+        pid = 0
+
+        def __init__(self, command: list[str], start_new_session: bool) -> None:
+            seen["own session"] = start_new_session
+
+        def wait(self, timeout: float | None = None) -> int:
+            seen["handler"] = signal.getsignal(signal.SIGTERM)
+            os.kill(os.getpid(), signal.SIGTERM)
+            for _ in range(1000):  # the handler runs between bytecodes
+                pass
+            pytest.fail("SIGTERM did not stop the wait for the server")
+
+    def stop(proc: object) -> None:
+        os.kill(os.getpid(), signal.SIGINT)  # a second Ctrl-C while the group is being stopped
+        for _ in range(1000):
+            pass
+        seen["stopped"] = proc
+
+    monkeypatch.setattr(ui.subprocess, "Popen", FakeServer)
+    monkeypatch.setattr(ui, "_stop_process_group", stop)
+    before = signal.getsignal(signal.SIGINT)
+    ui.serve("sqlite:///unused.db", "127.0.0.1", 0)  # returns normally: a requested stop is exit 0
+    assert seen["handler"] == shared, "ui uses robustcnn.interrupts, not a handler of its own"
+    assert isinstance(seen["stopped"], FakeServer), "the second signal did not cut the stop short"
+    assert signal.getsignal(signal.SIGINT) == before and not requested()

@@ -268,6 +268,8 @@ def test_a_failing_job_ends_the_parent_as_failed(isolated: dict) -> None:
     assert "Traceback" not in out.stderr and "robustcnn: error:" in out.stderr
     parents, _ = runs_by_kind(store)
     assert [p["status"] for p in parents] == ["FAILED"]
+    error = next(line for line in out.stderr.splitlines() if line.startswith("robustcnn: error:"))
+    assert parents[0]["tags"]["robustcnn.close_reason"] == "a job failed: " + error.split("error: ", 1)[1]
 
 
 def test_sweep_with_an_unknown_choice_fails_before_any_job(isolated: dict) -> None:

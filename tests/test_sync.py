@@ -114,7 +114,7 @@ def test_sync_cli_reports_each_folder_and_damaged_files(
     ("make", "message"),
     [
         (lambda root: root / "nope", "does not exist"),
-        (lambda root: root, "no job output folder"),
+        (lambda root: root, "no job or audit output folder"),
     ],
     ids=["missing folder", "no job folder"],
 )
@@ -238,3 +238,54 @@ def test_a_tracking_server_killed_mid_sweep(isolated: dict) -> None:
     finished = [r for r in jobs if r["status"] == "FINISHED"]
     assert len(finished) == 2 and len({r["tags"]["robustcnn.job_key"] for r in finished}) == 2
     assert sorted(r["status"] for r in jobs) == ["FAILED", "FINISHED", "FINISHED"]  # + the partial run
+    # the first sweep could not close its parent (the server was down): the first command that
+    # reached the server again (sync) closed it as FAILED, saying why
+    assert "closes it as FAILED" in stderr
+    sweeps = [r for r in runs if r["tags"].get("robustcnn.sweep") == "true"]
+    parents = {r["tags"]["robustcnn.sweep_dir"]: r for r in sweeps}
+    first_parent = parents[str(root / "sweep")]
+    assert first_parent["status"] == "FAILED", first_parent
+    reason = first_parent["tags"]["robustcnn.close_reason"]
+    assert "failed during the job" in reason and "did not answer when the sweep ended" in reason
+    assert parents[str(root / "sweep2")]["status"] == "FINISHED"
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.*:DeprecationWarning")  # deployed models still ship in it
+def test_an_audit_whose_store_failed_is_imported_by_sync_like_a_live_one(
+    isolated: dict, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """The audit writes run.json and config.json like a job, so `robustcnn sync` imports it too."""
+    import torch
+
+    from robustcnn.jobs.audit import run_audit
+
+    root, store = isolated["root"], isolated["store"]
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(784, 10)).eval()
+    path = tmp_path / "linear.pt"
+    torch.jit.save(torch.jit.trace(model, torch.rand(2, 1, 28, 28)), str(path))
+    tiny = ["audit.n_samples=32", "threat.eps=[0,0.3]", "attack=[fgsm]", "checks.probe_samples=32"]
+    with monkeypatch.context() as failing:
+        _fail_logging_after_the_run_opens(failing)
+        _, lost = run_audit(str(path), [*tiny, f"audit.out_dir={root / 'lost'}"])
+    meta = json.loads((root / "lost/run.json").read_text())
+    assert meta["run_id"] == lost["mlflow_run_id"] and meta["experiment"] == "audit"
+    assert TrackingStore.at(store).read_run(meta["run_id"])["status"] == "RUNNING"  # what the dead store left
+
+    first = sync([root / "lost"])
+    assert [o.status for o in first] == ["imported"]
+    imported = TrackingStore.at(store).read_run(first[0].run_id)
+    assert imported["status"] == "FINISHED" and imported["tags"][ORIGINAL_TAG] == meta["run_id"]
+    assert TrackingStore.at(store).read_run(meta["run_id"])["status"] == "FAILED"
+
+    _, live = run_audit(str(path), [*tiny, f"audit.out_dir={root / 'live'}"])
+    logged = TrackingStore.at(store).read_run(live["mlflow_run_id"])
+    assert set(imported["metrics"]) == set(logged["metrics"]) and "gate_passed" not in logged["metrics"]
+    for name, value in logged["metrics"].items():
+        if not name.startswith(TIMING):
+            assert imported["metrics"][name] == pytest.approx(value), name
+    assert set(imported["params"]) == set(logged["params"])
+    assert {k: imported["tags"][k] for k in ("verdict", "model_sha256", "robustcnn.audit")} == {
+        k: logged["tags"][k] for k in ("verdict", "model_sha256", "robustcnn.audit")
+    }
+    assert [o.status for o in sync([root / "lost", root / "live"])] == ["present", "present"]

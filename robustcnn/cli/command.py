@@ -49,10 +49,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sync = sub.add_parser(
         "sync",
-        help="import jobs that finished while the MLflow store was unreachable (their results.json)",
+        help="import jobs and audits that finished while the MLflow store was unreachable",
         description="Safe to repeat: jobs already in the store are skipped (each lands exactly once).",
     )
-    sync.add_argument("paths", nargs="+", help="job or sweep output folders (outputs/..., multirun/...)")
+    sync.add_argument(
+        "paths", nargs="+", help="job, sweep or audit folders (outputs/..., multirun/..., reports/audit/...)"
+    )
     sync.add_argument(
         "--tracking-uri", default=None, help="MLflow store (default: the one each job was meant for)"
     )

@@ -50,6 +50,10 @@ def summary_line(results: dict, output_dir: str) -> str:
     return " ".join(parts)
 
 
+#: The error lines of this process's failed jobs: why a sweep stopped (its parent run's close reason).
+_job_errors: list[str] = []
+
+
 def cmd_run(hydra_args: Sequence[str]) -> None:
     """Run one job (or a multirun with -m) through Hydra."""
     import hydra
@@ -80,6 +84,7 @@ def cmd_run(hydra_args: Sequence[str]) -> None:
                 defense_label=defense_label(hydra_cfg),
             )
         except RobustCNNError as exc:
+            _job_errors.append(str(exc))
             fail(str(exc), exc.exit_code)
         print(summary_line(results, output_dir))
         return float(results.get("clean_accuracy", results.get("dodging_success_rate")) or 0.0)
@@ -91,14 +96,15 @@ def cmd_run(hydra_args: Sequence[str]) -> None:
     saved_argv = sys.argv
     sys.argv = [f"{PROG} run", *hydra_args]
     # SIGTERM ends a job like Ctrl-C (runs KILLED, finished results kept), and neither can be lost
+    _job_errors.clear()
     with catch_interrupts():
-        status = "FAILED"
+        status, reason = "FAILED", None
         try:
             _job()
             raise_if_requested()  # a stop Python discarded in a callback (robustcnn.interrupts)
             status = "FINISHED"
         except KeyboardInterrupt:
-            status = "KILLED"
+            status, reason = "KILLED", "interrupted (Ctrl-C or SIGTERM)"
             fail("interrupted; finished jobs are kept (re-run the same command to compute the rest)", 130)
         except Exception as exc:
             # with submitit and Ray, a failed job (or a bad override) arrives here as an exception
@@ -106,6 +112,7 @@ def cmd_run(hydra_args: Sequence[str]) -> None:
             message = launcher_failure(exc)
             if message is None:
                 raise
+            reason = message
             fail(message)
         except SweepFailed:
             raise  # the sweep ran; some job did not finish (already said, exit 1)
@@ -115,7 +122,8 @@ def cmd_run(hydra_args: Sequence[str]) -> None:
             raise SystemExit(2 if exc.code == 1 else exc.code) from None
         finally:
             # a sweep whose job failed never reaches Hydra's end callback: end its parent run here
-            close_open_sweeps("FAILED" if status == "FINISHED" else status)
+            reason = reason or (f"a job failed: {_job_errors[-1]}" if _job_errors else None)
+            close_open_sweeps("FAILED" if status == "FINISHED" else status, reason)
             sys.argv = saved_argv
 
 

@@ -28,7 +28,7 @@ import math
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any, ClassVar, cast
 
 import torch
 import torch.nn.functional as F
@@ -204,13 +204,14 @@ class AdversarialHook(TrainHook, ABC):
 
     # -- shared ----------------------------------------------------------------------------------
     def perturb_context(self, ctx: TrainContext, x: Tensor) -> PerturbContext:
-        n = x.shape[0]
+        """Noise seeded by the global step, drawn for the whole batch (the same when it runs in pieces)."""
+        full_batch, active = ctx.piece_rows(x)
         return PerturbContext(
             device=x.device,
             eps_index=0,
             batch_index=ctx.step,
-            full_batch=n,
-            active=torch.arange(n, device=x.device),
+            full_batch=full_batch,
+            active=active,
             seed=self.seed,
             bounds=tuple(getattr(ctx.model, "bounds", (0.0, 1.0))),
             amp=ctx.config.amp,
@@ -239,6 +240,14 @@ class AdversarialHook(TrainHook, ABC):
         if logits_clean is not None:
             clean = (logits_clean.detach().argmax(1) == y).sum()
             self._clean_correct = clean if self._clean_correct is None else self._clean_correct + clean
+
+    def batch_state(self) -> object:
+        """The counts so far (tensors are replaced, never changed in place, so references suffice)."""
+        return self._correct, self._counted, self._clean_correct
+
+    def restore_batch_state(self, state: object) -> None:
+        counts = cast(tuple[Tensor | None, int, Tensor | None], state)
+        self._correct, self._counted, self._clean_correct = counts
 
     def on_fit_start(self, ctx: TrainContext) -> None:
         self.history = []

@@ -34,10 +34,11 @@ from robustcnn.evaluation.battery import BatteryResult, BatterySettings, run_bat
 from robustcnn.evaluation.settings import plan_attacks
 from robustcnn.files import write_json
 from robustcnn.jobs.inputs import bind_surrogates, load_data, to_container
-from robustcnn.jobs.lifecycle import environment_info
+from robustcnn.jobs.lifecycle import RunRecord, environment_info, write_run_files
 from robustcnn.jobs.outputs import log_battery
 from robustcnn.report.audit_page import write_report
 from robustcnn.threat import ThreatModel
+from robustcnn.tracking.records import audit_summary_rows
 from robustcnn.tracking.store import TrackingStore, flatten
 
 log = logging.getLogger(__name__)
@@ -286,6 +287,7 @@ def audit_results(
     worst = battery.worst_case_robust_accuracy()
     gate = gate_result(settings, list(battery.threat.eps), worst, battery.reference_eps)
     return {
+        "task": "audit",  # how ``robustcnn sync`` tells audit.json from a job's results.json
         **battery.to_dict(),
         "clean_accuracy": clean_accuracy,
         "model": {
@@ -386,21 +388,15 @@ def log_to_mlflow(
         "defense": "(audited)",
     }
     experiment = tracking.get("experiment") or "audit"
-    with store.start_run(experiment, tracking.get("run_name") or f"audit-{model['name']}", tags) as run:
+    run_name = tracking.get("run_name") or f"audit-{model['name']}"
+    with store.start_run(experiment, run_name, tags) as run:
         results["mlflow_run_id"] = run.run_id
         params = flatten({k: v for k, v in config.items() if k != "hydra"})
         params.update({f"model_file.{k}": v for k, v in model.items() if not isinstance(v, (dict, list))})
+        write_run_files(out, run, config, RunRecord(experiment, run_name, None, tags, params))
         run.log_params(params)
         run.log_dict(config, "config.json")
-        gate = results["gate"]
-        run.log_metrics(
-            {
-                "clean_accuracy": results["clean_accuracy"],
-                "exit_code": float(results["exit_code"]),
-                "parameters": float(model["parameters"]),
-                **({"gate_passed": float(gate["passed"])} if gate["passed"] is not None else {}),
-            }
-        )
+        run.log_metric_rows(audit_summary_rows(results))
         log_battery(run, battery, out, class_names)
         run.log_dict(card, "model_card.json")
         run.log_dict({**results, "mlflow_run_id": run.run_id}, "results.json")
@@ -409,9 +405,11 @@ def log_to_mlflow(
         # the verdict stands (audit.json, model_card.json and report.html are written first); only
         # the store's copy is incomplete, so this is a warning, not a change of the exit code
         log.warning(
-            "the MLflow store %s failed while logging the audit (%s); the files in %s are complete",
+            "the MLflow store %s failed while logging the audit (%s); the files in %s are complete; "
+            "once the store is back, `robustcnn sync %s` imports them",
             store.uri,
             run.lost,
+            out,
             out,
         )
 

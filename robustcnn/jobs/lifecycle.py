@@ -145,25 +145,46 @@ def job_run_tags(ctx: JobContext, tags: dict[str, Any], job_tags: dict[str, Any]
     }
 
 
+@dataclass(frozen=True)
+class RunRecord:
+    """The run a job or an audit opened, as ``run.json`` keeps it: what ``robustcnn sync`` rebuilds."""
+
+    experiment: str
+    run_name: str
+    parent_run_id: str | None
+    tags: dict[str, Any]
+    params: dict[str, Any]
+
+
+def write_run_files(out: Path | None, run: RunLogger, config: dict[str, Any], record: RunRecord) -> None:
+    """config.json and run.json on disk before anything is logged, so a store that dies loses nothing.
+
+    Why shared: the classifier and face jobs and the audit all leave the same files, and
+    ``robustcnn sync`` imports any folder that has them.
+    """
+    write_json(out, "config.json", config)
+    write_json(
+        out,
+        "run.json",
+        {
+            "tracking_uri": run.uri,
+            "experiment": record.experiment,
+            "experiment_id": run.experiment_id,
+            "run_id": run.run_id,
+            "run_name": record.run_name,
+            "parent_run_id": record.parent_run_id,
+            "tags": record.tags,
+            "params": {k: str(v) for k, v in record.params.items()},
+        },
+    )
+
+
 def record_run_start(
     run: RunLogger, ctx: JobContext, run_name: str, tags: dict[str, Any], params: dict[str, Any]
 ) -> None:
     """config.json and run.json on disk (what ``robustcnn sync`` needs), params and config in the run."""
-    write_json(ctx.out, "config.json", ctx.config)
-    write_json(
-        ctx.out,
-        "run.json",
-        {
-            "tracking_uri": ctx.store.uri,
-            "experiment": ctx.experiment,
-            "experiment_id": ctx.experiment_id,
-            "run_id": run.run_id,
-            "run_name": run_name,
-            "parent_run_id": ctx.sweep.parent_run_id if ctx.sweep else None,
-            "tags": tags,
-            "params": {k: str(v) for k, v in params.items()},
-        },
-    )
+    parent = ctx.sweep.parent_run_id if ctx.sweep else None
+    write_run_files(ctx.out, run, ctx.config, RunRecord(ctx.experiment, run_name, parent, tags, params))
     run.log_params(params)
     run.flush()  # the params are in the store before any work: a job that dies shows what it was
     run.log_dict(ctx.config, "config.json")

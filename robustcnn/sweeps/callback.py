@@ -14,6 +14,7 @@ import json
 import logging
 import os
 import sys
+import time
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -26,6 +27,7 @@ from robustcnn.errors import RobustCNNError
 from robustcnn.report import warmup
 from robustcnn.sweeps.compose_once import compose_each_job_once, forget_composed
 from robustcnn.sweeps.launchers import prepare_launcher
+from robustcnn.tracking.pending import REASON_TAG, PendingClose, defer_close
 from robustcnn.tracking.store import TrackingStore
 from robustcnn.tracking.sweep_link import ENV_EXPERIMENT_ID, ENV_PARENT_RUN, MARKER_FILE, SweepLink
 
@@ -128,16 +130,11 @@ class SweepCallback(Callback):
             return
         reports_dir = OmegaConf.select(config, "paths.reports_dir") or "reports"
         experiment = OmegaConf.select(config, "tracking.experiment") or "robustcnn"
-        try:
-            status, cells = close_sweep(self.link, Path(config.hydra.sweep.dir), status=None)
-        except RobustCNNError as exc:
-            print(
-                f"robustcnn: warning: the sweep's parent run was not closed ({exc}); every job's "
-                f"results.json is under {config.hydra.sweep.dir}",
-                file=sys.stderr,
-            )
+        closed = end_parent(self.link, Path(config.hydra.sweep.dir), status=None)
+        if closed is None:  # the store did not answer: the close is deferred (already said)
             self.link = None
             return
+        status, cells = closed
         report = Path(reports_dir) / experiment / "index.html"
         if cells and all(c["reused"] for c in cells) and report.is_file():
             print(f"report: {report} (unchanged: every job was reused)", file=sys.stderr)
@@ -264,8 +261,13 @@ def _fmt(value: float | None) -> str | None:
     return None if value is None else f"{value:.4f}"
 
 
-def close_sweep(link: SweepLink, sweep_dir: Path, status: str | None) -> tuple[str, list[dict[str, Any]]]:
-    """Write the summary artifact on the parent and end it (FAILED if any job did not finish)."""
+def close_sweep(
+    link: SweepLink, sweep_dir: Path, status: str | None, reason: str | None = None
+) -> tuple[str, list[dict[str, Any]]]:
+    """Write the summary artifact on the parent and end it (FAILED if any job did not finish).
+
+    ``reason`` (why the sweep stopped early) becomes the parent's ``robustcnn.close_reason`` tag.
+    """
     cells = sweep_cells(link, sweep_dir)
     if status is None:
         status = "FINISHED" if cells and all(c["status"] == "FINISHED" for c in cells) else "FAILED"
@@ -273,6 +275,8 @@ def close_sweep(link: SweepLink, sweep_dir: Path, status: str | None) -> tuple[s
     summary = {"parent_run_id": link.parent_run_id, "status": status, "cells": cells}
     (sweep_dir / "sweep_summary.json").write_text(json.dumps(summary, indent=2))  # kept if the store fails
     try:
+        if reason:
+            store.set_run_tag(link.parent_run_id, REASON_TAG, reason)
         store.log_text(link.parent_run_id, json.dumps(summary, indent=2), "sweep_summary.json")
         store.log_text(link.parent_run_id, summary_table(cells), "sweep_summary.md")
     finally:
@@ -290,22 +294,80 @@ def jobs_started(sweep_dir: Path) -> bool:
     return sweep_dir.is_dir() and any(p.is_dir() and p.name.isdigit() for p in sweep_dir.iterdir())
 
 
-def close_open_sweeps(status: str) -> None:
+#: How long a sweep waits at its end for a store that does not answer, and between two tries.
+CLOSE_WAIT_S = 10.0
+CLOSE_RETRY_S = 2.0
+
+
+def end_parent(
+    link: SweepLink, sweep_dir: Path, status: str | None, reason: str | None = None
+) -> tuple[str, list[dict[str, Any]]] | None:
+    """Close the sweep's parent run; a store that does not answer is waited for, then the close deferred.
+
+    Why: a parent left RUNNING looks like a sweep still at work. The store gets :data:`CLOSE_WAIT_S`
+    to come back (a server restarting); after that (or at Ctrl-C) the close is written down
+    (:mod:`robustcnn.tracking.pending`) and the next robustcnn process that reaches the store ends the
+    run as FAILED (or ``status``), tagged with why. Returns what :func:`close_sweep` returns, or None
+    when the close was deferred.
+    """
+    deadline = time.monotonic() + CLOSE_WAIT_S
+    while True:
+        try:
+            return close_sweep(link, sweep_dir, status, reason)
+        except RobustCNNError as exc:
+            error = exc
+        try:
+            if time.monotonic() + CLOSE_RETRY_S > deadline:
+                break
+            time.sleep(CLOSE_RETRY_S)
+        except KeyboardInterrupt:  # a stop while waiting: defer now, the stop is raised again later
+            break
+    _defer_parent(link, sweep_dir, status, reason, error)
+    return None
+
+
+def _defer_parent(
+    link: SweepLink, sweep_dir: Path, status: str | None, reason: str | None, error: RobustCNNError
+) -> None:
+    """Write the parent's close down for the next process that reaches the store, and say so."""
+    why = f"{reason}; " if reason else ""
+    close = PendingClose(
+        link.tracking_uri,
+        link.parent_run_id,
+        "FAILED" if status in (None, "FINISHED") else status,
+        f"{why}the tracking store did not answer when the sweep ended: {error}",
+    )
+    _OPEN.pop(link.parent_run_id, None)
+    try:
+        kept = defer_close(close)
+        where = f"the next robustcnn command that reaches the store closes it as {close.status} ({kept})"
+    except RobustCNNError as exc:
+        where = f"it stays RUNNING until a later sweep on this machine marks it KILLED ({exc})"
+    print(
+        f"robustcnn: warning: the sweep's parent run {link.parent_run_id} was not closed ({error}); "
+        f"{where}; every job's results.json is under {sweep_dir} "
+        f"(`robustcnn sync {sweep_dir}` imports any the store missed)",
+        file=sys.stderr,
+    )
+
+
+def close_open_sweeps(status: str, reason: str | None = None) -> None:
     """End parent runs this process opened when the sweep died before Hydra's end callback.
 
     A sweep that never started a job (a bad override is found only after the parent run exists)
     leaves no run behind: its parent is deleted rather than left FAILED with nothing under it.
+    ``reason`` says why the sweep stopped (the parent's ``robustcnn.close_reason`` tag).
     """
     forget_composed()
     for link, sweep_dir in list(_OPEN.values()):
-        try:
-            if not jobs_started(sweep_dir):
+        if not jobs_started(sweep_dir):
+            try:
                 TrackingStore.at(link.tracking_uri).delete_run(link.parent_run_id)
                 _OPEN.pop(link.parent_run_id, None)
                 continue
-            close_sweep(link, sweep_dir, status=status)
-        except RobustCNNError as exc:
-            log.warning("could not close sweep run %s: %s", link.parent_run_id, exc)
+            except RobustCNNError as exc:
+                log.warning("could not delete the empty sweep run %s: %s", link.parent_run_id, exc)
+        end_parent(link, sweep_dir, status, reason)
 
 
 def build_sweep_report(uri: str, experiment: str, reports_dir: Path) -> None:

@@ -66,9 +66,20 @@ def battery_metric_rows(results: Mapping[str, Any]) -> list[MetricRow]:
     return rows
 
 
+def audit_summary_rows(results: Mapping[str, Any]) -> list[MetricRow]:
+    """An audit's own numbers besides the battery's: clean accuracy, exit code, size, the gate."""
+    passed = (results.get("gate") or {}).get("passed")
+    rows: list[MetricRow] = [
+        ("clean_accuracy", results["clean_accuracy"], 0),
+        ("exit_code", float(results["exit_code"]), 0),
+        ("parameters", float(results["model"]["parameters"]), 0),
+    ]
+    return rows + ([("gate_passed", float(passed), 0)] if passed is not None else [])
+
+
 def result_tags(results: Mapping[str, Any]) -> dict[str, Any]:
-    """The tags a finished job adds to its run (what the UI filters on)."""
-    tags: dict[str, Any] = {"cache_hit": results.get("cache_hit"), "weights_key": results.get("weights_key")}
+    """The tags a finished job adds to its run (what the UI filters on); an audit has no weights."""
+    tags: dict[str, Any] = {k: results.get(k) for k in ("cache_hit", "weights_key") if k in results}
     if "verdict" in results:
         tags.update({"verdict": results["verdict"], "stochastic": results["stochastic"]})
     return tags
@@ -97,9 +108,11 @@ def face_metric_rows(results: Mapping[str, Any]) -> list[MetricRow]:
 
 
 def all_metric_rows(results: Mapping[str, Any]) -> list[MetricRow]:
-    """Every metric of a finished job, rebuilt from its results (what ``sync`` logs)."""
+    """Every metric of a finished job or audit, rebuilt from its results (what ``sync`` logs)."""
     if results.get("task") == "face_patch":
         return face_metric_rows(results)
+    if results.get("task") == "audit":
+        return audit_summary_rows(results) + battery_metric_rows(results)
     return (
         train_metric_rows(results.get("train_history") or [])
         + summary_metric_rows(results)

@@ -25,6 +25,7 @@ from urllib.parse import urlparse
 from robustcnn.errors import TrackingError
 from robustcnn.files import nearest_existing
 from robustcnn.interrupts import raise_if_requested
+from robustcnn.tracking import pending
 from robustcnn.tracking.schema import open_client
 
 log = logging.getLogger(__name__)
@@ -286,7 +287,8 @@ class TrackingStore:
         """Create the store (schema) and the experiment if needed; return the experiment id.
 
         A sweep calls this in its parent process before any worker starts: a sqlite store first
-        touched by several processes at once can break during its schema migration.
+        touched by several processes at once can break during its schema migration. The store
+        answered, so runs earlier processes could not close are ended here too.
         """
         self.check_writable()
 
@@ -303,7 +305,32 @@ class TrackingStore:
                 self.client.restore_experiment(found.experiment_id)
             return str(found.experiment_id)
 
-        return self._call(f"experiment {experiment!r}", find_or_create)
+        experiment_id = self._call(f"experiment {experiment!r}", find_or_create)
+        self.close_deferred_runs()  # the store answers: end what an earlier process could not
+        return experiment_id
+
+    def close_deferred_runs(self) -> list[str]:
+        """End the runs earlier processes could not close while this store was down; return their ids.
+
+        Each is ended with the status its process chose (a sweep's parent: FAILED) and tagged with
+        the reason (:data:`robustcnn.tracking.pending.REASON_TAG`). A run that is no longer RUNNING
+        (closed since, or deleted) is only forgotten. Why here: every process that writes to a store
+        calls :meth:`ensure_experiment` first, so the first one after the store is back does it.
+        """
+        closed = []
+        for close in pending.pending_closes(self.uri):
+            try:
+                if self.run_status(close.run_id) == "RUNNING":
+                    self.set_run_tag(close.run_id, pending.REASON_TAG, close.reason)
+                    self.end_run(close.run_id, close.status)
+                    closed.append(close.run_id)
+            except TrackingError as exc:
+                log.warning("the deferred close of run %s waits for the next try: %s", close.run_id, exc)
+                continue
+            pending.forget(close)
+        if closed:
+            log.warning("closed %d run(s) an earlier process left open: %s", len(closed), ", ".join(closed))
+        return closed
 
     def create_run(self, experiment_id: str, run_name: str | None, tags: Mapping[str, Any]) -> str:
         """Open a run that outlives this call (a sweep's parent); end it with :meth:`end_run`."""

@@ -1,9 +1,10 @@
 """``robustcnn sync PATH...``: import jobs that finished while the tracking store was unreachable.
 
 Why: a job keeps computing when the store fails under it (:class:`robustcnn.tracking.store.RunLogger`)
-and leaves ``results.json``, ``run.json`` (the run it meant to log: experiment, name, tags,
-params) and ``config.json`` plus its plots in its output folder. ``sync`` rebuilds the run from
-those files through the same metric mapping a live job uses (:mod:`robustcnn.tracking.records`).
+and leaves ``results.json`` (an audit: ``audit.json`` and ``model_card.json``), ``run.json`` (the run
+it meant to log: experiment, name, tags, params) and ``config.json`` plus its plots in its output
+folder. ``sync`` rebuilds the run from those files through the same metric mapping a live job uses
+(:mod:`robustcnn.tracking.records`).
 
 Idempotent, so it is safe to point at a whole ``multirun/`` tree: a job whose own run finished in
 the store, or whose results an earlier sync imported (same ``results.json`` digest), is left
@@ -31,6 +32,10 @@ log = logging.getLogger(__name__)
 DIGEST_TAG = "robustcnn.results_sha256"
 ORIGINAL_TAG = "robustcnn.original_run_id"
 SOURCE_TAG = "robustcnn.synced_from"
+#: What holds a folder's results: a job's results.json, else an audit's audit.json.
+RESULTS_FILES = ("results.json", "audit.json")
+#: Files an audit logs besides its results, imported as they are.
+AUDIT_FILES = ("model_card.json",)
 
 
 @dataclass(frozen=True)
@@ -46,7 +51,7 @@ class SyncOutcome:
 
 
 def job_folders(paths: Sequence[str | Path]) -> list[Path]:
-    """Every job output folder under ``paths`` (one that holds both results.json and run.json)."""
+    """Every job or audit output folder under ``paths`` (run.json next to results.json or audit.json)."""
     folders: set[Path] = set()
     for raw in paths:
         path = Path(raw).expanduser()
@@ -57,9 +62,15 @@ def job_folders(paths: Sequence[str | Path]) -> list[Path]:
             )
         if path.is_file():
             path = path.parent
-        candidates = [path / "results.json", *path.rglob("results.json")]
-        folders.update(c.parent for c in candidates if c.is_file() and (c.parent / "run.json").is_file())
+        candidates = [path / "run.json", *path.rglob("run.json")]
+        folders.update(c.parent for c in candidates if c.is_file() and _results_file(c.parent).is_file())
     return sorted(folders)
+
+
+def _results_file(folder: Path) -> Path:
+    """The folder's results: results.json (a job), else audit.json (an audit)."""
+    found = [folder / name for name in RESULTS_FILES if (folder / name).is_file()]
+    return found[0] if found else folder / RESULTS_FILES[0]
 
 
 def _read_json(path: Path) -> dict[str, Any]:
@@ -82,14 +93,15 @@ def _already_present(
 
 def sync_folder(folder: Path, uri: str | None = None) -> SyncOutcome:
     """Import one job folder into ``uri`` (default: the store the job was meant for)."""
+    results_file = _results_file(folder)
     try:
-        results = _read_json(folder / "results.json")
+        results = _read_json(results_file)
         meta = _read_json(folder / "run.json")
         experiment = str(meta["experiment"])
         target = uri or str(meta["tracking_uri"])
     except (OSError, ValueError, KeyError) as exc:
-        return SyncOutcome(folder, "damaged", None, f"unreadable results.json/run.json: {exc}")
-    digest = file_sha256(folder / "results.json")
+        return SyncOutcome(folder, "damaged", None, f"unreadable {results_file.name}/run.json: {exc}")
+    digest = file_sha256(results_file)
     store = TrackingStore.at(target)
     experiment_id = store.ensure_experiment(experiment)
     original = meta.get("run_id") or results.get("mlflow_run_id")
@@ -114,7 +126,12 @@ def sync_folder(folder: Path, uri: str | None = None) -> SyncOutcome:
             run.log_text((folder / "config.json").read_text(), "config.json")
         for plot in sorted([*folder.glob("*.png"), *folder.glob("*.safetensors")]):
             run.log_artifact(plot, "plots")  # examples.safetensors: the kept examples the report draws
-        run.log_dict({**results, "mlflow_run_id": run.run_id, "synced_from_run_id": original}, "results.json")
+        for name in AUDIT_FILES:
+            if (folder / name).is_file():
+                run.log_text((folder / name).read_text(), name)
+        imported = {**results, "mlflow_run_id": run.run_id, "synced_from_run_id": original}
+        for name in dict.fromkeys(("results.json", results_file.name)):  # an audit's run holds both
+            run.log_dict(imported, name)
     if run.lost is not None:
         raise TrackingError(
             f"the MLflow store {target} failed while importing {folder} ({run.lost}); "
@@ -141,8 +158,8 @@ def sync(paths: Sequence[str | Path], uri: str | None = None) -> list[SyncOutcom
     folders = job_folders(paths)
     if not folders:
         raise ConfigError(
-            f"no job output folder (results.json next to run.json) under {', '.join(map(str, paths))}; "
-            "pass the folder a job printed (results=<folder>/results.json)"
+            f"no job or audit output folder (run.json next to results.json or audit.json) under "
+            f"{', '.join(map(str, paths))}; pass the folder a job printed (results=<folder>/results.json)"
         )
     outcomes = []
     for folder in folders:

@@ -16,6 +16,7 @@ import sys
 from pathlib import Path
 
 from robustcnn.errors import RobustCNNError
+from robustcnn.interrupts import catch_interrupts, hold_interrupts
 
 PROG = "robustcnn"
 
@@ -104,24 +105,18 @@ def serve(uri: str, host: str, port: int) -> None:
         str(port),
     ]
 
-    def stop(signum: int, frame: object) -> None:
-        raise KeyboardInterrupt
-
-    previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGTERM, signal.SIGINT)}
     proc: subprocess.Popen | None = None
     code = 0
-    try:
-        proc = subprocess.Popen(command, start_new_session=True)
-        code = proc.wait()
-    except KeyboardInterrupt:
-        print(f"{PROG}: stopping the MLflow UI", file=sys.stderr, flush=True)
-    finally:
-        # the stop is bounded (SIGKILL after a grace period): a second Ctrl-C must not cut it short
-        for sig in previous:
-            signal.signal(sig, signal.SIG_IGN)
-        if proc is not None:
-            _stop_process_group(proc)
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
+    with catch_interrupts():  # Ctrl-C and SIGTERM, handled as every other command handles them
+        try:
+            proc = subprocess.Popen(command, start_new_session=True)
+            code = proc.wait()
+        except KeyboardInterrupt:
+            print(f"{PROG}: stopping the MLflow UI", file=sys.stderr, flush=True)
+        finally:
+            # the stop is bounded (SIGKILL after a grace period): a second Ctrl-C must not cut it short
+            with hold_interrupts():
+                if proc is not None:
+                    _stop_process_group(proc)
     if code:
         raise ServerError(f"the MLflow UI exited with code {code} (its messages are above)")

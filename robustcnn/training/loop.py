@@ -11,6 +11,7 @@ Data stay on the device as whole tensors: no DataLoader and no numpy in the loop
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 import time
 from collections.abc import Mapping, Sequence
@@ -21,11 +22,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from robustcnn.batching import autocast_for
+from robustcnn.batching import autocast_for, is_out_of_memory, out_of_memory_error, release_cached_memory
 from robustcnn.config import config_bool, config_float, config_int, config_section
 from robustcnn.errors import ConfigError
 from robustcnn.interrupts import raise_if_requested
 from robustcnn.progress import progress_bar
+
+log = logging.getLogger(__name__)
 
 OPTIMIZERS = ("adam", "sgd")
 SCHEDULERS = ("none", "cosine", "step", "onecycle")
@@ -147,10 +150,27 @@ class TrainContext:
     stop: bool = False
     #: Free-form notes a hook wants logged with the run (events, chosen checkpoint, ...).
     notes: dict[str, Any] = field(default_factory=dict)
+    #: Images per forward/backward pass once the device ran out of memory (None: whole batches).
+    piece_size: int | None = None
+    #: The rows of the current batch that ``compute_loss`` sees: ``piece_start`` onwards, of a batch of
+    #: ``batch_images`` (None: the whole batch, as when a hook is called outside the loop).
+    piece_start: int = 0
+    batch_images: int | None = None
 
     def autocast(self) -> contextlib.AbstractContextManager[None]:
         """bf16 autocast on CUDA when enabled, a no-op elsewhere."""
         return autocast_for(self.device, self.config.amp)
+
+    def piece_rows(self, x: Tensor) -> tuple[int, Tensor]:
+        """(images in the whole batch, positions of ``x``'s rows in it), on ``x``'s device.
+
+        Why: a hook that draws noise per image (a random start) must draw the same noise for an
+        image whether the batch ran whole or in pieces after out-of-memory; it draws for the whole
+        batch and keeps its piece's rows (``PerturbContext.random``).
+        """
+        n = x.shape[0]
+        whole = self.batch_images if self.batch_images is not None else n
+        return whole, torch.arange(self.piece_start, self.piece_start + n, device=x.device)
 
 
 class TrainHook:
@@ -160,8 +180,23 @@ class TrainHook:
         """Called once before the first epoch."""
 
     def compute_loss(self, ctx: TrainContext, x: Tensor, y: Tensor) -> Tensor | None:
-        """Return the loss of this batch, or None to leave it to the next hook / cross-entropy."""
+        """Return the loss of this batch, or None to leave it to the next hook / cross-entropy.
+
+        The loss must be a mean over the images: after out-of-memory the loop calls this on pieces
+        of the batch (:meth:`TrainContext.piece_rows` says which) and weights each by its share.
+        """
         return None
+
+    def batch_state(self) -> object:
+        """What this hook has counted so far (e.g. correct predictions), for :meth:`restore_batch_state`.
+
+        Why: a batch that runs out of memory part-way is redone in pieces, and what the failed
+        attempt counted must not be counted twice. Hooks that count nothing per batch keep the default.
+        """
+        return None
+
+    def restore_batch_state(self, state: object) -> None:
+        """Go back to ``state`` (from :meth:`batch_state`): the batch is about to be redone."""
 
     def on_epoch_end(self, ctx: TrainContext, metrics: dict[str, float]) -> None:
         """Called after each epoch with that epoch's metrics (may add to them)."""
@@ -345,8 +380,10 @@ def _train_epoch(
         raise_if_requested()
         idx = order[step * config.batch_size : (step + 1) * config.batch_size]
         x, y = random_shift(x_all[idx], config.shift, generator), y_all[idx]
-        loss = _batch_loss(ctx, hooks, x, y, tally)
-        _optimizer_step(ctx.optimizer, scheduler, loss)
+        loss = _train_step(ctx, hooks, x, y, tally)
+        ctx.optimizer.step()
+        if scheduler is not None:
+            scheduler.step()  # per batch (see build_scheduler)
         ctx.step += 1
         tally.loss_sum += loss.detach() * y.shape[0]
         tally.seen += y.shape[0]
@@ -371,20 +408,99 @@ def _batch_loss(
     with ctx.autocast():
         logits = ctx.model(x)
         loss = F.cross_entropy(logits.float(), y)
-    tally.correct += (logits.argmax(1) == y).sum()
+    # a new tensor, not in place: a batch redone after out-of-memory restores the previous one
+    tally.correct = tally.correct + (logits.argmax(1) == y).sum()
     tally.counted += y.shape[0]
     return loss
 
 
-def _optimizer_step(
-    optimizer: torch.optim.Optimizer, scheduler: torch.optim.lr_scheduler.LRScheduler | None, loss: Tensor
-) -> None:
-    """Backward and step; the schedule moves per batch (see :func:`build_scheduler`)."""
-    optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    optimizer.step()
-    if scheduler is not None:
-        scheduler.step()
+def _train_step(
+    ctx: TrainContext, hooks: Sequence[TrainHook], x: Tensor, y: Tensor, tally: _EpochTally
+) -> Tensor:
+    """The batch's gradients in the parameters' ``.grad`` (the caller steps); returns its mean loss.
+
+    Why pieces: a batch size that fits one GPU can exhaust another's memory (or the same one's,
+    fragmented, hours in), and losing the training to it is worse than running slower. The batch
+    that ran out of memory is redone in halves, and later batches use the smaller size too. The
+    gradients of the pieces, each weighted by its share of the batch, add up to the whole batch's
+    for a mean loss, so the optimiser takes the same step; what the failed attempt counted is
+    rolled back first. Exact but for BatchNorm in train mode (the warning says so) and for which
+    dropout masks are drawn.
+    """
+    n = y.shape[0]
+    saved = (tally.correct, tally.counted, [hook.batch_state() for hook in hooks])
+    first_try: int | None = None
+    while True:
+        size = min(ctx.piece_size or n, n)
+        try:
+            loss = _accumulate_pieces(ctx, hooks, x, y, tally, size)
+            break
+        except RuntimeError as exc:
+            if not is_out_of_memory(exc):
+                raise
+            if size == 1:
+                raise out_of_memory_error("training", 1, "training.batch_size") from exc
+        # outside the except block: the traceback, and the activations it holds, are released now
+        tally.correct, tally.counted = saved[0], saved[1]
+        for hook, state in zip(hooks, saved[2], strict=True):
+            hook.restore_batch_state(state)
+        first_try = first_try or size
+        ctx.piece_size = size // 2
+        release_cached_memory()
+    if first_try is not None:
+        _warn_smaller_pieces(ctx.model, first_try, size)
+    return loss
+
+
+def _accumulate_pieces(
+    ctx: TrainContext, hooks: Sequence[TrainHook], x: Tensor, y: Tensor, tally: _EpochTally, size: int
+) -> Tensor:
+    """Forward and backward ``size`` images at a time; the summed gradients land in ``.grad`` at the end.
+
+    ``torch.autograd.grad`` rather than ``backward``: a piece that runs out of memory half-way
+    through its backward pass then leaves no partial gradient behind (and a hook that clears
+    ``.grad`` before its inner attack cannot clear the earlier pieces' share).
+    """
+    params = [p for group in ctx.optimizer.param_groups for p in group["params"] if p.requires_grad]
+    ctx.optimizer.zero_grad(set_to_none=True)
+    n = y.shape[0]
+    total: list[Tensor | None] = [None] * len(params)
+    loss_sum: Tensor | None = None
+    ctx.batch_images = n
+    try:
+        for begin in range(0, n, size):
+            ctx.piece_start = begin
+            piece_loss = _batch_loss(ctx, hooks, x[begin : begin + size], y[begin : begin + size], tally)
+            share = min(size, n - begin) / n
+            weighted = piece_loss if share == 1 else piece_loss * share
+            grads = torch.autograd.grad(weighted, params, allow_unused=True)
+            total = [g if t is None else t if g is None else t + g for t, g in zip(total, grads, strict=True)]
+            loss_sum = weighted.detach() if loss_sum is None else loss_sum + weighted.detach()
+    finally:
+        ctx.piece_start, ctx.batch_images = 0, None
+    for param, grad in zip(params, total, strict=True):
+        param.grad = grad
+    assert loss_sum is not None  # a batch has at least one image
+    return loss_sum
+
+
+def _warn_smaller_pieces(model: nn.Module, before: int, size: int) -> None:
+    """Say once per change that the batch now runs in pieces, and whether the result is still exact."""
+    batch_norm = any(isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training for m in model.modules())
+    exact = (
+        f"BatchNorm layers now normalise over {size} images instead of the whole batch, so the "
+        f"weights differ slightly from a run that fits; set training.batch_size={size} or lower "
+        "for a run any GPU repeats"
+        if batch_norm
+        else "gradients are summed over the pieces: the same steps, more passes; set "
+        f"training.batch_size={size} or lower to avoid the retry"
+    )
+    log.warning(
+        "training ran out of GPU memory with %d images at a time; each batch now runs in pieces of %d (%s)",
+        before,
+        size,
+        exact,
+    )
 
 
 def _epoch_metrics(ctx: TrainContext, tally: _EpochTally, seconds: float) -> dict[str, float]:
@@ -398,4 +514,6 @@ def _epoch_metrics(ctx: TrainContext, tally: _EpochTally, seconds: float) -> dic
     }
     if tally.counted:  # batches that took the cross-entropy default
         metrics["train_accuracy"] = float(tally.correct.item() / tally.counted)
+    if ctx.piece_size is not None:  # the run records that out-of-memory split its batches
+        metrics["train_piece_images"] = float(ctx.piece_size)
     return metrics
