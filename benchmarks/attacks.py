@@ -8,13 +8,18 @@ taken from the weight cache or trained once), batch 256:
   undefended model), torchattacks and ART running the same attack;
 * the whole 8-eps ``mnist_linf`` curve of PGD-40 with early stopping, against one full PGD-40 run
   at a single eps;
-* on CUDA, bf16 autocast's effect on speed and on robust accuracy.
+* on CUDA, bf16 autocast's effect on speed and on robust accuracy;
+* FMN (L-inf and L2, 100 steps) against foolbox 3.3.4's ``LInfFMNAttack`` / ``L2FMNAttack`` with
+  their defaults on the same images: robust accuracy at every eps of the curve (each run once
+  answers every eps), the median minimal norm, and the time ratio (< 1: ours is faster).
 
 Ratios are time ratios (< 1 is faster), measured with the contenders interleaved round by round
 (benchmarks/_timing.py): the median of the per-round ratios with min, max and a ``meaningful`` flag.
 A benchmark, not a test: figures are recorded, not asserted.
 
-    python benchmarks/attacks.py [--images 512] [--rounds 5] [--threads 1] [--out PATH]
+    python benchmarks/attacks.py [--images 512] [--rounds 5] [--threads 1] [--out PATH] [--only fmn ...]
+
+A dry run that leaves the committed figures alone: ``--images 16 --rounds 1 --out /tmp/attacks.json``.
 """
 
 from __future__ import annotations
@@ -23,7 +28,7 @@ import argparse
 import contextlib
 import subprocess
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -37,12 +42,17 @@ import robustcnn.attacks.backends  # noqa: F401  (registers the torchattacks and
 from robustcnn.attacks import Attack, build_attack
 from robustcnn.config import compose
 from robustcnn.device import resolve_device, seed_everything
+from robustcnn.evaluation import minimal
 from robustcnn.jobs.inputs import load_data, to_container
 from robustcnn.jobs.trained import obtain_model
 from robustcnn.threat import ThreatModel
 
 EPS = 0.3
 BATCH = 256
+#: What ``--only`` picks from: PGD against the floor and libraries, the eps curve (and bf16), FMN.
+SECTIONS = ("pgd", "curve", "fmn")
+#: The eps grids the FMN rows report on (mnist_linf's, and an L2 grid up to where lenet5 falls).
+FMN_EPS = {"linf": (0.0, 0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.4), "l2": (0.0, 0.5, 1.0, 1.5, 2.0, 2.5, 3.0)}
 Sync = Callable[[], None] | None
 
 
@@ -75,6 +85,9 @@ def main() -> None:
     )
     parser.add_argument("--device", default="auto")
     parser.add_argument("--out", type=Path, default=Path("reports/benchmarks/attacks.json"))
+    parser.add_argument(
+        "--only", nargs="+", choices=SECTIONS, default=list(SECTIONS), help="measure only these sections"
+    )
     args = parser.parse_args()
 
     torch.set_num_threads(args.threads)
@@ -86,10 +99,10 @@ def main() -> None:
         p.requires_grad_(False)
     x, y = data.x_test[: args.images].to(device), data.y_test[: args.images].to(device)
     sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else None
-    results = measure(model, x, y, args.rounds, sync, device)
+    results = measure(model, x, y, args.rounds, sync, device, args.only)
     if args.load_check:
         with busy_process():
-            loaded = measure(model, x, y, args.rounds, sync, device)
+            loaded = measure(model, x, y, args.rounds, sync, device, args.only)
         results = {"idle": results, "beside_a_busy_process": loaded, "agreement": agreement(results, loaded)}
     write_report(
         args.out,
@@ -106,15 +119,27 @@ def main() -> None:
 
 
 def measure(
-    model: torch.nn.Module, x: Tensor, y: Tensor, rounds: int, sync: Sync, device: torch.device
+    model: torch.nn.Module,
+    x: Tensor,
+    y: Tensor,
+    rounds: int,
+    sync: Sync,
+    device: torch.device,
+    only: Sequence[str] = SECTIONS,
 ) -> dict[str, Any]:
-    """Every comparison once: PGD-10 and PGD-40 against the floor and the libraries, the 8-eps curve."""
+    """Each comparison in ``only`` once: PGD-10/40 against the floor and the libraries, the 8-eps
+    curve (and bf16 on CUDA), FMN against foolbox's."""
     results: dict[str, Any] = {}
-    for steps in (10, 40):
-        results[f"pgd{steps}_eps{EPS}"] = pgd_row(model, x, y, steps, rounds, sync)
-    results["pgd40_mnist_linf_curve"] = curve_row(model, x, y, rounds, sync)
-    if device.type == "cuda":
-        results["cuda_bf16_autocast"] = bf16_row(model, x, y, rounds, sync)
+    if "pgd" in only:
+        for steps in (10, 40):
+            results[f"pgd{steps}_eps{EPS}"] = pgd_row(model, x, y, steps, rounds, sync)
+    if "curve" in only:
+        results["pgd40_mnist_linf_curve"] = curve_row(model, x, y, rounds, sync)
+        if device.type == "cuda":
+            results["cuda_bf16_autocast"] = bf16_row(model, x, y, rounds, sync)
+    if "fmn" in only:
+        for norm in ("linf", "l2"):
+            results[f"fmn_{norm}_vs_foolbox"] = fmn_row(model, x, y, norm, rounds, sync)
     return results
 
 
@@ -221,6 +246,52 @@ def bf16_row(model: torch.nn.Module, x: Tensor, y: Tensor, rounds: int, sync: Sy
         "bf16_robust_accuracy": bf16.run(model, x, y, curve).robust_accuracy(),
         "timings": timings.summary(),
     }
+
+
+def foolbox_fmn(model: torch.nn.Module, x: Tensor, y: Tensor, norm: str, eps: Sequence[float]) -> Tensor:
+    """foolbox 3.3.4's FMN (its defaults: 100 steps) batch by batch: per eps, is each sample correct?
+
+    A minimization attack runs once; foolbox clips its examples to every eps and reports success.
+    """
+    import foolbox
+
+    fmodel = foolbox.PyTorchModel(model, bounds=(0.0, 1.0), device=x.device)
+    fmn = foolbox.attacks.LInfFMNAttack() if norm == "linf" else foolbox.attacks.L2FMNAttack()
+    parts = []
+    for start in range(0, x.shape[0], BATCH):
+        xb, yb = x[start : start + BATCH], y[start : start + BATCH]
+        _, _, success = fmn(fmodel, xb, yb, epsilons=list(eps))
+        parts.append(~success.cpu())
+    return torch.cat(parts, dim=1)
+
+
+def fmn_row(model: torch.nn.Module, x: Tensor, y: Tensor, norm: str, rounds: int, sync: Sync) -> dict:
+    """Our FMN against foolbox's on the same images: robust accuracy per eps, minimal norms, time."""
+    threat = ThreatModel(norm=norm, eps=FMN_EPS[norm])
+    ours = build_attack({"name": "fmn", "steps": 100, "batch_size": BATCH, "seed": 0})
+    outcomes: dict[str, Any] = {}
+
+    def run_ours() -> None:
+        result = ours.run(model, x, y, threat)
+        outcomes["ours"] = result.robust_accuracy()
+        outcomes["ours_minimal_perturbation"] = minimal.summary({"fmn": result}, norm)
+
+    def run_foolbox() -> None:
+        outcomes["foolbox"] = [float(v) for v in foolbox_fmn(model, x, y, norm, threat.eps).float().mean(1)]
+
+    timings = interleaved({"ours": run_ours, "foolbox": run_foolbox}, rounds, sync=sync)
+    gap = [round(a - b, 4) for a, b in zip(outcomes["ours"], outcomes["foolbox"], strict=True)]
+    row = {
+        "eps": list(threat.eps),
+        "robust_accuracy": {"ours": outcomes["ours"], "foolbox": outcomes["foolbox"]},
+        "ours_minus_foolbox": gap,
+        "max_abs_gap": max(abs(g) for g in gap),
+        "ours_minimal_perturbation": outcomes["ours_minimal_perturbation"],
+        "ours_vs_foolbox": timings.ratio("ours", "foolbox"),
+        "timings": timings.summary(),
+    }
+    print(f"FMN {norm}: max |ours - foolbox| {row['max_abs_gap']}, time {row['ours_vs_foolbox']}", flush=True)
+    return row
 
 
 if __name__ == "__main__":

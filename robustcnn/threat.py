@@ -160,14 +160,22 @@ def perturbation_norms(delta: Tensor, norm: str) -> Tensor:
 
 
 def project(
-    x_adv: Tensor, x: Tensor, eps: float, norm: str, bounds: tuple[float, float] = (0.0, 1.0)
+    x_adv: Tensor, x: Tensor, eps: float | Tensor, norm: str, bounds: tuple[float, float] = (0.0, 1.0)
 ) -> Tensor:
-    """Project ``x_adv`` onto the eps ball around ``x`` intersected with the box ``bounds``."""
+    """Project ``x_adv`` onto the eps ball around ``x`` intersected with the box ``bounds``.
+
+    ``eps``: one radius, or one per sample (a tensor [N]: a minimum-norm attack's norm constraints).
+    """
     delta = x_adv - x
+    shape = (-1, *([1] * (delta.dim() - 1)))
     if norm == "linf":
-        delta = delta.clamp(-eps, eps)
+        if isinstance(eps, Tensor):
+            radius = eps.view(shape)
+            delta = torch.maximum(torch.minimum(delta, radius), -radius)
+        else:
+            delta = delta.clamp(-eps, eps)
     else:
         norms = perturbation_norms(delta, "l2").clamp_min(1e-12)
-        factor = (eps / norms).clamp(max=1.0).view(-1, *([1] * (delta.dim() - 1)))
+        factor = (eps / norms).clamp(max=1.0).view(shape)
         delta = delta * factor
     return (x + delta).clamp(*bounds)

@@ -51,6 +51,7 @@ def _attacks(mnist_small) -> dict[str, object]:
         "pgd_margin_restarts": PGD(steps=5, restarts=2, loss="margin"),
         "apgd": build_attack({"name": "apgd", "steps": 10, "restarts": 2}),
         "apgd_dlr": build_attack({"name": "apgd", "steps": 6, "loss": "dlr"}),
+        "fmn": build_attack({"name": "fmn", "steps": 10}),
         "noise": RandomNoise(samples=2),
         "noise_uniform": RandomNoise(kind="uniform", samples=2),
         "transfer": Transfer(steps=5).bind(_surrogate(mnist_small)),

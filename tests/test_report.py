@@ -23,7 +23,14 @@ from robustcnn.report.build import folder_name
 from robustcnn.report.charts import robustness_curves, tradeoff
 from robustcnn.report.page import render, script_json
 from robustcnn.report.records import RunRecord, split_runs
-from robustcnn.report.tables import attack_breakdown, curve_auc, leaderboard, pareto_front, sanity_checks
+from robustcnn.report.tables import (
+    attack_breakdown,
+    curve_auc,
+    leaderboard,
+    minimal_perturbations,
+    pareto_front,
+    sanity_checks,
+)
 
 EPS = [0.0, 0.1, 0.2, 0.3]
 EVIL = "<script>alert(1)</script>"
@@ -173,6 +180,21 @@ def test_two_presets_of_one_defense_type_stay_apart_and_show_their_epoch_cost() 
     assert [row.cells[0].text for row in table.rows][0] == "lenet5-prune_robust-mnist5k"
     assert (table.rows[0].cells[cost].text, table.rows[0].cells[cost].title) == ("11.4×", "45.2 s per epoch")
     assert table.rows[1].cells[cost].text == "–"
+
+
+def test_minimal_perturbation_quartiles_per_defense(mixed_runs: list[RunRecord]) -> None:
+    """Only runs with a minimum-norm attack get a row; a quartile on an unbroken sample says so."""
+    found = {"norm": "linf", "n": 100, "q1": 0.05, "median": 0.1234, "q3": None,
+             "unbroken_fraction": 0.3, "attacks": ["fmn"]}
+    fmn_run = run("fmn", results("pgd_at", 0.9, [0.9, 0.8, 0.7, 0.6], minimal_perturbation=found))
+    table = minimal_perturbations(split_runs("exp", [*mixed_runs, fmn_run]).finished)
+    assert table.columns == ["run", "defense", "norm", "q1", "median", "q3", "unbroken", "from"]
+    assert [[c.text for c in row.cells] for row in table.rows] == [
+        ["fmn", "pgd_at", "linf", "0.0500", "0.1234", "unbroken", "0.300", "fmn"]
+    ]
+    page = _page([*mixed_runs, fmn_run])
+    rows = re.search(r'<table id="minimal-table".*?<tbody>(.*?)</tbody>', page, re.S)
+    assert rows is not None and rows.group(1).count("<tr") == 1 and "0.1234" in rows.group(1)
 
 
 def _page(runs: list[RunRecord]) -> str:

@@ -6,6 +6,7 @@ from robustcnn.attacks.apgd import APGD
 from robustcnn.attacks.base import Attack, AttackInvariantError, AttackResult, PerturbContext
 from robustcnn.attacks.eot import make_eot, with_eot
 from robustcnn.attacks.fgsm import FGSM
+from robustcnn.attacks.fmn import FMN
 from robustcnn.attacks.gradient import GradientAttack
 from robustcnn.attacks.noise import RandomNoise
 from robustcnn.attacks.pgd import PGD
@@ -23,6 +24,7 @@ from robustcnn.attacks.transfer import Transfer
 register_attack("fgsm")(FGSM)
 register_attack("pgd")(PGD)
 register_attack("apgd")(APGD)
+register_attack("fmn")(FMN)
 register_attack("noise")(RandomNoise)
 register_attack("square")(Square)
 register_attack("transfer")(Transfer)
@@ -35,6 +37,7 @@ __all__ = [
     "APGD",
     "BACKENDS",
     "FGSM",
+    "FMN",
     "PGD",
     "Attack",
     "AttackInvariantError",

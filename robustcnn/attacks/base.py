@@ -15,7 +15,11 @@ writes ``perturb`` (how to find a candidate inside one eps ball):
   that tensor from the attack's gradient step (the same forward pass, not run twice);
 * shortcuts that never change a reported number: a sample fooled at a smaller eps keeps that
   adversarial example at every larger eps (it lies inside the larger ball) and is not attacked
-  again; samples the model already gets wrong are not attacked at all.
+  again; samples the model already gets wrong are not attacked at all;
+* a minimum-norm attack (FMN) searches each sample's smallest adversarial example once per batch
+  (:meth:`Attack.search_smallest`); the base verifies every example with its own forward pass and
+  hands the verified ones to ``perturb`` at each eps (:class:`SmallestFound`), so every eps is
+  answered from one search and still checked, projected and measured like any other candidate.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import inspect
+import math
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
@@ -73,6 +78,9 @@ class AttackResult:
     seconds: float = 0.0
     forward_passes: int = 0
     gradient_passes: int = 0
+    #: float [N]: a minimum-norm attack's smallest verified adversarial perturbation per sample (inf
+    #: where its search found none, 0 where the model is wrong on clean input); None for other attacks
+    min_norms: Tensor | None = None
 
     @property
     def eps(self) -> tuple[float, ...]:
@@ -101,6 +109,19 @@ class AttackResult:
             medians.append(float(picked.median()) if picked.numel() else float("nan"))
         return {"mean": means, "median": medians}
 
+    def minimal_norms(self) -> Tensor:
+        """Per sample, the smallest perturbation norm shown to make the model wrong (float [N]).
+
+        An upper bound on the sample's true minimal perturbation, from every example reported wrong
+        at any eps and, for a minimum-norm attack, from its search: 0 where the model is wrong on
+        clean input, inf where nothing was found. A robust accuracy at eps is (up to the evidence
+        of other attacks) the fraction of samples whose value exceeds eps.
+        """
+        shown = torch.where(self.correct, torch.full_like(self.norms, math.inf), self.norms).amin(0)
+        if self.min_norms is not None:
+            shown = torch.minimum(shown, self.min_norms)
+        return torch.where(self.clean_correct, shown, torch.zeros_like(shown))
+
     def confidence_drop(self) -> list[float]:
         """Mean drop of the true-class probability, clean -> adversarial, on clean-correct samples."""
         base = self.clean_correct
@@ -111,6 +132,23 @@ class AttackResult:
 
     def images_per_s(self) -> float:
         return self.n / self.seconds if self.seconds > 0 else float("nan")
+
+
+@dataclass
+class SmallestFound:
+    """A minimum-norm attack's verified smallest adversarial examples, one row per sample.
+
+    ``examples`` are what the base measured (a sample without a verified example has its clean
+    input), ``logits`` the base's own fp32 forward pass on exactly them, ``norms`` their perturbation
+    norms (inf: none found). An attack answers an eps from these rows (:attr:`PerturbContext.smallest`).
+    """
+
+    examples: Tensor
+    logits: Tensor
+    norms: Tensor
+
+    def rows(self, idx: Tensor) -> SmallestFound:
+        return SmallestFound(*(t.index_select(0, idx) for t in (self.examples, self.logits, self.norms)))
 
 
 @dataclass
@@ -130,6 +168,8 @@ class PerturbContext:
     known_logits: Tensor | None = None
     known: Tensor | None = None
     known_model: nn.Module | None = None
+    #: A minimum-norm attack's verified examples of the attacked samples (None for other attacks).
+    smallest: SmallestFound | None = None
 
     def amp_active(self) -> bool:
         """bf16 autocast is really on (CUDA only): logits computed under it are not the fp32 answer."""
@@ -310,6 +350,9 @@ class Attack(ABC):
     #: Use the logits an attack vouches for instead of a second forward pass (tests turn it off to
     #: show that it changes no number).
     reuse_vouched_logits: bool = True
+    #: A minimum-norm attack: it searches each sample's smallest adversarial example once per batch
+    #: (:meth:`search_smallest`) and answers every eps from the verified result.
+    minimum_norm: ClassVar[bool] = False
 
     def __init__(
         self,
@@ -341,6 +384,23 @@ class Attack(ABC):
         ctx: PerturbContext,
     ) -> Tensor:
         """Return one candidate per sample inside the eps ball around ``x`` (and inside [0,1])."""
+
+    def search_smallest(
+        self,
+        model: nn.Module,
+        x: Tensor,
+        y: Tensor,
+        threat: ThreatModel,
+        targets: Tensor | None,
+        ctx: PerturbContext,
+    ) -> Tensor:
+        """A minimum-norm attack's search: each sample's smallest adversarial example (any radius).
+
+        Called once per batch, before any eps, on the samples the model gets right; what comes back
+        must lie inside the bounds, and the base keeps a row only if its own forward pass finds it
+        reaches the goal. Only attacks with ``minimum_norm`` implement it.
+        """
+        raise NotImplementedError(f"attack {self.name} is no minimum-norm attack")
 
     def params(self) -> dict[str, SettingValue]:
         """The settings that define this attack (logged, shown in reports and ``repr``)."""
@@ -486,6 +546,7 @@ class Attack(ABC):
             seconds=seconds,
             forward_passes=counters["forward"],
             gradient_passes=counters["gradient"],
+            min_norms=merged.get("min_norms"),
         )
 
     def measure(self, model: nn.Module, candidate: Tensor, raw: Tensor, ctx: PerturbContext) -> Tensor:
@@ -540,8 +601,25 @@ class Attack(ABC):
             raise AttackInvariantError(f"attack {self.name} left the input bounds {list(bounds)}")
 
 
+def settled_projection(raw: Tensor, x: Tensor, norm: str, bounds: tuple[float, float]) -> Tensor:
+    """``raw`` as the base's projection leaves it at any eps whose ball holds it, bit for bit.
+
+    Why: a minimum-norm attack's example is measured once and then reported at every eps whose ball
+    holds it; the base projects every candidate, and ``x + (raw - x)`` may differ from ``raw`` in
+    the last bit. Projecting until nothing moves (float round-off settles after a step or two) gives
+    the tensor that every later projection returns unchanged, so what was measured is what is reported.
+    """
+    current = project(raw, x, math.inf, norm, bounds)
+    for _ in range(3):
+        again = project(current, x, math.inf, norm, bounds)
+        if torch.equal(again, current):
+            break
+        current = again
+    return current
+
+
 #: Result tensors whose first axis is the sample axis (the others are [E, N, ...]).
-_SAMPLE_FIRST = {"clean_correct", "true_prob_clean"}
+_SAMPLE_FIRST = {"clean_correct", "true_prob_clean", "min_norms"}
 
 
 @dataclass
@@ -621,9 +699,13 @@ class _Batch:
         self.best_prob = self.clean_prob.clone()
         self.done = goal_reached(clean_logits, y, self.targets)
         self.history: dict[str, list[Tensor]] = {key: [] for key in _PER_EPS}
+        self.clean_logits = clean_logits
+        self.smallest: SmallestFound | None = None
 
     def attack_every_eps(self, *, keep: int) -> dict[str, Tensor]:
         """Attack at every eps, smallest first; ``keep``: how many of the first images to return."""
+        if self.attack.minimum_norm:
+            self.search_smallest()
         for e, eps in enumerate(self.threat.eps):
             if eps > 0:
                 self.attack_at(e, float(eps))
@@ -637,15 +719,9 @@ class _Batch:
         generator = torch.Generator().manual_seed(self.attack.seed * 7919 + self.batch_index)
         return self.threat.choose_targets(clean_logits, self.y, clean_logits.shape[1], generator)
 
-    def attack_at(self, eps_index: int, eps: float) -> None:
-        """Attack the samples that still need it at this eps and report what each candidate achieves."""
-        # samples the model already gets wrong need no attack; with early_stop, neither do samples
-        # fooled at a smaller eps (their example lies inside this larger ball)
-        attack_now = self.clean_correct & ~self.done if self.attack.early_stop else self.clean_correct
-        active = attack_now.nonzero().flatten()
-        if not active.numel():
-            return
-        ctx = PerturbContext(
+    def context(self, eps_index: int, active: Tensor) -> PerturbContext:
+        """What ``perturb`` (or a minimum-norm search) gets besides the tensors of the samples ``active``."""
+        return PerturbContext(
             device=self.device,
             eps_index=eps_index,
             batch_index=self.batch_index,
@@ -655,7 +731,43 @@ class _Batch:
             bounds=self.bounds,
             amp=self.attack.amp,
             counters=self.counters,
+            smallest=None if self.smallest is None else self.smallest.rows(active),
         )
+
+    def search_smallest(self) -> None:
+        """A minimum-norm attack's one search for the batch, verified by the base's own forward pass.
+
+        Why verified here: the per-sample minimal norms speak for every eps, so they must not rest
+        on the attack's bookkeeping. A row counts only if this forward pass finds that it reaches the
+        goal; its norm is then the sample's minimal perturbation (0 where the model is wrong on clean
+        input, inf where none was found).
+        """
+        examples, logits = self.x.clone(), self.clean_logits.clone()
+        norms = torch.where(self.clean_correct, math.inf, 0.0)
+        active = (self.clean_correct & ~self.done).nonzero().flatten()
+        if active.numel():
+            ctx = self.context(len(self.threat.eps), active)
+            tx, ty = self.x.index_select(0, active), self.y.index_select(0, active)
+            tt = optional_rows(self.targets, active)
+            raw = self.attack.search_smallest(self.model, tx, ty, self.threat, tt, ctx).detach()
+            self.attack.check_candidate(raw, tx, math.inf, self.threat.norm, self.bounds)
+            candidate = settled_projection(raw, tx, self.threat.norm, self.bounds)
+            measured = self.attack.measure(self.model, candidate, raw, ctx)
+            hit = goal_reached(measured, ty, tt)
+            rows = active[hit]
+            examples[rows], logits[rows] = candidate[hit], measured[hit]
+            norms[rows] = perturbation_norms(candidate[hit] - tx[hit], self.threat.norm)
+        self.smallest = SmallestFound(examples, logits, norms)
+
+    def attack_at(self, eps_index: int, eps: float) -> None:
+        """Attack the samples that still need it at this eps and report what each candidate achieves."""
+        # samples the model already gets wrong need no attack; with early_stop, neither do samples
+        # fooled at a smaller eps (their example lies inside this larger ball)
+        attack_now = self.clean_correct & ~self.done if self.attack.early_stop else self.clean_correct
+        active = attack_now.nonzero().flatten()
+        if not active.numel():
+            return
+        ctx = self.context(eps_index, active)
         tx, ty = self.x.index_select(0, active), self.y.index_select(0, active)
         tt = optional_rows(self.targets, active)
         raw = self.attack.perturb(self.model, tx, ty, eps, self.threat, tt, ctx).detach()
@@ -702,6 +814,8 @@ class _Batch:
         }
         if keep:
             out["adv_examples"] = torch.stack(self.history["adv_examples"])
+        if self.smallest is not None:
+            out["min_norms"] = self.smallest.norms.cpu()
         return out
 
 

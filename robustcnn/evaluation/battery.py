@@ -24,7 +24,7 @@ from robustcnn.attacks import APGD, PGD, Attack, AttackResult, GradientAttack, R
 from robustcnn.attacks.base import attack_mode
 from robustcnn.batching import in_batches
 from robustcnn.config import config_bool, config_float, config_int, config_section
-from robustcnn.evaluation import checks
+from robustcnn.evaluation import checks, minimal
 from robustcnn.evaluation.checks import CheckResult, CheckSettings
 from robustcnn.threat import ThreatModel
 
@@ -147,6 +147,8 @@ class BatteryResult:
                 for k, r in self.attacks.items()
             },
             "confidence_drop": {k: self.full_curve(k, r.confidence_drop()) for k, r in self.attacks.items()},
+            # with a minimum-norm attack: the per-sample minimal perturbation's quartiles (no eps choice)
+            "minimal_perturbation": minimal.summary(self.attacks, self.threat.norm),
             "probes": {
                 k: {"n": r.n, "eps": list(r.eps), "robust_accuracy": r.robust_accuracy(), "params": r.params}
                 for k, r in self.probes.items()
@@ -352,11 +354,18 @@ def worst_case(
     """Per eps and sample: correct under every attack run (bool [E, N]).
 
     Attacks that ran at a subset of the eps, and probes (on the first samples only), count where
-    they ran: no reported number is one that a stronger attack we ran would lower.
+    they ran: no reported number is one that a stronger attack we ran would lower. A minimum-norm
+    attack's verified per-sample minimal norms count at every eps (a sample is broken at each eps
+    at least as large), so the worst case is, per sample and eps, the minimum over it and the
+    fixed-eps attacks.
     """
     eps_rows = {value: i for i, value in enumerate(threat.eps)}
     full = [r for r in results.values() if r.eps == threat.eps]
     worst = torch.stack([r.correct for r in full]).all(0)
+    radii = torch.tensor(threat.eps, dtype=torch.float32).view(-1, 1)
+    for searched in results.values():
+        if searched.min_norms is not None:  # verified minimal norms speak for every eps
+            worst[:, : searched.n] &= searched.min_norms.view(1, -1) > radii
     for probe in (*[r for r in results.values() if r.eps != threat.eps], *probes.values()):
         for j, value in enumerate(probe.eps):
             if value in eps_rows:

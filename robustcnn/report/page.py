@@ -180,6 +180,12 @@ def render(
                 "(the runs no other run beats on both axes)."),
         section("attacks", "Per-attack breakdown",
                 render_table(tables.attack_breakdown(done), "attacks-table", sortable=True)),
+        section("minimal", "Minimal perturbation",
+                render_table(tables.minimal_perturbations(done), "minimal-table", sortable=True,
+                             empty="no run with a minimum-norm attack (attack=fmn)"),
+                "Per sample, the smallest perturbation shown to break it (FMN's verified search and every "
+                "example an attack reported wrong): its quartiles per run, a robustness figure that needs "
+                "no ε choice. Robust accuracy at ε is about the fraction of samples above ε."),
         section("checks", "Sanity checks",
                 render_table(tables.sanity_checks(done), "checks-table", sortable=True),
                 "Carlini et al. 2019: a failed check (FAIL) makes the verdict unreliable. Hover a cell for "
@@ -202,8 +208,8 @@ def render(
     nav = "".join(
         f'<a href="#{sid}">{esc(title)}</a>'
         for sid, title in (("leaderboard", "leaderboard"), ("curves", "curves"), ("tradeoff", "trade-off"),
-                           ("attacks", "attacks"), ("checks", "checks"), ("examples", "examples"),
-                           ("configs", "configs"))
+                           ("attacks", "attacks"), ("minimal", "minimal perturbation"), ("checks", "checks"),
+                           ("examples", "examples"), ("configs", "configs"))
     )
     specs = [{"id": c.chart_id, "figure": c.figure} for c in charts]
     summary = (

@@ -218,6 +218,32 @@ def attack_breakdown(runs: Sequence[RunRecord]) -> Table:
     return table
 
 
+def minimal_perturbations(runs: Sequence[RunRecord]) -> Table:
+    """Per run with a minimum-norm attack: the per-sample minimal perturbation's quartiles.
+
+    A robustness figure that needs no eps choice (results.json ``minimal_perturbation``); a
+    quantile shown as "unbroken" falls on a sample that no attack broke.
+    """
+    table = Table(["run", "defense", "norm", "q1", "median", "q3", "unbroken", "from"])
+    for run in sorted(runs, key=_leaderboard_order):
+        found = run.result("minimal_perturbation")
+        if not isinstance(found, dict):
+            continue
+        quartiles = [
+            num_cell(found.get(key), 4) if found.get(key) is not None else Cell("unbroken")
+            for key in ("q1", "median", "q3")
+        ]
+        table.rows.append(
+            Row(
+                [Cell(run.label, title=run.run_id), Cell(str(run.defense or "–")),
+                 Cell(str(found.get("norm", "–"))), *quartiles, num_cell(found.get("unbroken_fraction")),
+                 Cell(", ".join(str(a) for a in found.get("attacks") or []) or "–")],
+                run_id=run.run_id,
+            )
+        )
+    return table
+
+
 def sanity_checks(runs: Sequence[RunRecord]) -> Table:
     """Each run's checks (pass / FAIL / skipped) and verdict; failing rows are flagged."""
     names: list[str] = []

@@ -63,7 +63,20 @@ def battery_metric_rows(results: Mapping[str, Any]) -> list[MetricRow]:
         rows += [
             (f"{name}/eps_{value:.4g}", curve[i], 0) for i, value in enumerate(eps) if curve[i] is not None
         ]
-    return rows
+    return rows + minimal_perturbation_rows(results)
+
+
+def minimal_perturbation_rows(results: Mapping[str, Any]) -> list[MetricRow]:
+    """``minimal_perturbation/<q1|median|q3|unbroken_fraction>`` when a minimum-norm attack ran.
+
+    A quantile that falls on an unbroken sample is None in results.json and is not logged.
+    """
+    found = results.get("minimal_perturbation") or {}
+    return [
+        (f"minimal_perturbation/{key}", float(found[key]), 0)
+        for key in ("q1", "median", "q3", "unbroken_fraction")
+        if _is_number(found.get(key))
+    ]
 
 
 def audit_summary_rows(results: Mapping[str, Any]) -> list[MetricRow]:
