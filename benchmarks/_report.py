@@ -1,7 +1,8 @@
 """What every benchmark writes: the machine it ran on, the date, and its JSON under reports/benchmarks/.
 
 Why shared: figures are only comparable with the machine next to them (threads, load, GPU), and
-every benchmark should record the same facts about it.
+every benchmark should record the same facts about it; and every report is stamped with the script,
+the commit and a digest (_provenance.py), so a figure typed into it by hand shows.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from _provenance import stamp
 
 
 def machine_info(device: torch.device | None = None) -> dict[str, Any]:
@@ -33,7 +35,10 @@ def machine_info(device: torch.device | None = None) -> dict[str, Any]:
 def write_report(
     out: Path, name: str, results: Any, device: torch.device | None = None, **extra: Any
 ) -> None:
-    """Write ``{"benchmark", ...extra, "machine", "date", "results"}`` to ``out`` and say where."""
+    """Write ``{"benchmark", ...extra, "machine", "date", "results", "written_by", "sha256"}`` to ``out``.
+
+    The whole file comes from here: nothing may be added to it by hand (the digest would not match).
+    """
     payload = {
         "benchmark": name,
         **extra,
@@ -42,5 +47,5 @@ def write_report(
         "results": results,
     }
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(payload, indent=2))
+    out.write_text(json.dumps(stamp(payload), indent=2) + "\n")
     print(f"wrote {out}")

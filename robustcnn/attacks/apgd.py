@@ -4,8 +4,8 @@ Each sample starts with step 2 eps and a momentum of 0.75; at checkpoints spaced
 (22%, then shrinking gaps) its step is halved, and it jumps back to its best point so far, when
 fewer than 75% of the steps since the last checkpoint raised the objective or when neither the
 step nor the best objective changed. This adapts to each sample's loss surface, which is where a
-fixed-step PGD under-reports: on an adversarially trained lenet5 at eps 0.3 a PGD-40 (CE) leaves
-72% robust where AutoAttack finds 61.5% (benchmarks/audit_vs_autoattack.py).
+fixed-step PGD under-reports on adversarially trained models (benchmarks/audit_vs_autoattack.py
+measures a PGD-40 against AutoAttack and the audit on an adversarially trained lenet5).
 
 As in :class:`PGD`, the first iterate that reaches the goal is the sample's result and, with
 ``early_stop``, a fooled sample leaves the batch (it changes no result, only the cost).

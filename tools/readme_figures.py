@@ -1,0 +1,232 @@
+"""Render README's measured figures from the committed JSON they cite; ``--check`` says which disagree.
+
+Why: a number typed into the README drifts from the run that measured it (a re-run, a changed
+default, a figure copied from another machine). Every measured figure in README.md sits between
+``<!-- figures:NAME -->`` and ``<!-- /figures:NAME -->``; the text between is exactly what
+:data:`FIGURES` renders from the JSON named there, so it can only be changed by re-running the script
+that wrote the JSON (and this tool). tests/test_readme_figures.py runs ``--check`` on the README.
+
+    python tools/readme_figures.py            # rewrite every figure block from its JSON
+    python tools/readme_figures.py --check    # exit 1, naming each block that disagrees with its JSON
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+import textwrap
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from robustcnn.errors import ReportError
+
+ROOT = Path(__file__).resolve().parent.parent
+WIDTH = 105
+_BLOCK = re.compile(
+    r"^(?P<indent>[ \t]*)<!-- figures:(?P<name>[\w.-]+) -->\n"
+    r"(?P<body>.*?)^[ \t]*<!-- /figures:(?P=name) -->$",
+    re.MULTILINE | re.DOTALL,
+)
+_OPENING = re.compile(r"^[ \t]*<!-- figures:([\w.-]+) -->$", re.MULTILINE)  # a marker is a line of its own
+
+
+class FiguresError(ReportError):
+    """The README's figure markers are broken, or a cited JSON is missing, unreadable or incomplete."""
+
+
+@dataclass(frozen=True)
+class Figure:
+    """One figure block: the JSON it is rendered from, and how (paragraphs, wrapped, and tables)."""
+
+    source: str
+    render: Callable[[dict[str, Any]], str]
+
+
+def sweep_overhead(report: dict[str, Any]) -> str:
+    results, machine = report["results"], report["machine"]
+    return (
+        f"medians of {len(results['rounds'])} rounds of a {results['jobs']}-job `{report['job']}` sweep "
+        f"({machine['cpu_threads']} CPU threads; load average {results['load_average_before'][0]} before, "
+        f"{results['load_average_after'][0]} after; {report['date'][:10]}): "
+        f"{results['overhead_per_job_seconds']['median']} s per job beyond its training and attacks "
+        f"(each job is composed once, logs in a few batched MLflow calls and draws nothing), "
+        f"{results['overhead_fixed_seconds']['median']} s per sweep ({results['import_floor_seconds']} s "
+        f"of it is importing torch, Hydra and mlflow), and {results['rerun_seconds']['median']} s to "
+        f"re-run a finished sweep (every job reused)."
+    )
+
+
+def defense_epoch_cost(report: dict[str, Any]) -> str:
+    machine = report["machine"]
+    rows = [
+        f"Epoch time against a standard epoch (`benchmarks/defenses.py`, "
+        f"`reports/benchmarks/defenses.json`: {report['model']} on {report['images_per_epoch']} "
+        f"{report['data']} images per epoch, batch {report['batch_size']}, best of {report['repeats']} "
+        f"rounds, {machine['cpu_threads']} CPU thread(s), load average {machine['load_average'][0]}; "
+        f"{report['date'][:10]}):",
+        "",
+        "| training | gradient passes per batch | epoch cost vs standard | overhead beyond the passes |",
+        "|---|---|---|---|",
+    ]
+    for name, row in report["results"].items():
+        rows.append(
+            f"| `{name}` | {row['gradient_passes_per_batch']} | {row['cost_vs_standard']} | "
+            f"{row['overhead_ratio']} |"
+        )
+    return "\n".join(rows)
+
+
+def face_port_crops(fixture: dict[str, Any]) -> str:
+    crops = fixture["crops"]
+    square = sum(1 for crop in crops if crop["kind"] == "crop")
+    return (
+        f"{len(crops)} entries from real photos, {square} square 150x150 crops and {len(crops) - square} "
+        "odd-sized face regions that the model pads and resizes as face-api does."
+    )
+
+
+def _pct(value: float | None) -> str:
+    return "-" if value is None else f"{100 * value:.1f}%"
+
+
+#: The face table's rows: the decision rule, and the suffix of its keys in a face job's results.json.
+FACE_ROWS = {
+    "calibrated threshold": "",
+    "identification (nearest gallery entry)": "_identification",
+    "face-api's published 0.6": "_published_threshold",
+}
+
+
+def face_smoke(run: dict[str, Any]) -> str:
+    settings, verification = run["settings"], run["verification"]
+    published = verification["published"]
+    patches = sum(rate is not None for row in run["impersonation_matrix"]["success_rate"] for rate in row)
+    rows = [
+        f"`robustcnn run experiment=face_smoke` ({len(run['attackers'])} attacker(s), "
+        f"{patches} impersonation patch(es), {settings['steps']} steps, EOT {settings['eot_samples']}, "
+        f"{run['eval_draws']} held-out draws; `reports/runs/face_smoke.json`, its results.json unchanged; "
+        f"{run['environment']['threads']} CPU threads, {run['job_seconds']:.0f} s on a shared machine; "
+        f"{run['finished_at'][:10]}): the threshold calibrated at FAR {_pct(verification['target_far'])} on "
+        f"the gallery's {verification['impostor_pairs']} impostor pairs is {run['threshold']:.3f}; the "
+        f"random patch has the same eyeglass mask, {run['mask_area_percent']:.1f}% of the crop.",
+        "",
+        "| success rate (held-out draws) | dodging | impersonation | random patch (dodging / imp.) "
+        "| no patch (dodging / imp.) |",
+        "|---|---|---|---|---|",
+    ]
+    for label, suffix in FACE_ROWS.items():
+        rows.append(
+            f"| {label} | {_pct(run['dodging_success_rate' + suffix])} "
+            f"| {_pct(run['impersonation_success_rate' + suffix])} "
+            f"| {_pct(run.get('random_dodging_success_rate' + suffix))} / "
+            f"{_pct(run.get('random_impersonation_success_rate' + suffix))} "
+            f"| {_pct(run.get('clean_dodging_success_rate' + suffix))} / "
+            f"{_pct(run.get('clean_impersonation_success_rate' + suffix))} |"
+        )
+    rows += [
+        "",
+        f"The published 0.6 accepts {_pct(published['false_accept_rate'])} of the gallery's impostor pairs "
+        f"(aligned crops), against {_pct(verification['calibrated']['false_accept_rate'])} for the "
+        "calibrated threshold, which is why the calibrated one is the default.",
+    ]
+    return "\n".join(rows)
+
+
+#: Every figure block README.md may hold, by name.
+FIGURES: dict[str, Figure] = {
+    "sweep_overhead": Figure("reports/benchmarks/sweep_overhead.json", sweep_overhead),
+    "defense_epoch_cost": Figure("reports/benchmarks/defenses.json", defense_epoch_cost),
+    "face_smoke": Figure("reports/runs/face_smoke.json", face_smoke),
+    "face_port_crops": Figure("tests/fixtures/face_api_reference.json", face_port_crops),
+}
+
+
+def rendered(name: str, indent: str, root: Path) -> str:
+    """The body of block ``name`` as it must read: the figure rendered from its JSON, indented."""
+    if name not in FIGURES:
+        raise FiguresError(f"README has a figure block '{name}' that tools/readme_figures.py does not know")
+    figure = FIGURES[name]
+    path = root / figure.source
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError) as error:
+        raise FiguresError(f"figure '{name}' cites {figure.source}, which cannot be read: {error}") from None
+    try:
+        text = figure.render(data)
+    except (KeyError, IndexError, TypeError) as error:
+        raise FiguresError(f"figure '{name}': {figure.source} lacks what it renders ({error!r})") from None
+    lines: list[str] = []
+    for number, chunk in enumerate(text.split("\n\n")):  # paragraphs are wrapped, tables kept as rows
+        table = chunk.startswith("|")
+        lines += ([""] if number else []) + (
+            chunk.splitlines() if table else textwrap.wrap(chunk, WIDTH - len(indent), break_on_hyphens=False)
+        )
+    return "".join(f"{indent}{line}\n" if line else "\n" for line in lines)
+
+
+def _blocks(text: str) -> list[re.Match[str]]:
+    """Every figure block, after checking each opening marker has its closing one and none repeats."""
+    blocks = list(_BLOCK.finditer(text))
+    found = [block["name"] for block in blocks]
+    for name in _OPENING.findall(text):
+        if name not in found:
+            raise FiguresError(f"README's figure block '{name}' has no closing <!-- /figures:{name} -->")
+    repeated = sorted({name for name in found if found.count(name) > 1})
+    if repeated:
+        raise FiguresError(f"README has the figure block(s) {', '.join(repeated)} more than once")
+    return blocks
+
+
+def render(text: str, root: Path = ROOT) -> str:
+    """``text`` with every figure block's body replaced by its rendering."""
+    out, last = [], 0
+    for block in _blocks(text):
+        out += [text[last : block.start("body")], rendered(block["name"], block["indent"], root)]
+        last = block.end("body")
+    return "".join([*out, text[last:]])
+
+
+def check(text: str, root: Path = ROOT) -> list[str]:
+    """One line per figure block that disagrees with its JSON, and per known figure README lacks."""
+    problems = []
+    blocks = _blocks(text)
+    for block in blocks:
+        if block["body"] != rendered(block["name"], block["indent"], root):
+            source = FIGURES[block["name"]].source
+            problems.append(
+                f"README figure '{block['name']}' disagrees with {source}: "
+                "run `python tools/readme_figures.py` (never edit a figure by hand)"
+            )
+    missing = sorted(set(FIGURES) - {block["name"] for block in blocks})
+    problems += [f"README lacks the figure block '{name}' (<!-- figures:{name} -->)" for name in missing]
+    return problems
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--check", action="store_true", help="only report blocks that disagree (exit 1)")
+    parser.add_argument("--readme", type=Path, default=ROOT / "README.md")
+    args = parser.parse_args(argv)
+    try:
+        text = args.readme.read_text()
+        if args.check:
+            problems = check(text)
+            for line in problems:
+                print(line, file=sys.stderr)
+            return 1 if problems else 0
+        new = render(text)
+    except (FiguresError, OSError) as error:
+        print(f"readme_figures: error: {error}", file=sys.stderr)
+        return 2
+    if new != text:
+        args.readme.write_text(new)
+        print(f"rewrote the figures in {args.readme}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
