@@ -82,7 +82,8 @@ def audit(
     The file is read as ``robustcnn audit`` reads it (never unpickled unless
     ``settings.allow_pickle``), validated against ``data``'s test split and attacked; the outcome
     holds ``results`` (audit.json's contents), ``verdict``, ``exit_code`` (0 passed, 1 below
-    ``settings.min_robust_accuracy``, 3 unreliable) and the model ``card``. ``threat`` defaults to
+    ``settings.min_robust_accuracy`` or refused on black-box evidence, 3 unreliable or unchecked)
+    and the model ``card``. ``threat`` defaults to
     MNIST's L-inf radii up to 0.3; transfer attacks need a surrogate bound first (``.bind(model)``).
     """
     settings = settings or AuditSettings()

@@ -207,18 +207,24 @@ def test_all_formats_agree_on_clean_accuracy(model_files: dict[str, Path], isola
     """The same network through four loaders: the same predictions (normalization handled right)."""
     overrides = ("attack=[fgsm]", "audit.white_box_attacks=[fgsm]", "checks.enabled=false")
     weights_only = {"safetensors", "state_dict"}
-    accuracies = {
-        kind: audit(model_files[kind], *overrides, *(["model.arch=lenet5"] if kind in weights_only else []))[
-            1
-        ]["clean_accuracy"]
+    audits = {
+        kind: audit(model_files[kind], *overrides, *(["model.arch=lenet5"] if kind in weights_only else []))
         for kind in ("torchscript", "onnx", "safetensors", "state_dict")
     }
+    accuracies = {kind: results["clean_accuracy"] for kind, (_, results) in audits.items()}
     assert len(set(accuracies.values())) == 1, accuracies
+    # checks off: no verdict can be given, and the audit says so with exit code 3 (never 0)
+    assert {(code, results["verdict"]) for code, results in audits.values()} == {(3, "unchecked")}
 
 
 def test_onnx_black_box_uses_query_and_transfer_attacks(model_files: dict[str, Path], isolated: dict) -> None:
     code, results = audit(model_files["onnx"], "audit.onnx=black_box")
-    assert results["white_box"] is False and code in (0, 3)
+    assert results["white_box"] is False and results["evidence"] == "black_box"
+    # no gradient attack ran: the gate is refused by default (exit 1), even without a minimum
+    assert results["gate"]["refused"] and results["gate"]["passed"] is False, results["gate"]
+    assert code == 1 and results["exit_code"] == 1 and results["model_card"]["evidence"] == "black_box"
+    eot = next(c for c in results["checks"] if c["name"] == "stochastic_model_eot")
+    assert eot["status"] == "skipped", eot
     assert set(results["robust_accuracy"]) == {"square", "transfer", "noise"}
     gradients = next(c for c in results["checks"] if c["name"] == "gradients_nonzero_finite")
     assert gradients["passed"] is None  # no gradients to check: skipped, not passed
@@ -356,6 +362,26 @@ def test_gate_below_threshold_exits_1_and_verdict_printed(
         cwd=isolated["root"],
     )
     assert result.returncode == 0 and "gate=passed" in result.stdout  # at eps 0 the gate is clean accuracy
+
+
+
+def test_black_box_evidence_refuses_the_gate_unless_accepted() -> None:
+    """The gate's rule on its own: black-box evidence is refused (exit 1) whatever the accuracy,
+    unless audit.accept_black_box=true; an unchecked evaluation exits 3 whatever the gate."""
+    from dataclasses import replace
+
+    from robustcnn.jobs.audit import EXIT_BELOW_GATE, EXIT_UNRELIABLE, AuditSettings, exit_code, gate_result
+
+    gated = replace(AuditSettings(), min_robust_accuracy=0.5)
+    eps, worst = [0.0, 0.3], [0.99, 0.9]
+    refused = gate_result(gated, eps, worst, 0.3, "black_box")
+    assert refused["passed"] is False and "accept_black_box" in refused["refused"]
+    assert exit_code("not robust", refused) == EXIT_BELOW_GATE
+    accepted = gate_result(replace(gated, accept_black_box=True), eps, worst, 0.3, "black_box")
+    assert accepted["passed"] is True and accepted["refused"] is None
+    assert exit_code("robust", accepted) == 0
+    assert gate_result(gated, eps, worst, 0.3, "white_box")["passed"] is True
+    assert exit_code("unchecked", accepted) == EXIT_UNRELIABLE
 
 
 BAD_INPUTS = [

@@ -665,6 +665,8 @@ NUMERIC_SETTINGS: dict[str, tuple[Callable[[Any], Any], Callable[[Any], bool]]] 
     "eval.keep_examples": (_common("keep_examples"), lambda v: _whole(v) and v >= 0),
     "checks.tolerance": (_checks("tolerance"), lambda v: _real(v) and 0 <= v <= 1),
     "checks.probe_samples": (_checks("probe_samples"), lambda v: _whole(v) and v >= 1),
+    "checks.monotone_samples": (_checks("monotone_samples"), lambda v: _whole(v) and v >= 1),
+    "checks.monotone_steps": (_checks("monotone_steps"), lambda v: _whole(v) and v >= 2),
     "checks.strong_steps_factor": (_checks("strong_steps_factor"), lambda v: _real(v) and v >= 1),
     "threads": (_threads, lambda v: v is None or (_whole(v) and 1 <= v <= 1024)),
     "data.test_fraction": (_fraction, lambda v: _real(v) and 0 < v < 1),

@@ -11,7 +11,7 @@ from robustcnn.models import Classifier, set_inference_dropout
 from robustcnn.threat import ThreatModel
 
 THREAT = ThreatModel(norm="linf", eps=(0.0, 0.1, 0.2, 0.3), reference_eps=0.3)
-FAST = BatterySettings(probe_samples=64, eot_samples=4)
+FAST = BatterySettings(probe_samples=64, monotone_samples=32, monotone_steps=5, eot_samples=4)
 
 
 def test_undefended_model_is_not_robust_and_checks_pass(trained_lenet, mnist_small) -> None:
@@ -37,7 +37,7 @@ def test_undefended_model_is_not_robust_and_checks_pass(trained_lenet, mnist_sma
         "checks without their attack skip"
     )
     assert results["verdict"] == "not robust"
-    assert {"pgd_strong", "pgd_unbounded"} <= set(results["probes"])
+    assert {"pgd_strong", "pgd_unbounded", "pgd_per_eps"} <= set(results["probes"])
     for key in ("eps", "attack_success_rate", "timing", "checks", "verdict", "perturbation_norm"):
         assert key in results
 

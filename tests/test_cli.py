@@ -38,7 +38,7 @@ def test_smoke_experiment_logs_a_run_and_second_run_hits_the_cache(isolated: dic
     root: Path = isolated["root"]
     first = robustcnn("run", "experiment=smoke", "attack=pgd", cwd=root)
     assert first.returncode == 0, first.stderr
-    assert "cache_hit=False" in first.stdout and "verdict=not_robust" in first.stdout
+    assert "cache_hit=False" in first.stdout and "verdict=not_robust evidence=white_box" in first.stdout
     results = TrackingStore.at(isolated["store"]).download_json(_run_id(first.stdout), "results.json")
     for key in (
         "clean_accuracy",
@@ -76,6 +76,13 @@ def test_smoke_experiment_logs_a_run_and_second_run_hits_the_cache(isolated: dic
     third = robustcnn("run", "experiment=smoke", "attack=pgd", cwd=root)  # the same job: linked, not rerun
     assert third.returncode == 0, third.stderr
     assert f"reused_from={_run_id(second.stdout)}" in third.stdout
+
+    # the same model with the sanity checks off: no verdict can be given (never robust / not robust)
+    unchecked = robustcnn("run", "experiment=smoke", "attack=pgd", "checks.enabled=false", cwd=root)
+    assert unchecked.returncode == 0, unchecked.stderr
+    assert "verdict=unchecked" in unchecked.stdout, unchecked.stdout
+    off = TrackingStore.at(isolated["store"]).download_json(_run_id(unchecked.stdout), "results.json")
+    assert off["verdict"] == "unchecked" and off["checks"] == [] and off["probes"] == {}
 
 
 @pytest.mark.slow

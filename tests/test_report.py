@@ -151,6 +151,22 @@ def test_attack_breakdown_and_sanity_checks(mixed_runs: list[RunRecord]) -> None
     assert not plain.flagged and plain.cells[4].text == "–" and plain.cells[3].text == "skipped"
 
 
+def test_enforced_unchecked_and_black_box_verdicts_are_marked() -> None:
+    """An enforced invariant is no pass; an unchecked verdict is flagged; black-box evidence is said."""
+    name = "reported_curves_monotone_in_eps"
+    enforced = {"name": name, "passed": None, "status": "enforced", "detail": "x"}
+    black = results("none", 0.98, [0.98, 0.9, 0.8, 0.7], verdict="robust", evidence="black_box")
+    black["checks"].append(enforced)
+    unchecked = results("none", 0.98, [0.98, 0.5, 0.1, 0.0], verdict="unchecked", checks=[])
+    done = [RunRecord("id-black", "black", "FINISHED", results=black),
+            RunRecord("id-off", "off", "FINISHED", results=unchecked)]  # fmt: skip
+    table = sanity_checks(done)
+    column = table.columns.index(name)
+    assert table.rows[0].cells[column].text == "enforced" and table.rows[0].cells[column].css == "skip"
+    assert table.rows[0].cells[1].text == "robust (black-box only)" and not table.rows[0].flagged
+    assert table.rows[1].flagged and table.rows[1].cells[1].text == "⚠ unchecked"
+
+
 def test_charts_one_per_defense_and_pareto_trace(mixed_runs: list[RunRecord]) -> None:
     done = split_runs("exp", mixed_runs).finished
     curves = robustness_curves(done)

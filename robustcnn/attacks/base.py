@@ -30,7 +30,7 @@ import inspect
 import math
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, TypedDict, TypeVar
 
@@ -48,6 +48,12 @@ from robustcnn.threat import ThreatModel, perturbation_norms, project
 #: Slack allowed between an attack's raw output and the eps ball / bounds before projection.
 BALL_TOLERANCE = 1e-4
 BOUNDS_TOLERANCE = 1e-5
+
+
+#: Sees every adversarial example an attack reports: (the clean batch, its reported examples, the eps).
+#: Why: a check of the threat model must measure the images themselves, not the norms the base
+#: recorded (evaluation/checks.py, ``ThreatWitness``).
+ExampleInspector = Callable[[Tensor, Tensor, float], None]
 
 
 #: A setting's value: what ``params()`` reports and what ``with_`` changes (numbers, flags, names).
@@ -467,8 +473,20 @@ class Attack(ABC):
     def __call__(self, model: nn.Module, x: Tensor, y: Tensor, threat: ThreatModel) -> AttackResult:
         return self.run(model, x, y, threat)
 
-    def run(self, model: nn.Module, x: Tensor, y: Tensor, threat: ThreatModel) -> AttackResult:
-        """Attack ``x`` at every eps of ``threat``, in batches (halved when memory runs out)."""
+    def run(
+        self,
+        model: nn.Module,
+        x: Tensor,
+        y: Tensor,
+        threat: ThreatModel,
+        *,
+        inspector: ExampleInspector | None = None,
+    ) -> AttackResult:
+        """Attack ``x`` at every eps of ``threat``, in batches (halved when memory runs out).
+
+        ``inspector`` is shown every reported adversarial example (all samples, every eps), with its
+        clean image and eps; a batch redone after running out of memory is shown again.
+        """
         bounds = self.check_call(model, x, y, threat)
         device = next((p.device for p in model.parameters()), torch.device("cpu"))
         show = self.progress and x.shape[0] > self.batch_size
@@ -481,6 +499,7 @@ class Attack(ABC):
             bounds,
             device,
             progress_bar(x.shape[0], f"attack {self.name}", show, unit="img"),
+            inspector=inspector,
         )
         start = time.perf_counter()
         with attack_mode(model):
@@ -638,6 +657,7 @@ class _Slices:
     bounds: tuple[float, float]
     device: torch.device
     bar: Any  # a tqdm bar or None (tqdm ships no type information)
+    inspector: ExampleInspector | None = None
     counters: dict[str, int] = field(default_factory=lambda: {"forward": 0, "gradient": 0})
     batches_done: int = 0
 
@@ -654,6 +674,7 @@ class _Slices:
             self.batches_done,
             self.device,
             slice_counters,
+            self.inspector,
         )
         part = batch.attack_every_eps(keep=max(0, min(self.attack.keep_examples, end) - begin))
         self.batches_done += 1
@@ -683,9 +704,11 @@ class _Batch:
         batch_index: int,
         device: torch.device,
         counters: dict[str, int],
+        inspector: ExampleInspector | None = None,
     ) -> None:
         self.attack, self.model, self.x, self.y, self.threat = attack, model, x, y, threat
         self.bounds, self.batch_index, self.device, self.counters = bounds, batch_index, device, counters
+        self.inspector = inspector
         with torch.no_grad():
             clean_logits = model(x).float()
         counters["forward"] += x.shape[0]
@@ -710,6 +733,8 @@ class _Batch:
             if eps > 0:
                 self.attack_at(e, float(eps))
             self.add_row(keep)
+            if self.inspector is not None:
+                self.inspector(self.x, self.best, float(eps))
         return self.part(keep)
 
     def choose_targets(self, clean_logits: Tensor) -> Tensor | None:

@@ -35,8 +35,9 @@ def build_parser() -> argparse.ArgumentParser:
     audit = sub.add_parser(
         "audit",
         help="audit a model file or MLflow model: battery, checks, model card, verdict (exit 0/1/2/3)",
-        description="Exit codes: 0 audited (gate passed or none), 1 below audit.min_robust_accuracy, "
-        "2 bad input, 3 unreliable evaluation (a sanity check failed).",
+        description="Exit codes: 0 audited (gate passed or none), 1 below audit.min_robust_accuracy or "
+        "gate refused (black-box evidence only, unless audit.accept_black_box=true), 2 bad input, "
+        "3 unreliable evaluation (a sanity check failed) or unchecked (checks.enabled=false).",
     )
     audit.add_argument(
         "model", help="TorchScript / ONNX / safetensors / state dict file, or runs:/... models:/..."

@@ -41,6 +41,7 @@ def summary_line(results: dict, output_dir: str) -> str:
             f"robust_accuracy@{results['reference_eps']:.4g}={results['reference_robust_accuracy']:.4f}"
         )
         parts.append(f"verdict={results['verdict'].replace(' ', '_')}")
+        parts.append(f"evidence={results.get('evidence', 'unknown')}")
     defense = str(results.get("defense_label") or results["defense"]).replace(" ", ",")  # one token
     parts += [f"model={results['model']}", f"data={results['data']}", f"defense={defense}"]
     parts.append(f"cache_hit={results['cache_hit']}")

@@ -52,10 +52,18 @@ def model_card(results: dict[str, Any]) -> dict[str, Any]:
         "gate": results.get("gate"),
         "attacks": results.get("attacks", {}),
         "checks": [
-            {"name": c["name"], "passed": c["passed"], "detail": c["detail"]}
+            {
+                "name": c["name"],
+                "passed": c["passed"],
+                "status": c.get("status", {True: "passed", False: "failed", None: "skipped"}[c["passed"]]),
+                "detail": c["detail"],
+            }
             for c in results.get("checks", [])
         ],
         "verdict": results["verdict"],
+        # white_box: a gradient attack on the model ran; black_box: the verdict rests on query and
+        # transfer attacks only (an upper bound of unknown tightness)
+        "evidence": results.get("evidence"),
         "libraries": library_versions(),
         "date": time.strftime("%Y-%m-%d"),
     }

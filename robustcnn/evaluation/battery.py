@@ -12,20 +12,23 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, TypeGuard
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from robustcnn.attacks import APGD, PGD, Attack, AttackResult, GradientAttack, RandomNoise, Transfer, with_eot
-from robustcnn.attacks.base import attack_mode
+from robustcnn.attacks import APGD, PGD, Attack, AttackResult, RandomNoise, with_eot
+from robustcnn.attacks.base import ExampleInspector, attack_mode, input_bounds
 from robustcnn.batching import in_batches
 from robustcnn.config import config_bool, config_float, config_int, config_section
 from robustcnn.evaluation import checks, minimal
-from robustcnn.evaluation.checks import CheckResult, CheckSettings
+from robustcnn.evaluation.checks import CheckResult, CheckSettings, ThreatWitness
+from robustcnn.evaluation.judge import is_white_box_gradient, judge
+from robustcnn.evaluation.probes import SUFFIX as PER_EPS_SUFFIX
+from robustcnn.evaluation.probes import per_eps_probe
 from robustcnn.threat import ThreatModel
 
 log = logging.getLogger(__name__)
@@ -39,6 +42,8 @@ CHECKS_KEYS = (
     "max_zero_gradient_fraction",
     "robust_threshold",
     "probe_samples",
+    "monotone_samples",
+    "monotone_steps",
     "strong_steps_factor",
     "strong_extra_restarts",
     "eot_samples",
@@ -51,6 +56,9 @@ class BatterySettings:
 
     enabled: bool = True
     probe_samples: int = 200
+    #: The per-eps probe (the monotonicity check's evidence): images, and the steps it is capped at.
+    monotone_samples: int = 100
+    monotone_steps: int = 10
     eot_samples: int = 10
     strong_steps_factor: float = 2.5
     strong_extra_restarts: int = 1
@@ -70,6 +78,15 @@ class BatterySettings:
             enabled=config_bool(cfg.get("enabled", True), "checks.enabled"),
             probe_samples=config_int(
                 cfg.get("probe_samples", cls.probe_samples), "checks.probe_samples", minimum=1
+            ),
+            monotone_samples=config_int(
+                cfg.get("monotone_samples", cls.monotone_samples), "checks.monotone_samples", minimum=1
+            ),
+            monotone_steps=config_int(
+                cfg.get("monotone_steps", cls.monotone_steps),
+                "checks.monotone_steps",
+                minimum=2,
+                hint=" (APGD needs at least 2)",
             ),
             eot_samples=config_int(cfg.get("eot_samples", cls.eot_samples), "checks.eot_samples", minimum=1),
             strong_steps_factor=config_float(
@@ -100,6 +117,8 @@ class BatteryResult:
     checks: list[CheckResult]
     verdict: str
     reference_eps: float
+    #: white_box: a gradient attack on the model itself ran; black_box: only noise, Square, transfer
+    evidence: str = "white_box"
 
     def full_curve(self, name: str, values: Sequence[float] | None = None) -> list[float | None]:
         """Attack ``name``'s per-eps values on the threat's whole eps list (None where it did not run).
@@ -170,11 +189,16 @@ class BatteryResult:
             "gradient_nan_fraction": self.gradient_nan_fraction,
             "checks": [c.to_dict() for c in self.checks],
             "verdict": self.verdict,
+            "evidence": self.evidence,
         }
 
 
 def type_name(result: AttackResult) -> str:
     return result.name
+
+
+#: The threat-model check's witness of an attack, by the name it reports under.
+InspectorFor = Callable[[str], ExampleInspector]
 
 
 #: Where the battery's own checks take their batch size from (named when they run out of memory).
@@ -229,11 +253,6 @@ def gradient_stats(
     zero = torch.cat([z for z, _ in parts])
     nan = torch.cat([n for _, n in parts])
     return float(zero.float().mean()), float(nan.float().mean())
-
-
-def is_white_box_gradient(attack: Attack) -> TypeGuard[GradientAttack]:
-    """A gradient attack on the model itself (not a transfer from a surrogate)."""
-    return isinstance(attack, GradientAttack) and not isinstance(attack, Transfer)
 
 
 def unique_names(attacks: Sequence[Attack]) -> dict[str, Attack]:
@@ -300,14 +319,24 @@ def run_selected(
     threat: ThreatModel,
     reference_only: Sequence[str],
     progress: bool,
+    inspector_for: InspectorFor | None = None,
 ) -> dict[str, AttackResult]:
-    """Run every attack, in order; those in ``reference_only`` (or their EOT variant) at the probe eps."""
+    """Run every attack, in order; those in ``reference_only`` (or their EOT variant) at the probe eps.
+
+    ``inspector_for(name)`` is shown every example attack ``name`` reports (the threat-model check).
+    """
     results: dict[str, AttackResult] = {}
     for name, attack in named.items():
         log.info("attack %s: %r", name, attack)
         attack.progress = progress
         sparse = name in reference_only or name.removeprefix("eot_") in reference_only
-        results[name] = attack.run(model, x, y, with_eps(threat, probe_eps(threat)) if sparse else threat)
+        results[name] = attack.run(
+            model,
+            x,
+            y,
+            with_eps(threat, probe_eps(threat)) if sparse else threat,
+            inspector=inspector_for(name) if inspector_for else None,
+        )
     return results
 
 
@@ -327,25 +356,53 @@ def run_probes(
     y: Tensor,
     threat: ThreatModel,
     settings: BatterySettings,
+    inspector_for: InspectorFor,
 ) -> dict[str, AttackResult]:
-    """The strength probes on the first ``probe_samples`` images: more effort, and an unbounded eps.
+    """The strength probes: more effort, an unbounded eps, and every eps on its own.
 
-    ``<name>_strong`` (more steps and restarts, another seed) runs at the verdict's eps and the
-    largest one, where a too-weak attack would mislead most; ``<name>_unbounded`` at a radius that
-    admits any image, where every model must fall.
+    On the first ``probe_samples`` images, ``<name>_strong`` (more steps and restarts, another
+    seed) runs at the verdict's eps and the largest one, where a too-weak attack would mislead most;
+    ``<name>_unbounded`` at a radius that admits any image, where every model must fall. On the
+    first ``monotone_samples``, ``<name>_per_eps`` runs at each eps independently (probes.py).
     """
     probe_n = min(int(x.shape[0]), settings.probe_samples)
-    x, y = x[:probe_n], y[:probe_n]
     strong = reference.with_(
         steps=max(reference.steps + 1, int(round(reference.steps * settings.strong_steps_factor))),
         restarts=reference.restarts + settings.strong_extra_restarts,
         seed=reference.seed + 1,
     )
     unbounded = ThreatModel(norm=threat.norm, eps=(large_eps(threat, tuple(x.shape[1:])),), targeted=False)
+    sub_x, sub_y, at_probe_eps = x[:probe_n], y[:probe_n], with_eps(threat, probe_eps(threat))
     return {
-        f"{name}_strong": strong.run(model, x, y, with_eps(threat, probe_eps(threat))),
-        f"{name}_unbounded": reference.run(model, x, y, unbounded),
+        f"{name}_strong": strong.run(
+            model, sub_x, sub_y, at_probe_eps, inspector=inspector_for(f"{name}_strong")
+        ),
+        f"{name}_unbounded": reference.run(
+            model, sub_x, sub_y, unbounded, inspector=inspector_for(f"{name}_unbounded")
+        ),
+        f"{name}{PER_EPS_SUFFIX}": per_eps_probe(
+            reference,
+            name,
+            model,
+            x,
+            y,
+            threat,
+            samples=settings.monotone_samples,
+            steps=settings.monotone_steps,
+            inspector_for=inspector_for,
+        ),
     }
+
+
+def witnesses_for(model: nn.Module, threat: ThreatModel) -> tuple[dict[str, ThreatWitness], InspectorFor]:
+    """The witnesses of the threat-model check, and how an attack run gets its own (by name)."""
+    witnesses: dict[str, ThreatWitness] = {}
+    bounds = input_bounds(model)
+
+    def inspector_for(name: str) -> ExampleInspector:
+        return witnesses.setdefault(name, ThreatWitness(threat.norm, bounds))
+
+    return witnesses, inspector_for
 
 
 def worst_case(
@@ -400,12 +457,14 @@ def run_battery(
     batch_size = attacks[0].batch_size if attacks else 256
     stochastic = is_stochastic(model, x[: min(n, 64)], batch_size)
     named = select_attacks(attacks, stochastic, settings.eot_samples, batch_size)
-    results = run_selected(named, model, x, y, threat, reference_only, progress)
+    witnesses, inspector_for = witnesses_for(model, threat)
+    inspecting = inspector_for if settings.enabled else None
+    results = run_selected(named, model, x, y, threat, reference_only, progress, inspecting)
     reference = reference_attack(named, stochastic)
     reference_pgd = reference[0] if reference is not None else None
     probes: dict[str, AttackResult] = {}
     if settings.enabled and reference is not None:
-        probes = run_probes(reference[1], reference[0], model, x, y, threat, settings)
+        probes = run_probes(reference[1], reference[0], model, x, y, threat, settings, inspector_for)
     worst = worst_case(threat, results, probes)
     gradient: tuple[float | None, float | None] = (None, None)
     if settings.enabled and any(is_white_box_gradient(a) for a in named.values()):
@@ -420,13 +479,14 @@ def run_battery(
             results,
             probes,
             worst_curve,
-            eps,
+            threat,
             undefended=undefended,
             stochastic=stochastic,
             gradient=gradient,
             reference_pgd=reference_pgd,
             settings=settings.checks,
             named=named,
+            witnesses=witnesses,
         )
         if settings.enabled
         else []
@@ -443,163 +503,9 @@ def run_battery(
         gradient_zero_fraction=gradient[0],
         gradient_nan_fraction=gradient[1],
         checks=check_list,
-        verdict=checks.verdict(check_list, reference_accuracy, settings.checks.robust_threshold),
+        verdict=checks.verdict(
+            check_list, reference_accuracy, settings.checks.robust_threshold, enabled=settings.enabled
+        ),
         reference_eps=reference_eps(threat),
+        evidence=checks.evidence([k for k, a in named.items() if is_white_box_gradient(a)]),
     )
-
-
-def slack(settings: CheckSettings, stochastic: bool, samples: int) -> float:
-    """The tolerance of a comparison at ``samples`` samples.
-
-    On a randomised model every accuracy is itself a random draw, so the comparisons allow two
-    binomial standard errors on top of the configured tolerance.
-    """
-    if not stochastic:
-        return settings.tolerance
-    return max(settings.tolerance, 2 * math.sqrt(0.25 / max(samples, 1)))
-
-
-def curves_at(results: Mapping[str, AttackResult], eps: Sequence[float]) -> dict[str, list[float]]:
-    """Each attack's robust accuracy at every eps; NaN where it did not run (comparisons skip NaN)."""
-    return {
-        k: [dict(zip(r.eps, r.robust_accuracy(), strict=True)).get(e, math.nan) for e in eps]
-        for k, r in results.items()
-    }
-
-
-def zero_checks(
-    worst: Sequence[float],
-    eps: Sequence[float],
-    undefended: bool,
-    unbounded: AttackResult | None,
-    settings: CheckSettings,
-) -> list[CheckResult]:
-    """An undefended model falls to ~0 at the threat's largest eps; every model at an unbounded eps."""
-    return [
-        checks.reaches_zero(
-            "zero_at_largest_eps_undefended",
-            worst[-1] if undefended else None,
-            eps[-1],
-            settings.zero_tolerance,
-            "a defended model need not reach 0 at the threat's eps",
-        ),
-        checks.reaches_zero(
-            "zero_at_unbounded_eps",
-            unbounded.robust_accuracy()[0] if unbounded else None,
-            unbounded.eps[0] if unbounded else None,
-            settings.zero_tolerance,
-            "needs a PGD attack",
-        ),
-    ]
-
-
-def pick(curves: Mapping[str, list[float]], name: str) -> tuple[str, list[float]] | None:
-    """``(name, curve)`` for a comparison, None when that attack did not run."""
-    return (name, curves[name]) if name in curves else None
-
-
-def single_step_check(
-    curves: Mapping[str, list[float]], stochastic: bool, eps: Sequence[float], tol: float
-) -> CheckResult:
-    """An iterative attack (PGD, else APGD; the EOT one on a stochastic model) beats FGSM."""
-    iterative = ("apgd", "pgd") if "pgd" not in curves else ("pgd",)
-    pgd_name = next((f"eot_{n}" for n in iterative if stochastic and f"eot_{n}" in curves), None) or next(
-        (n for n in iterative if n in curves), "pgd"
-    )
-    fgsm_name = "eot_fgsm" if stochastic and "eot_fgsm" in curves else "fgsm"
-    return checks.not_above(
-        "iterative_beats_single_step",
-        pick(curves, pgd_name),
-        pick(curves, fgsm_name),
-        eps,
-        tol,
-        "PGD and FGSM",
-    )
-
-
-def effort_check(
-    results: Mapping[str, AttackResult],
-    strong: AttackResult | None,
-    reference_pgd: str | None,
-    eps: Sequence[float],
-    settings: CheckSettings,
-    stochastic: bool,
-) -> CheckResult:
-    """More steps and restarts do not lower the reference attack's accuracy (on the probe samples)."""
-    if strong is None or reference_pgd is None:
-        return checks.skip("more_effort_no_gain", "needs a PGD attack")
-    rows = [list(eps).index(value) for value in strong.eps]
-    base_curve = [float(results[reference_pgd].correct[r, : strong.n].float().mean()) for r in rows]
-    return checks.not_above(
-        "more_effort_no_gain",
-        (f"{reference_pgd} with more steps/restarts", strong.robust_accuracy()),
-        (reference_pgd, base_curve),
-        strong.eps,
-        slack(settings, stochastic, strong.n),
-        "a PGD attack",
-    )
-
-
-def baseline_checks(
-    curves: Mapping[str, list[float]], white: Sequence[str], eps: Sequence[float], tol: float
-) -> list[CheckResult]:
-    """The best white-box attack beats noise, Square and transfer (else the gradients are masked)."""
-    best_white = [min(curves[k][i] for k in white) for i in range(len(eps))] if white else None
-    best = ("best white-box", best_white) if best_white is not None else None
-    return [
-        checks.not_above(
-            f"white_box_beats_{baseline}",
-            best,
-            pick(curves, baseline),
-            eps,
-            tol,
-            f"a white-box attack and {baseline}",
-        )
-        for baseline in ("noise", "square", "transfer")
-    ]
-
-
-def threat_check(results: Mapping[str, AttackResult], probes: Mapping[str, AttackResult]) -> CheckResult:
-    """Every reported example lies in its eps ball and in [0, 1]."""
-    excess = max(
-        float((r.norms - torch.tensor(r.eps).view(-1, 1)).max())
-        for r in (*results.values(), *probes.values())
-    )
-    out_of_bounds = any(
-        bool((r.adv_examples < 0).any() or (r.adv_examples > 1).any())
-        for r in results.values()
-        if r.adv_examples.numel()
-    )
-    return checks.within_threat(excess, out_of_bounds)
-
-
-def judge(
-    results: Mapping[str, AttackResult],
-    probes: Mapping[str, AttackResult],
-    worst: Sequence[float],
-    eps: Sequence[float],
-    *,
-    undefended: bool,
-    stochastic: bool,
-    gradient: tuple[float | None, float | None],
-    reference_pgd: str | None,
-    settings: CheckSettings,
-    named: Mapping[str, Attack],
-) -> list[CheckResult]:
-    """All sanity checks (README, "Attacks and the evaluation"), in a fixed order (each function says why)."""
-    n = int(next(iter(results.values())).n)
-    tol = slack(settings, stochastic, n)
-    curves = curves_at(results, eps)
-    white = [k for k, a in named.items() if is_white_box_gradient(a)]
-    unbounded = probes.get(f"{reference_pgd}_unbounded") if reference_pgd else None
-    strong = probes.get(f"{reference_pgd}_strong") if reference_pgd else None
-    return [
-        checks.monotone_in_eps(curves, worst, tol),
-        *zero_checks(worst, eps, undefended, unbounded, settings),
-        single_step_check(curves, stochastic, eps, tol),
-        effort_check(results, strong, reference_pgd, eps, settings, stochastic),
-        *baseline_checks(curves, white, eps, tol),
-        checks.gradient_health(*gradient, settings.max_zero_gradient_fraction),
-        checks.stochastic_handled(stochastic, [k for k in curves if k.startswith("eot_")], white),
-        threat_check(results, probes),
-    ]

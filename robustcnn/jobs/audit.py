@@ -4,7 +4,8 @@ The order is the runner's: every check a user can fail (config, output folder, t
 model file, shapes) runs before the first attack, so bad input costs seconds. ``audit.json`` and
 ``model_card.json`` are written before anything is logged to MLflow, so a store that goes away
 loses nothing. Exit codes (a contract: release pipelines depend on them): 0 audited and the gate
-passed (or no gate), 1 below the gate, 3 unreliable evaluation, 2 bad input; 2 wins over 3, 3 over 1.
+passed (or no gate), 1 below the gate or the gate refused (black-box evidence only, unless
+``audit.accept_black_box``), 3 unreliable or unchecked evaluation, 2 bad input; 2 wins over 3, 3 over 1.
 """
 
 from __future__ import annotations
@@ -79,6 +80,7 @@ class AuditSettings:
     white_box_attacks: tuple[str, ...] = ("fgsm", "pgd", "apgd", "square")
     black_box_attacks: tuple[str, ...] = ("square", "transfer")
     reference_eps_only: tuple[str, ...] = ("square",)
+    accept_black_box: bool = False
     out_dir: str | None = None
 
     @classmethod
@@ -92,8 +94,9 @@ class AuditSettings:
             raise ConfigError(
                 f"audit.onnx={section.get('onnx')!r} is unknown; choose one of {', '.join(ONNX_MODES)}"
             )
-        if not isinstance(section.get("allow_pickle"), bool):
-            raise ConfigError(f"audit.allow_pickle={section.get('allow_pickle')!r} must be true or false")
+        for flag in ("allow_pickle", "accept_black_box"):
+            if not isinstance(section.get(flag), bool):
+                raise ConfigError(f"audit.{flag}={section.get(flag)!r} must be true or false")
         if not isinstance(section.get("reference_eps_only"), list):
             raise ConfigError(
                 "audit.reference_eps_only must be a list of attack names, e.g. [square] (or [])"
@@ -114,6 +117,7 @@ class AuditSettings:
             white_box_attacks=tuple(section["white_box_attacks"]),
             black_box_attacks=tuple(section["black_box_attacks"]),
             reference_eps_only=tuple(section["reference_eps_only"]),
+            accept_black_box=section["accept_black_box"],
             out_dir=section.get("out_dir"),
         )
 
@@ -154,10 +158,21 @@ def choose_attacks(attacks: Sequence[Attack], settings: AuditSettings, white_box
     return chosen
 
 
+#: Why the gate does not pass on black-box evidence (audit.json's ``gate.refused``).
+BLACK_BOX_REFUSAL = (
+    "only black-box attacks ran (no gradients): the robust accuracy is an upper bound of unknown "
+    "tightness; set audit.accept_black_box=true to accept it"
+)
+
+
 def gate_result(
-    settings: AuditSettings, eps: Sequence[float], worst: Sequence[float], ref: float
+    settings: AuditSettings, eps: Sequence[float], worst: Sequence[float], ref: float, evidence: str
 ) -> dict[str, Any]:
-    """The release gate: the worst-case robust accuracy at the gate's eps against the minimum asked."""
+    """The release gate: the worst-case robust accuracy at the gate's eps against the minimum asked.
+
+    On black-box evidence only the gate is refused (``passed: false``, with or without a minimum),
+    unless ``audit.accept_black_box``: no release should pass on attacks that could not see gradients.
+    """
     minimum = settings.min_robust_accuracy
     gate_eps = ref if settings.gate_eps is None else settings.gate_eps
     matches = [i for i, e in enumerate(eps) if math.isclose(e, gate_eps, abs_tol=1e-9)]
@@ -166,16 +181,21 @@ def gate_result(
             f"audit.gate_eps={gate_eps:g} is not one of threat.eps {list(eps)}; pick one of them"
         )
     accuracy = worst[matches[0]]
+    refused = BLACK_BOX_REFUSAL if evidence == "black_box" and not settings.accept_black_box else None
     return {
         "min_robust_accuracy": minimum,
         "eps": gate_eps,
         "robust_accuracy": accuracy,
-        "passed": None if minimum is None else accuracy >= float(minimum),
+        "evidence": evidence,
+        "refused": refused,
+        "passed": False if refused else (None if minimum is None else accuracy >= float(minimum)),
     }
 
 
 def exit_code(verdict: str, gate: dict[str, Any]) -> int:
-    if verdict == "unreliable":
+    """3 when the evaluation cannot be trusted (a check failed) or was not checked; 1 when the gate
+    failed or was refused; else 0."""
+    if verdict in ("unreliable", "unchecked"):
         return EXIT_UNRELIABLE
     if gate["passed"] is False:
         return EXIT_BELOW_GATE
@@ -285,7 +305,7 @@ def audit_results(
     """audit.json's contents: the battery's results, the model, the gate and the exit code."""
     loaded = target.loaded
     worst = battery.worst_case_robust_accuracy()
-    gate = gate_result(settings, list(battery.threat.eps), worst, battery.reference_eps)
+    gate = gate_result(settings, list(battery.threat.eps), worst, battery.reference_eps, battery.evidence)
     return {
         "task": "audit",  # how ``robustcnn sync`` tells audit.json from a job's results.json
         **battery.to_dict(),
@@ -418,14 +438,23 @@ def output_folder_of(results: dict[str, Any]) -> Path:
     return Path(results["out_dir"])
 
 
+def gate_word(gate: Mapping[str, Any]) -> str:
+    """none (no minimum), passed, failed, or refused (black-box evidence only)."""
+    if gate.get("refused"):
+        return "refused"
+    if gate["min_robust_accuracy"] is None:
+        return "none"
+    return "passed" if gate["passed"] else "failed"
+
+
 def summary_line(results: dict[str, Any], out: Path | None = None) -> str:
     gate = results["gate"]
-    gate_word = "none" if gate["min_robust_accuracy"] is None else ("passed" if gate["passed"] else "failed")
     parts = [
         f"verdict={results['verdict'].replace(' ', '_')}",
+        f"evidence={results['evidence']}",
         f"clean_accuracy={results['clean_accuracy']:.4f}",
         f"robust_accuracy@{results['reference_eps']:g}={results['reference_robust_accuracy']:.4f}",
-        f"gate={gate_word}",
+        f"gate={gate_word(gate)}",
         f"white_box={str(results['white_box']).lower()}",
         f"format={results['model']['format']}",
         f"exit_code={results['exit_code']}",

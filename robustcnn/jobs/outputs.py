@@ -21,7 +21,7 @@ def log_battery(
 ) -> None:
     """Metrics with the eps index as the step (and the eps value in the name), the examples as data."""
     run.log_metric_rows(battery_metric_rows(battery.to_dict()))
-    run.set_tags({"verdict": battery.verdict, "stochastic": battery.stochastic})
+    run.set_tags({"verdict": battery.verdict, "stochastic": battery.stochastic, "evidence": battery.evidence})
     examples = strongest_examples(battery, class_names)
     if out is not None and examples is not None:
         run.log_artifact(examples.save(out / EXAMPLES_FILE), "plots")

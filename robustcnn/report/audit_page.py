@@ -19,12 +19,32 @@ from robustcnn.report.examples import EXAMPLES_FILE, ExampleSet
 from robustcnn.report.page import esc, render, section
 from robustcnn.report.records import EXAMPLES_PNG, ExperimentRuns, RunRecord
 
+#: How the verdict section words results.json's ``evidence``.
+EVIDENCE_TEXT = {
+    "white_box": "white-box: gradient attacks on the model itself ran",
+    "black_box": "black-box only: query and transfer attacks, no gradients; the robust accuracy is an "
+    "upper bound of unknown tightness",
+}
+
+
+def _gate_text(gate: dict[str, Any]) -> str:
+    """The gate row: none, passed / FAILED against the minimum, or REFUSED and why."""
+    if gate.get("refused"):
+        return f"REFUSED: {gate['refused']}"
+    if gate.get("min_robust_accuracy") is None:
+        return "none (audit.min_robust_accuracy not set)"
+    return (
+        f"{gate['robust_accuracy']:.4f} at ε = {gate['eps']:g} vs minimum "
+        f"{gate['min_robust_accuracy']:g}: {'passed' if gate['passed'] else 'FAILED'}"
+    )
+
 
 def _verdict_section(results: dict[str, Any], card: dict[str, Any]) -> str:
     model = results["model"]
     gate = results.get("gate") or {}
     rows = [
         ("verdict", results["verdict"]),
+        ("evidence", EVIDENCE_TEXT.get(str(results.get("evidence")), str(results.get("evidence")))),
         ("exit code", results["exit_code"]),
         ("model", f"{model['name']} ({model['format']}, {model['parameters']:,} parameters)"),
         ("source", model["source"]),
@@ -37,13 +57,7 @@ def _verdict_section(results: dict[str, Any], card: dict[str, Any]) -> str:
             f"{results['reference_robust_accuracy']:.4f} at ε = {results['reference_eps']:g} "
             f"({results['threat']['norm']})",
         ),
-        (
-            "gate",
-            "none (audit.min_robust_accuracy not set)"
-            if gate.get("min_robust_accuracy") is None
-            else f"{gate['robust_accuracy']:.4f} at ε = {gate['eps']:g} vs minimum "
-            f"{gate['min_robust_accuracy']:g}: {'passed' if gate['passed'] else 'FAILED'}",
-        ),
+        ("gate", _gate_text(gate)),
         *[("note", note) for note in results.get("notes", [])],
     ]
     table = "".join(f"<tr><th>{esc(k)}</th><td>{esc(v)}</td></tr>" for k, v in rows)
@@ -55,6 +69,7 @@ def _verdict_section(results: dict[str, Any], card: dict[str, Any]) -> str:
         "Verdict",
         body,
         "unreliable = a sanity check failed (e.g. masked gradients): no robustness claim can be trusted; "
+        "unchecked = the sanity checks were turned off (checks.enabled=false): no verdict; "
         "robust / not robust compares the worst-case robust accuracy at the reference ε with the threshold.",
     )
 

@@ -189,7 +189,8 @@ def render(
         section("checks", "Sanity checks",
                 render_table(tables.sanity_checks(done), "checks-table", sortable=True),
                 "Carlini et al. 2019: a failed check (FAIL) makes the verdict unreliable. Hover a cell for "
-                "its detail; skipped means the check's attacks did not run."),
+                "its detail; skipped means the check's attacks did not run; enforced means the attack "
+                "base guarantees it by construction (nothing measured: no evidence either way)."),
     ]
     if runs.face_patch:
         parts.append(section("face-patch", "Face-patch results",

@@ -17,6 +17,16 @@ from robustcnn.report.records import RunRecord
 
 #: Verdict of a run whose sanity checks failed (see robustcnn.evaluation.checks).
 UNRELIABLE = "unreliable"
+#: Verdict of a run whose sanity checks were turned off (checks.enabled=false): no verdict at all.
+UNCHECKED = "unchecked"
+
+#: How a check's status shows in the sanity-check table: (text, CSS class).
+CHECK_CELLS = {
+    "passed": ("pass", "pass"),
+    "failed": ("FAIL", "fail"),
+    "skipped": ("skipped", "skip"),
+    "enforced": ("enforced", "skip"),
+}
 
 
 @dataclass(frozen=True)
@@ -124,8 +134,23 @@ def failed_checks(run: RunRecord) -> list[str]:
 
 
 def is_flagged(run: RunRecord) -> bool:
-    """Unreliable verdict or any failed sanity check: marked wherever the run appears."""
-    return run.result("verdict") == UNRELIABLE or bool(failed_checks(run))
+    """Unreliable or unchecked verdict, or any failed sanity check: marked wherever the run appears."""
+    return run.result("verdict") in (UNRELIABLE, UNCHECKED) or bool(failed_checks(run))
+
+
+def check_status(check: dict[str, Any]) -> str:
+    """passed / failed / skipped / enforced (results.json's ``status``; old results: ``passed`` only)."""
+    status = check.get("status")
+    if status in CHECK_CELLS:
+        return str(status)
+    passed = check.get("passed")
+    return "passed" if passed is True else "failed" if passed is False else "skipped"
+
+
+def verdict_text(run: RunRecord) -> str:
+    """The verdict, marked when flagged, and saying so when it rests on black-box attacks only."""
+    text = ("⚠ " if is_flagged(run) else "") + str(run.result("verdict") or "–")
+    return text + (" (black-box only)" if run.result("evidence") == "black_box" else "")
 
 
 def _eps_columns(runs: Iterable[RunRecord]) -> list[float]:
@@ -151,7 +176,6 @@ def leaderboard(runs: Sequence[RunRecord]) -> Table:
     for run in sorted(runs, key=_leaderboard_order):
         curve = worst_case(run)
         flagged = is_flagged(run)
-        verdict = str(run.result("verdict") or "–")
         ref_eps = run.result("reference_eps")
         ref_cell = num_cell(run.result("reference_robust_accuracy"))
         if ref_eps is not None:
@@ -172,7 +196,7 @@ def leaderboard(runs: Sequence[RunRecord]) -> Table:
                     *[num_cell(curve.get(e)) for e in eps_cols],
                     ref_cell,
                     num_cell(run_auc(run)),
-                    Cell(("⚠ " if flagged else "") + verdict, css="fail" if flagged else None,
+                    Cell(verdict_text(run), css="fail" if flagged else None,
                          title=", ".join(failed_checks(run)) or None),
                     train,
                     _epoch_cost_cell(run),
@@ -260,15 +284,13 @@ def sanity_checks(runs: Sequence[RunRecord]) -> Table:
             if check is None:
                 cells.append(Cell("–"))
                 continue
-            passed = check.get("passed")
-            text, css = {True: ("pass", "pass"), False: ("FAIL", "fail"), None: ("skipped", "skip")}[passed]
+            text, css = CHECK_CELLS[check_status(check)]
             cells.append(Cell(text, title=str(check.get("detail") or "") or None, css=css))
         flagged = is_flagged(run)
-        verdict = str(run.result("verdict") or "–")
         table.rows.append(
             Row(
                 [Cell(run.label, title=run.run_id),
-                 Cell(("⚠ " if flagged else "") + verdict, css="fail" if flagged else None), *cells],
+                 Cell(verdict_text(run), css="fail" if flagged else None), *cells],
                 run_id=run.run_id,
                 flagged=flagged,
             )

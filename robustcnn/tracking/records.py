@@ -41,7 +41,8 @@ def battery_metric_rows(results: Mapping[str, Any]) -> list[MetricRow]:
     """Curves with the eps index as the step (and the eps value in the name), checks, timing.
 
     Values an attack did not measure (a reference-only attack's other eps) are ``None`` and are
-    skipped when logged. A check that was skipped is -1, passed 1, failed 0.
+    skipped when logged. A check that was skipped is -1, passed 1, failed 0; an invariant the attack
+    base enforces (``status: enforced``) measured nothing and is not logged.
     """
     if "eps" not in results:
         return []
@@ -57,6 +58,7 @@ def battery_metric_rows(results: Mapping[str, Any]) -> list[MetricRow]:
     rows += [
         (f"check/{c['name']}", -1.0 if c["passed"] is None else float(c["passed"]), 0)
         for c in results["checks"]
+        if c.get("status") != "enforced"
     ]
     for name, curve in curves.items():
         rows += [(name, curve[i], i) for i in range(len(eps)) if curve[i] is not None]
@@ -95,6 +97,7 @@ def result_tags(results: Mapping[str, Any]) -> dict[str, Any]:
     tags: dict[str, Any] = {k: results.get(k) for k in ("cache_hit", "weights_key") if k in results}
     if "verdict" in results:
         tags.update({"verdict": results["verdict"], "stochastic": results["stochastic"]})
+        tags["evidence"] = results.get("evidence")
     return tags
 
 

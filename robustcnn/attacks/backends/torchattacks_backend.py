@@ -46,7 +46,7 @@ from robustcnn.attacks.backends.common import (
     preserved_model_state,
     seeded_rng,
 )
-from robustcnn.attacks.base import AttackResult, PerturbContext, goal_reached
+from robustcnn.attacks.base import PerturbContext, goal_reached
 from robustcnn.attacks.fgsm import FGSM
 from robustcnn.attacks.gradient import GradientOptions
 from robustcnn.attacks.pgd import PGD, PGDOptions
@@ -125,13 +125,13 @@ class TorchattacksFGSM(FGSM):
         super().__init__(**kwargs)
         _check_settings(self, eot_ok=False)
 
-    def run(self, model: nn.Module, x: Tensor, y: Tensor, threat: ThreatModel) -> AttackResult:
+    def check_call(self, model: nn.Module, x: Tensor, y: Tensor, threat: ThreatModel) -> tuple[float, float]:
         if threat.norm not in self.norms:
             raise ConfigError(
                 f"fgsm with attack.backend=torchattacks supports only linf (torchattacks has "
                 f"no {threat.norm} FGSM); use attack.backend=native or art"
             )
-        return super().run(model, x, y, threat)
+        return super().check_call(model, x, y, threat)
 
     def perturb(
         self,
@@ -159,14 +159,14 @@ class TorchattacksPGD(PGD):
         super().__init__(**kwargs)
         _check_settings(self, eot_ok=True)
 
-    def run(self, model: nn.Module, x: Tensor, y: Tensor, threat: ThreatModel) -> AttackResult:
+    def check_call(self, model: nn.Module, x: Tensor, y: Tensor, threat: ThreatModel) -> tuple[float, float]:
         if self.eot_samples > 1 and threat.norm != "linf":
             raise ConfigError(
                 f"attack.eot_samples={self.eot_samples} with threat.norm={threat.norm} is not "
                 "available with attack.backend=torchattacks (EOTPGD is L-inf only); use "
                 "attack.backend=native"
             )
-        return super().run(model, x, y, threat)
+        return super().check_call(model, x, y, threat)
 
     def _factory(self, ta: ModuleType, eps: float, norm: str) -> LibraryAttackFactory:
         settings = {
