@@ -200,3 +200,23 @@ def test_fmn_speaks_for_every_eps_where_it_ran_at_some() -> None:
     expected = [float((norms > e).float().mean()) for e in threat.eps]
     assert result.worst_case_robust_accuracy() == expected
     assert 0.0 < expected[1] < 1.0  # samples on both sides of the middle eps: it counted there
+
+
+def test_foolbox_l2_fmn_projection_is_the_identity() -> None:
+    """Why our L2 FMN beats foolbox 3.3.4's (README, benchmarks/attacks.py): its projection is a no-op.
+
+    A point at L2 distance 5 from x0 projected onto the ball of radius 1 must land at distance 1;
+    foolbox's `L2FMNAttack.project` returns it unchanged (its factor is `min(1, norms / norms)`).
+    If a foolbox release fixes this, the test fails and the README's explanation must go.
+    """
+    eagerpy = pytest.importorskip("eagerpy")
+    foolbox = pytest.importorskip("foolbox")
+    x0 = torch.zeros(1, 1, 4, 4)
+    x = x0.clone()
+    x[0, 0, 0, 0] = 5.0
+    projected = foolbox.attacks.L2FMNAttack().project(
+        eagerpy.astensor(x), eagerpy.astensor(x0), eagerpy.astensor(torch.ones(1))
+    )
+    distance = float((projected.raw - x0).flatten().norm())
+    assert distance == pytest.approx(5.0), "foolbox's L2 projection now shrinks: update README's FMN note"
+    assert distance > 1.0 + 1e-6  # a correct projection onto the radius-1 ball would give 1.0

@@ -136,12 +136,38 @@ def face_smoke(run: dict[str, Any]) -> str:
     return "\n".join(rows)
 
 
+def fmn_vs_foolbox(report: dict[str, Any]) -> str:
+    """Our FMN against foolbox's on the same images: robust accuracy per eps, time, minimal norms."""
+    machine, results = report["machine"], report["results"]
+    rows = [
+        f"`benchmarks/attacks.py` (`reports/benchmarks/attacks.json`: {report['model']} on "
+        f"{report['images']} {report['data']} test images, 100 steps each, {machine['cpu_threads']} CPU "
+        f"thread(s), load average {machine['load_average'][0]} at the end; {report['date'][:10]}):",
+        "",
+        "| norm | eps | ours | foolbox 3.3.4 | our time / foolbox's (median, min-max) "
+        "| our median minimal norm |",
+        "|---|---|---|---|---|---|",
+    ]
+    for norm in ("linf", "l2"):
+        row = results[f"fmn_{norm}_vs_foolbox"]
+        ratio, minimal = row["ours_vs_foolbox"], row["ours_minimal_perturbation"]
+        accuracy = row["robust_accuracy"]
+        rows.append(
+            f"| {norm} | {' / '.join(f'{e:g}' for e in row['eps'])} "
+            f"| {' / '.join(_pct(a) for a in accuracy['ours'])} "
+            f"| {' / '.join(_pct(a) for a in accuracy['foolbox'])} "
+            f"| {ratio['median']} ({ratio['min']}-{ratio['max']}) | {minimal['median']:.3f} |"
+        )
+    return "\n".join(rows)
+
+
 #: Every figure block README.md may hold, by name.
 FIGURES: dict[str, Figure] = {
     "sweep_overhead": Figure("reports/benchmarks/sweep_overhead.json", sweep_overhead),
     "defense_epoch_cost": Figure("reports/benchmarks/defenses.json", defense_epoch_cost),
     "face_smoke": Figure("reports/runs/face_smoke.json", face_smoke),
     "face_port_crops": Figure("tests/fixtures/face_api_reference.json", face_port_crops),
+    "fmn_vs_foolbox": Figure("reports/benchmarks/attacks.json", fmn_vs_foolbox),
 }
 
 
