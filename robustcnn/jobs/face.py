@@ -120,7 +120,7 @@ def _set_threshold(inputs: _FaceInputs) -> tuple[Calibration, dict[str, Any]]:
         f"fitted at FAR {plan.far:.3g} apart from the study" if plan.threshold is None else "face.threshold",
         held["pairs"],
         100 * (held["false_accept_rate"] or 0.0),
-        held["interval"],
+        "none" if held["interval"] is None else "[{:.3f}, {:.3f}]".format(*held["interval"]),
         100 * (report["published"]["false_accept_rate"] or 0.0),
     )
     return calibration, report
