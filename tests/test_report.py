@@ -496,3 +496,16 @@ def test_ui_serves_on_localhost_and_sigterm_stops_every_process(store_uri: str, 
     left = _processes().items()
     alive = {pid for pid, (state, _, pgid) in left if state != "Z" and (pid in group or pgid == server)}
     assert alive == set(), f"processes left behind: {alive}"
+
+
+def test_a_face_runs_images_survive_the_report_cache(tmp_path: Path) -> None:
+    from robustcnn.report.store import _read_cached, _write_cached
+
+    face = run("face", face_results(), task="face_patch")
+    face.images["face/patches/dodging/obama.png"] = b"\x89PNG-patch"
+    _write_cached(tmp_path, face)
+    again = run("face", None, task="face_patch")
+    assert _read_cached(tmp_path, again) and again.images == face.images and again.results == face.results
+    # an entry cached before face images were kept is read again from the store, not shown without them
+    (tmp_path / "id-face.json").write_text(json.dumps({"results": face_results(), "config": {}}))
+    assert not _read_cached(tmp_path, run("face", None, task="face_patch"))

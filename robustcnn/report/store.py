@@ -204,9 +204,11 @@ def _read_cached(cache: Path, record: RunRecord) -> bool:
     entry = cache / f"{record.run_id}.json"
     try:
         data = json.loads(entry.read_text())
+        if data["results"].get("task") == "face_patch" and "images" not in data:
+            return False  # cached before face images were kept: read the run again
         record.results, record.config = data["results"], data.get("config")
         images = {name: base64.b64decode(text) for name, text in (data.get("images") or {}).items()}
-    except (OSError, ValueError, KeyError, TypeError):
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return False
     record.images.update(images)
     png = cache / f"{record.run_id}.png"
