@@ -27,8 +27,9 @@ $(STAMP): pyproject.toml Makefile
 
 install: $(STAMP)
 
-## The face study's pretrained assets: face-api 1.7.15 from the npm registry (needs node/npm),
-## sha256-checked, converted to safetensors under ~/.cache/robustcnn/assets (ROBUSTCNN_ASSETS_DIR).
+## The face study's assets: face-api 1.7.15 from the npm registry (needs node/npm), converted to
+## safetensors, and the test photos of PyPI's face_recognition 1.3.0 (via pip), both sha256-checked,
+## under ~/.cache/robustcnn/assets (ROBUSTCNN_ASSETS_DIR).
 assets: $(STAMP)
 	$(BIN)/robustcnn assets
 

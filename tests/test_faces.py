@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from face_assets import require_face_assets
 from PIL import Image
 
 from robustcnn.errors import AssetError, DataError
@@ -34,15 +35,8 @@ from robustcnn.face.gallery import (
 
 @pytest.fixture(scope="module")
 def face_api() -> Path:
-    """The fetched face-api folder, or a skip (a failure under ROBUSTCNN_REQUIRE_ASSETS=1)."""
-    try:
-        from robustcnn.models.face.assets import face_api_dir
-
-        return Path(face_api_dir())
-    except (ImportError, AssetError) as exc:
-        if os.environ.get("ROBUSTCNN_REQUIRE_ASSETS") == "1":
-            pytest.fail(f"face-api assets required (ROBUSTCNN_REQUIRE_ASSETS=1) but unavailable: {exc}")
-        pytest.skip(f"face-api assets not fetched: {exc}")
+    """The fetched face-api folder (and photos), or a skip (a failure under ROBUSTCNN_REQUIRE_ASSETS=1)."""
+    return Path(require_face_assets())
 
 
 @pytest.fixture(scope="module")
@@ -73,7 +67,10 @@ def test_boxes_file_is_complete_and_in_bounds() -> None:
     document = json.loads(GALLERY_JSON.read_text())
     assert "tools/detect_faces.py" in document["note"]
     names = [p["image"] for p in document["photos"]]
-    assert names == [f"sample{i}.jpg" for i in range(1, 7)] + ["grace_hopper.jpg"]
+    people = ["obama.jpg", "obama2.jpg", "obama3.jpg", "biden.jpg"]
+    assert names == people + [f"sample{i}.jpg" for i in range(1, 7)] + ["grace_hopper.jpg"]
+    named = {p["image"]: p.get("identities") for p in document["photos"]}
+    assert [named[n] for n in people] == [["obama"], ["obama"], ["obama"], ["biden"]]
     for photo in document["photos"]:
         assert len(photo["sha256"]) == 64 and int(photo["sha256"], 16) >= 0
         width, height = photo["size"]
@@ -116,10 +113,12 @@ def test_gallery_loads_deterministically(face_api: Path, gallery) -> None:
     images = gallery.images
     assert images.shape == (n, 3, CROP_SIZE, CROP_SIZE) and images.dtype.is_floating_point
     assert 0.0 <= float(images.min()) and float(images.max()) <= 1.0
-    assert len(set(gallery.identities)) == n and "grace_hopper" in gallery.identities
+    # three real photos of one person (genuine pairs, held-out photos), every other face its own identity
+    assert gallery.identities[:4] == ["obama", "obama", "obama", "biden"]
+    assert len(set(gallery.identities)) == n - 2 and "grace_hopper" in gallery.identities
     assert "sample1_face0" in gallery.identities
     assert gallery.identity["count"] == n and len(gallery.identity["boxes_sha256"]) == 16
-    assert sorted(gallery.labels.tolist()) == list(range(n))
+    assert sorted(set(gallery.labels.tolist())) == list(range(n - 2))
     assert [s.image for s in gallery.sources].count("grace_hopper.jpg") == 1
 
 
@@ -155,6 +154,23 @@ def test_missing_photo_is_an_asset_error(tmp_path: Path) -> None:
     (tmp_path / "demo").mkdir()
     with pytest.raises(AssetError, match=r"sample1\.jpg"):
         gallery_photo_paths(tmp_path)
+
+
+def test_missing_people_photos_name_the_fetch(face_api: Path, tmp_path: Path) -> None:
+    with pytest.raises(AssetError, match=r"obama\.jpg is missing; run `robustcnn assets`"):
+        gallery_photo_paths(face_api, photos=tmp_path)
+
+
+def test_a_boxes_file_naming_too_few_people_is_refused(face_api: Path, tmp_path: Path, monkeypatch) -> None:
+    from robustcnn.face import gallery as gallery_module
+
+    document = read_gallery_boxes()
+    document["photos"][0]["identities"] = ["obama", "someone"]  # two names for one box
+    broken = tmp_path / "boxes.json"
+    broken.write_text(json.dumps(document))
+    monkeypatch.setattr(gallery_module, "GALLERY_JSON", broken)
+    with pytest.raises(DataError, match=r"names \['obama', 'someone'\] for the 1 box\(es\) of obama\.jpg"):
+        load_face_gallery(face_api)
 
 
 def test_jitter_box_moves_and_scales_about_the_centre() -> None:

@@ -16,6 +16,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from robustcnn.errors import ConfigError
+from robustcnn.face.attack import attack_face
+from robustcnn.face.enrolment import enrol_photos
+from robustcnn.face.evaluation import evaluate_patch, random_patch_baseline
 from robustcnn.face.masks import area_percent, check_mask, from_png, make_mask
 from robustcnn.face.patch import PatchSettings, classifier_patch_loss, initial_patch, optimise_patch
 from robustcnn.face.printability import (
@@ -24,13 +27,7 @@ from robustcnn.face.printability import (
     non_printability_score,
     total_variation,
 )
-from robustcnn.face.study import (
-    attack_face,
-    evaluate_patch,
-    patch_to_image,
-    random_patch_baseline,
-    run_face_study,
-)
+from robustcnn.face.study import patch_to_image, run_face_study
 from robustcnn.face.transforms import PhysicalVariation, PrintModel, apply_patch, draw_generator
 from robustcnn.models.face.recognizer import FaceRecognizer
 
@@ -257,13 +254,12 @@ def test_dodging_and_impersonation_study(faces: torch.Tensor, recognizer: FaceRe
     mask = make_mask("eyeglasses")
     study = run_face_study(
         recognizer,
-        faces,
-        NAMES,
+        enrol_photos(faces, NAMES),
         attackers=[0, 1],
         targets=[2, 3],
         mask=mask,
         settings=_digital(steps=80),
-        eval_draws=4,
+        eval_draws=8,  # 4 draws could never beat a baseline at p < 0.05 (at best p = 0.5 ** 4)
         seed=5,
     )
     m = study.metrics
@@ -282,7 +278,67 @@ def test_dodging_and_impersonation_study(faces: torch.Tensor, recognizer: FaceRe
         "impersonation/bob__cid", "impersonation/bob__dee",
     }  # fmt: skip
     assert study.adversarial_faces["dodging/ann"].shape == (3, SIZE, SIZE)
-    assert m["per_attacker"][0]["dodging"]["patch_area_percent"] == pytest.approx(area_percent(mask))
+    # one photo per person: only the physical draws are held out, and every figure says so
+    patches = m["patches"]
+    assert {p["held_out"] for p in patches} == {"transforms_only"}
+    assert all(p["held_out_photos"] is None for p in patches)
+    assert m["dodging_success_rate_held_out_photos"] is None
+    assert m["held_out"]["dodging_success_rate"] == "transforms_only"
+    assert [(f["goal"], f["held_out"]) for f in m["figures"]] == [
+        ("dodging", "transforms_only"), ("impersonation", "transforms_only"),
+    ]  # fmt: skip
+    # a random baseline per patch, with its own seed, and each patch tested against it
+    assert len({p["in_sample"]["random_patch"]["seed"] for p in patches}) == len(patches) == 6
+    assert all(p["beats_baseline"] for p in patches) and m["checks"][0]["passed"] is True
+    assert patches[0]["in_sample"]["patch_area_percent"] == pytest.approx(area_percent(mask))
+
+
+def test_held_out_photos_are_judged_against_the_enrolled_template(
+    faces: torch.Tensor, recognizer: FaceRecognizer
+) -> None:
+    """ann has three photos: the patch is optimised on one, judged on another, against the third's
+    template; bob has one photo, so only the draws are held out for him."""
+    g = torch.Generator().manual_seed(4)
+    ann = (faces[0:1] + 0.03 * torch.randn(3, 3, SIZE, SIZE, generator=g)).clamp(0, 1)
+    photos = torch.cat([ann, faces[1:]])
+    names = ["ann", "ann", "ann", *NAMES[1:]]
+    enrolment = enrol_photos(photos, names, seed=2)
+    split = enrolment.splits[0]
+    study = run_face_study(
+        recognizer, enrolment, [0, 1], [], make_mask("eyeglasses"), _digital(steps=40), eval_draws=2, seed=1
+    )
+    ann_patch, bob_patch = study.metrics["patches"]
+    assert ann_patch["held_out"] == "photos" and bob_patch["held_out"] == "transforms_only"
+    held = ann_patch["held_out_photos"]
+    assert held["held_out"] == "photos" and held["n_faces"] == 1 and bob_patch["held_out_photos"] is None
+    # the bare held-out photo's distance is to the ENROLLED photo, not to the photo optimised on
+    with torch.no_grad():
+        d = recognizer.embed(photos[[split.evaluation[0], split.enrolment[0]]])
+    assert held["distance_before"] == pytest.approx(float((d[0] - d[1]).norm()), rel=1e-4)
+    assert ann_patch["success_rate"] == held["success_rate"]  # the headline is the held-out one
+    recorded = study.metrics["photo_split"]["identities"]["ann"]
+    assert recorded["evaluation"] == [f"row{split.evaluation[0]}"]
+    rows = {(f["goal"], f["held_out"]): f for f in study.metrics["figures"]}
+    assert rows[("dodging", "photos")]["patches"] == 1
+    assert rows[("dodging", "transforms_only")]["patches"] == 2
+    assert study.metrics["dodging_success_rate_held_out_photos"] == held["success_rate"]
+    # the composite kept for the artifacts is the held-out photo, next to that photo without a patch
+    assert torch.equal(study.clean_faces["dodging/ann"], photos[split.evaluation[0]])
+
+
+def test_a_patch_no_better_than_noise_fails_the_study_check(
+    faces: torch.Tensor, recognizer: FaceRecognizer
+) -> None:
+    """One tiny step from a random start: the 'patch' is noise, and the study says it beats nothing."""
+    study = run_face_study(
+        recognizer, enrol_photos(faces, NAMES), [0], [], make_mask("eyeglasses"),
+        _digital(steps=1, step_size=1e-6, early_stop=False), eval_draws=4, seed=0,
+    )  # fmt: skip
+    (patch,) = study.metrics["patches"]
+    assert patch["beats_baseline"] is False and patch["p_value"] >= 0.05
+    (check,) = study.metrics["checks"]
+    assert check["name"] == "patches_beat_random_baseline" and check["passed"] is False
+    assert "dodging ann" in check["detail"]
 
 
 def test_physical_evaluation_on_held_out_draws(

@@ -248,14 +248,66 @@ def test_script_json_cannot_close_the_script_element() -> None:
     assert json.loads(text) == {"a": "</script><!-- & >"}
 
 
-def test_face_patch_and_incomplete_sections_only_when_present(mixed_runs: list[RunRecord]) -> None:
+def _face_evaluation(rate: float, random: float, held_out: str) -> dict[str, Any]:
+    return {"held_out": held_out, "success_rate": rate, "clean_success_rate": 0.0,
+            "random_patch": {"success_rate": random, "seed": 3}}  # fmt: skip
+
+
+def face_results() -> dict[str, Any]:
+    """A face job's results.json (the keys the face section reads)."""
+    dodging = {
+        "goal": "dodging", "attacker": "obama", "target": None, "held_out": "photos", "success_rate": 0.5,
+        "clean_success_rate": 0.0, "beats_baseline": True, "p_value": 0.004,
+        "in_sample": _face_evaluation(0.9375, 0.0625, "transforms_only"),
+        "held_out_photos": _face_evaluation(0.5, 0.0, "photos"),
+    }  # fmt: skip
+    imp = {
+        "goal": "impersonation", "attacker": "obama", "target": EVIL, "held_out": "transforms_only",
+        "success_rate": 0.0625, "clean_success_rate": 0.0, "beats_baseline": False, "p_value": 0.5,
+        "in_sample": _face_evaluation(0.0625, 0.0, "transforms_only"), "held_out_photos": None,
+    }  # fmt: skip
+    figures = [
+        {"goal": "dodging", "held_out": "transforms_only", "photos": "optimisation", "patches": 1,
+         "success_rate": 0.9375, "random_patch_success_rate": 0.0625, "clean_success_rate": 0.0,
+         "beat_baseline": 1},
+        {"goal": "dodging", "held_out": "photos", "photos": "held-out", "patches": 1,
+         "success_rate": 0.5, "random_patch_success_rate": 0.0, "clean_success_rate": 0.0,
+         "beat_baseline": 1},
+    ]  # fmt: skip
+    return {
+        "task": "face_patch", "model": "face_api", "data": "faces", "mask": "eyeglasses", "threshold": 0.49,
+        "threshold_source": "calibrated", "eval_draws": 16, "figures": figures, "patches": [dodging, imp],
+        "dodging_success_rate": 0.9375,
+        "verification": {"target_far": 0.01, "false_accept_rate": 0.011,
+                         "false_accept_interval": [0.0003, 0.06], "held_out": {"pairs": 91}},
+    }  # fmt: skip
+
+
+def test_face_runs_get_a_section_of_their_own(mixed_runs: list[RunRecord]) -> None:
     plain = _page(mixed_runs[:3])
     assert 'id="face-patch"' not in plain and 'id="incomplete"' not in plain
-    patch = run("patch", {"attack": "face_patch", "success_rate": 0.75, "nested": {"x": 1}},
-                **{"robustcnn.face_patch": "true"})
-    page = _page([*mixed_runs, patch])
-    assert 'id="face-patch"' in page and ">success_rate</th>" in page and ">0.750</td>" in page
-    assert ">nested</th>" not in page  # only scalar keys become columns
+    face = run("face", face_results(), task="face_patch")  # tagged by task, as face jobs are
+    face.images["face/adversarial_faces.png"] = b"\x89PNG-faces"
+    face.images["face/patches/dodging/obama.png"] = b"\x89PNG-patch"
+    runs = split_runs("exp", [*mixed_runs, face])
+    assert runs.face_patch == [face] and face not in runs.finished  # never a leaderboard row
+    page = _page([*mixed_runs, face])
+    leaderboard_rows = re.search(r'<table id="leaderboard-table".*?<tbody>(.*?)</tbody>', page, re.S)
+    assert leaderboard_rows is not None and "id-face" not in leaderboard_rows.group(1)
+    section = page[page.index('<section id="face-patch">') :]
+    section = section[: section.index("</section>")]
+    figures = re.search(r'<table id="face-figures-0".*?<tbody>(.*?)</tbody>', section, re.S)
+    assert figures is not None and figures.group(1).count("<tr") == 2
+    assert "<td>photos</td>" in figures.group(1) and ">50.0%</td>" in figures.group(1)
+    patches = re.search(r'<table id="face-patches-0".*?<tbody>(.*?)</tbody>', section, re.S)
+    assert patches is not None and patches.group(1).count("<tr") == 2
+    # in sample and held-out side by side, each with its random baseline; a patch that does not beat
+    # its baseline is flagged; user strings stay text
+    assert ">93.8%</td>" in patches.group(1) and ">6.2%</td>" in patches.group(1)
+    assert '<tr class="flagged"' in patches.group(1) and ">NO</td>" in patches.group(1)
+    assert EVIL not in section and "&lt;script&gt;" in section
+    assert "91 held-out impostor pairs (95% CI [0.0%, 6.0%])" in section
+    assert section.count("<img ") == 2 and "data:image/png;base64," in section
     incomplete = re.search(r'<table id="incomplete-table".*?<tbody>(.*?)</tbody>', page, re.S)
     assert incomplete is not None and incomplete.group(1).count("<tr") == 1 and "FAILED" in page
 
@@ -444,3 +496,16 @@ def test_ui_serves_on_localhost_and_sigterm_stops_every_process(store_uri: str, 
     left = _processes().items()
     alive = {pid for pid, (state, _, pgid) in left if state != "Z" and (pid in group or pgid == server)}
     assert alive == set(), f"processes left behind: {alive}"
+
+
+def test_a_face_runs_images_survive_the_report_cache(tmp_path: Path) -> None:
+    from robustcnn.report.store import _read_cached, _write_cached
+
+    face = run("face", face_results(), task="face_patch")
+    face.images["face/patches/dodging/obama.png"] = b"\x89PNG-patch"
+    _write_cached(tmp_path, face)
+    again = run("face", None, task="face_patch")
+    assert _read_cached(tmp_path, again) and again.images == face.images and again.results == face.results
+    # an entry cached before face images were kept is read again from the store, not shown without them
+    (tmp_path / "id-face.json").write_text(json.dumps({"results": face_results(), "config": {}}))
+    assert not _read_cached(tmp_path, run("face", None, task="face_patch"))

@@ -218,6 +218,61 @@ def test_a_page_that_loads_plotly_from_a_cdn_draws_nothing_offline(store: Store,
     assert any(u.startswith("https://cdn.plot.ly/") for u in seen.failed), seen.failed
 
 
+@pytest.fixture(scope="module")
+def face_report(tmp_path_factory: pytest.TempPathFactory, empty_store: Path) -> Path:
+    """A tiny real face study (obama dodging and impersonating biden) and its experiment's report."""
+    import shutil
+
+    from face_assets import require_face_assets
+    from test_face_job import TINY_FACE
+
+    from robustcnn.config import compose
+    from robustcnn.jobs.dispatch import run_job
+    from robustcnn.report import build_report
+
+    require_face_assets()
+    root = tmp_path_factory.mktemp("face-report-store")
+    shutil.copy(empty_store, root / "mlflow.db")
+    uri = f"sqlite:///{root / 'mlflow.db'}"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("MLFLOW_TRACKING_URI", uri)
+        mp.setenv("GIT_PYTHON_REFRESH", "quiet")
+        mp.chdir(root)
+        run_job(compose([*TINY_FACE, "tracking.experiment=faces"]), output_dir=root / "out", progress=False)
+        (written,) = build_report(uri, "faces", root / "reports")
+    return written
+
+
+def test_face_section_renders_in_chromium(face_report: Path) -> None:
+    looked: dict[str, object] = {}
+
+    def check(page: object) -> None:
+        p = page  # type: ignore[assignment]
+        looked["sections"] = p.locator("#face-patch .face-run").count()
+        looked["leaderboard"] = p.locator("#leaderboard-table tbody tr").count()
+        looked["patches"] = p.locator("#face-patches-0 tbody tr").count()
+        looked["figures"] = p.locator("#face-figures-0 tbody tr td:nth-child(2)").all_inner_texts()
+        looked["held_out"] = p.locator("#face-patches-0 tbody tr td:nth-child(4)").all_inner_texts()
+        looked["note"] = p.locator("#face-patch .face-run .note").first.inner_text()
+        looked["images"] = p.evaluate(
+            "Array.from(document.querySelectorAll('#face-patch img'))"
+            ".map(i => i.complete && i.naturalWidth > 0)"
+        )
+        p.locator("#face-patch").screenshot(path=str(ARTIFACTS / "report-face.png"))
+
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    seen = visit(face_report, check)
+    assert looked["sections"] == 1 and looked["leaderboard"] == 0, "a face run is no classifier row"
+    assert looked["patches"] == 2  # obama's dodging patch, obama as biden
+    assert looked["held_out"] == ["photos", "transforms_only"]
+    assert sorted(looked["figures"]) == ["photos", "transforms_only", "transforms_only"]  # type: ignore[type-var]
+    assert "held-out impostor pairs (95% CI" in str(looked["note"])
+    images = looked["images"]
+    assert isinstance(images, list) and len(images) == 3 and all(images), images  # faces + 2 patches
+    assert seen.console_errors == [] and seen.failed == []
+    assert [u for u in seen.requests if not u.startswith(("file:", "data:"))] == []
+
+
 def test_cli_report_writes_the_page(store: Store, tmp_path: Path) -> None:
     out = subprocess.run(
         [sys.executable, "-m", "robustcnn.cli", "report", "--out", str(tmp_path / "r")],

@@ -122,16 +122,20 @@ def test_a_face_study_with_replaced_recognizer_weights_is_recomputed(
     """The face-api weights file replaced (re-converted, or another asset): one weight nudged."""
     from robustcnn.face.gallery import load_face_gallery
     from robustcnn.models.face.assets import WEIGHTS_FILE
+    from robustcnn.models.face.photo_assets import photos_dir
 
     assets = require_face_assets()
     copy = isolated["root"] / "assets" / assets.name
     shutil.copytree(assets, copy)
+    photos = photos_dir()
+    (copy.parent / photos.name).symlink_to(photos)  # the gallery's other photos, unchanged
     monkeypatch.setenv("ROBUSTCNN_ASSETS_DIR", str(copy.parent))
     faces = load_face_gallery(boxes="aligned")
     people = isolated["root"] / "people"
-    for i in range(3):  # three pre-cropped faces: a study in seconds
-        (people / faces.identities[i]).mkdir(parents=True)
-        Image.fromarray(faces.crops[i]).save(people / faces.identities[i] / "1.png")
+    first_photos = {name: faces.identities.index(name) for name in dict.fromkeys(faces.identities)}
+    for name, i in list(first_photos.items())[:5]:  # five people, one pre-cropped face each: seconds
+        (people / name).mkdir(parents=True)
+        Image.fromarray(faces.crops[i]).save(people / name / "1.png")
 
     def nudge_a_weight() -> None:
         weights = copy / WEIGHTS_FILE

@@ -18,6 +18,10 @@ This is how ``robustcnn/face/face_gallery.json`` was made:
    landmarks, the dlib-style square box its descriptors are computed on) on the photos, matches each
    kept Haar box to a face-api face (IoU >= 0.3) and stores that face's square box as
    ``aligned_boxes``. ``--face-api-results FILE`` reuses the JSON such a run wrote (``face_api.json``).
+5. A new photo (face_recognition's test photos were added so): ``--only obama.jpg ...`` scans just those
+   photos, ``--identity obama.jpg=obama`` names the person of each kept box (one person on several
+   photos), and ``--write`` merges their entries into the file in gallery order, each with the command
+   that made it.
 
 Why a reviewed file rather than detecting at run time: the gallery must be the same bytes on every
 machine and OpenCV version, and a detector's false positives would be "identities" of wallpaper.
@@ -38,6 +42,7 @@ from robustcnn.face.gallery import (
     CASCADES,
     GALLERY_JSON,
     GALLERY_NOTE,
+    GALLERY_PHOTOS,
     detect_faces,
     gallery_photo_paths,
     read_rgb,
@@ -159,6 +164,19 @@ def _one_line(match: re.Match[str]) -> str:
     return "[" + re.sub(r",\s*", ", ", match.group(1)) + "]"
 
 
+def _merged(document: dict) -> dict:
+    """The gallery's boxes file with the rescanned photos of ``document`` replacing (or added to) its own.
+
+    Each rescanned entry keeps the command that made it (the file's ``detector`` describes the rest)."""
+    existing = json.loads(GALLERY_JSON.read_text())
+    command = document["detector"]["command"]
+    fresh = {entry["image"]: {**entry, "command": command} for entry in document["photos"]}
+    photos = {entry["image"]: entry for entry in existing["photos"]} | fresh
+    order = [name for _, name in GALLERY_PHOTOS]
+    existing["photos"] = sorted(photos.values(), key=lambda entry: order.index(entry["image"]))
+    return existing
+
+
 def _parse_keep(items: list[str]) -> dict[str, list[int]]:
     keep: dict[str, list[int]] = {}
     for item in items:
@@ -180,11 +198,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--keep", nargs="*", default=[], help="IMAGE=i,j,...: candidate numbers to keep")
     parser.add_argument("--node-modules", type=Path, default=None, help="node_modules with face-api + tfjs")
     parser.add_argument("--face-api-results", type=Path, default=None, help="face_api.json of an earlier run")
+    parser.add_argument(
+        "--identity", nargs="*", default=[], help="IMAGE=name,...: the person of each kept box"
+    )
     parser.add_argument("--write", action="store_true", help=f"write the kept boxes to {GALLERY_JSON}")
     args = parser.parse_args(argv)
 
     args.out.mkdir(parents=True, exist_ok=True)
     keep = _parse_keep(args.keep)
+    people = {name: value.split(",") for name, _, value in (item.partition("=") for item in args.identity)}
     angles = tuple(float(a) for a in args.angles.split(",") if a.strip())
     entries = []
     photos = []
@@ -205,6 +227,7 @@ def main(argv: list[str] | None = None) -> int:
                 "candidates": len(boxes),
                 "kept_candidates": keep.get(path.name, list(range(len(boxes)))),
                 "boxes": [list(b) for b in chosen],
+                **({"identities": people[path.name]} if path.name in people else {}),
             }
         )
         photos.append((path.name, image))
@@ -233,8 +256,10 @@ def main(argv: list[str] | None = None) -> int:
         },
         "photos": entries,
     }
+    (args.out / "candidates.json").write_text(_dump(document))
+    if args.only is not None:  # some photos rescanned: merged into the gallery's file, in gallery order
+        document = _merged(document)
     text = _dump(document)
-    (args.out / "candidates.json").write_text(text)
     if args.write:
         GALLERY_JSON.write_text(text)
         print(f"wrote {GALLERY_JSON}")

@@ -61,9 +61,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     assets = sub.add_parser(
         "assets",
-        help="fetch and convert the pretrained face recognizer (npm @vladmandic/face-api, sha256-pinned)",
+        help="fetch the pretrained face recognizer (npm @vladmandic/face-api) and real test photos "
+        "(PyPI face_recognition sdist), both sha256-pinned",
         description="Downloads the package with `npm pack` (or takes --tarball), verifies its sha256, "
-        "extracts the models, sample photos and licence, and converts the weights to safetensors. "
+        "extracts the models, sample photos and licence, and converts the weights to safetensors; then "
+        "downloads the face_recognition 1.3.0 sdist with pip, verifies it and keeps its test photos. "
         "Safe to repeat: an existing folder is reused unless --force.",
     )
     assets.add_argument(
@@ -73,6 +75,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     assets.add_argument(
         "--tarball", default=None, help="a .tgz made by `npm pack @vladmandic/face-api@1.7.15` elsewhere"
+    )
+    assets.add_argument(
+        "--photos-sdist",
+        default=None,
+        help="the face_recognition-1.3.0.tar.gz made by `pip download --no-deps --no-binary :all: "
+        "face_recognition==1.3.0` elsewhere (its test photos: several photos of one person)",
     )
     assets.add_argument("--force", action="store_true", help="fetch and convert again even if present")
     ui = sub.add_parser("ui", help="start the MLflow UI on the project's store (127.0.0.1 by default)")

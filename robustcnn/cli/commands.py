@@ -93,8 +93,11 @@ def cmd_sync(ns: argparse.Namespace) -> None:
 
 
 def cmd_assets(ns: argparse.Namespace) -> None:
-    """Fetch, verify and convert the face-recognition assets (models.face.assets); print where they are."""
+    """Fetch, verify and convert the face-recognition assets (models.face.assets) and the photos of the
+    same people (models.face.photo_assets); print where they are."""
     from robustcnn.models.face.assets import fetch_face_api
+    from robustcnn.models.face.photo_assets import fetch_photos
 
     print(fetch_face_api(dest=ns.dir, tarball=ns.tarball, force=ns.force))
+    print(fetch_photos(dest=ns.dir, sdist=ns.photos_sdist, force=ns.force))
 

@@ -23,18 +23,51 @@ from robustcnn.sweeps.launchers import launcher_failure
 quiet_schema_matching()
 
 
+#: The face figures of the summary line: in sample (only the transforms held out), then on held-out photos.
+FACE_SUMMARY = (
+    (
+        "transforms_only",
+        (
+            "dodging_success_rate",
+            "impersonation_success_rate",
+            "random_patch_success_rate",
+            "random_impersonation_success_rate",
+        ),
+    ),
+    (
+        "photos",
+        (
+            "dodging_success_rate_held_out_photos",
+            "random_dodging_success_rate_held_out_photos",
+            "impersonation_success_rate_held_out_photos",
+            "random_impersonation_success_rate_held_out_photos",
+        ),
+    ),
+)
+
+
+def face_summary_line(results: dict, output_dir: str) -> str:
+    """A face job's line: each group of rates followed by ``held_out=`` (what the optimisation never
+    saw), the held-out false-accept rate, the baseline check, then where to look."""
+    parts = []
+    for held_out, keys in FACE_SUMMARY:
+        rates = [f"{key}={results[key]:.4f}" for key in keys if isinstance(results.get(key), (int, float))]
+        if rates:
+            parts += [*rates, f"held_out={held_out}"]
+    if isinstance(results.get("false_accept_rate"), (int, float)):
+        parts.append(f"false_accept_rate={results['false_accept_rate']:.4f}")
+    parts.append(f"threshold={results['threshold']:.4f}")
+    statuses = [c["status"] for c in results.get("checks") or []]
+    parts.append("checks=" + ("failed" if "failed" in statuses else "passed" if statuses else "none"))
+    parts += [f"{key}={results[key]}" for key in ("model", "data")]
+    parts += [f"run_id={results['mlflow_run_id']}", f"results={output_dir}/results.json"]
+    return " ".join(parts)
+
+
 def summary_line(results: dict, output_dir: str) -> str:
     """The one line a finished job prints (key=value pairs, easy to grep and to parse)."""
     if results.get("task") == "face_patch":
-        parts = [
-            f"{key}={results[key]:.4f}"
-            for key in ("dodging_success_rate", "impersonation_success_rate", "random_patch_success_rate")
-            if isinstance(results.get(key), (int, float))
-        ]
-        parts += [f"threshold={results['threshold']:.4f}"]
-        parts += [f"{key}={results[key]}" for key in ("model", "data")]
-        parts += [f"run_id={results['mlflow_run_id']}", f"results={output_dir}/results.json"]
-        return " ".join(parts)
+        return face_summary_line(results, output_dir)
     parts = [f"clean_accuracy={results['clean_accuracy']:.4f}"]
     if "reference_robust_accuracy" in results:
         parts.append(

@@ -11,7 +11,6 @@ from pathlib import Path
 
 import torch
 
-from robustcnn.face.enrolment import Enrolment
 from robustcnn.face.settings import FacePlan
 from robustcnn.face.study import FaceStudyResult
 from robustcnn.files import safe_file_name
@@ -24,9 +23,9 @@ def write_face_artifacts(
     plan: FacePlan,
     calibration: Calibration,
     published: float,
-    enrolment: Enrolment,
 ) -> list[Path]:
-    """Patch PNGs (as printed), clean vs. patched faces, the impersonation matrix, the distances."""
+    """Patch PNGs (as printed), clean vs. patched faces (each on the photo it was judged on, a held-out
+    photo where there is one), the impersonation matrix, the distances."""
     from robustcnn.face.plots import distance_histogram, face_grid, save_patch_png, success_matrix
 
     written: list[Path] = []
@@ -37,8 +36,7 @@ def write_face_artifacts(
         )
     kept = list(study.adversarial_faces.items())[: plan.keep_faces]
     if kept:
-        index = {name: i for i, name in enumerate(enrolment.names)}
-        clean = torch.stack([enrolment.images[index[key.split("/", 1)[1].split("__")[0]]] for key, _ in kept])
+        clean = torch.stack([study.clean_faces[key] for key, _ in kept])
         patched = torch.stack([face for _, face in kept])
         titles = [  # two short lines: who, and what for
             name.replace("__", "\nas ") if "__" in name else f"{name}\ndodging"

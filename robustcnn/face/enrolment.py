@@ -1,9 +1,9 @@
 """Who takes part in a face study: the faces the ``data`` section names, enrolled one photo per identity.
 
 Why enrolment is separate from the gallery: the gallery is a set of labelled crops; a study needs
-them split into what the recognizer stores (one enrolment photo per identity) and what an attacker
-wears a patch on (that identity's other photos), so a patch is never judged on the very photo the
-recognizer enrolled when a second one exists.
+them split into what the recognizer stores (one enrolment photo per identity), what an attacker
+optimises a patch on, and what judges it (photos the optimisation never saw, where a person has
+several: :mod:`robustcnn.face.splits`).
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from robustcnn.config import config_bool, config_float, config_int, config_secti
 from robustcnn.errors import ConfigError
 from robustcnn.face.gallery import FaceGallery, load_face_folder, load_face_gallery
 from robustcnn.face.settings import EYE_LEVEL_BY_BOXES
+from robustcnn.face.splits import HELD_OUT_PHOTOS, PhotoSplit, split_photos
 
 
 def load_faces(data: dict[str, Any]) -> FaceGallery:
@@ -43,25 +44,59 @@ def load_faces(data: dict[str, Any]) -> FaceGallery:
 
 @dataclass
 class Enrolment:
-    """One enrolment photo per identity (the gallery), the other photos as the attacker's probes."""
+    """Who takes part, and which of their photos enrol them, are optimised on, and judge a patch.
+
+    ``images`` [G, 3, H, W]: one enrolment photo per identity (its template is what the recognizer
+    stores); ``splits``: every identity's :class:`~robustcnn.face.splits.PhotoSplit` (rows of
+    ``photos``, every crop of the gallery, [N, 3, H, W]); ``files``: each row's photo file name.
+    """
 
     names: list[str]
-    images: torch.Tensor  # [G, 3, H, W]
-    probes: dict[int, torch.Tensor]  # identity index -> [K, 3, H, W], only for identities with >1 photo
+    images: torch.Tensor
+    photos: torch.Tensor
+    splits: list[PhotoSplit]
+    files: list[str]
+    seed: int
+
+    def optimisation_faces(self, identity: int) -> torch.Tensor:
+        """The photos of ``identity`` a patch is optimised on (and the in-sample figure is judged on)."""
+        return self.photos[list(self.splits[identity].optimisation)]
+
+    def evaluation_faces(self, identity: int) -> torch.Tensor | None:
+        """The photos of ``identity`` the optimisation never saw, or None (one photo: none held out)."""
+        split = self.splits[identity]
+        return self.photos[list(split.evaluation)] if split.held_out == HELD_OUT_PHOTOS else None
+
+    def record(self) -> dict[str, Any]:
+        """results.json's ``photo_split``: the seed and, per identity with several photos, who is where."""
+        return {
+            "seed": self.seed,
+            "identities": {
+                name: split.to_dict(self.files)
+                for name, split in zip(self.names, self.splits, strict=True)
+                if len(set(split.enrolment) | set(split.optimisation) | set(split.evaluation)) > 1
+            },
+        }
 
 
-def enrol(gallery: FaceGallery) -> Enrolment:
-    """The first photo of each identity enrols it; later photos are what its attacker wears a patch on."""
-    images = gallery.images
-    names: list[str] = []
-    first: list[int] = []
-    others: dict[str, list[int]] = {}
-    for i, name in enumerate(gallery.identities):
-        if name not in others:
-            names.append(name)
-            first.append(i)
-            others[name] = []
-        else:
-            others[name].append(i)
-    probes = {names.index(n): images[idx] for n, idx in others.items() if idx}
-    return Enrolment(names, images[first], probes)
+def enrol_photos(
+    photos: torch.Tensor, identities: list[str], seed: int = 0, files: list[str] | None = None
+) -> Enrolment:
+    """Photos [N, 3, H, W] with one identity name each (several rows may share one): identities in
+    order of first appearance, each one's photos split by :func:`~robustcnn.face.splits.split_photos`.
+    ``files``: each row's photo name for the recorded split (default: ``row<i>``)."""
+    if photos.dim() != 4 or photos.shape[0] != len(identities):
+        raise ConfigError(f"{tuple(photos.shape)} photos for {len(identities)} identity names")
+    rows: dict[str, list[int]] = {}
+    for i, name in enumerate(identities):
+        rows.setdefault(name, []).append(i)
+    names = list(rows)
+    splits = [split_photos(rows[name], seed, name) for name in names]
+    images = photos[[split.enrolment[0] for split in splits]]
+    files = files if files is not None else [f"row{i}" for i in range(len(identities))]
+    return Enrolment(names, images, photos, splits, files, int(seed))
+
+
+def enrol(gallery: FaceGallery, seed: int = 0) -> Enrolment:
+    """The gallery's photos enrolled and split (seeded by ``seed``), recorded by photo file name."""
+    return enrol_photos(gallery.images, gallery.identities, seed, [s.image for s in gallery.sources])

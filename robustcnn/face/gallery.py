@@ -1,17 +1,19 @@
 """Real faces for the face-recognition study: an embedded gallery and a user's identity folders.
 
 Why embedded: a robustness study of a face recognizer needs real faces, offline and reproducible.
-The gallery is every face in face-api's six demo photos (shipped with the face-api assets) plus
-matplotlib's bundled portrait of Grace Hopper. The face boxes were detected once with OpenCV's Haar
-cascades (``tools/detect_faces.py``), reviewed by eye (false positives on badges and blinds dropped)
-and stored with each photo's sha256 in ``face_gallery.json``, so loading the gallery needs no
-detector and gives the same bytes on every machine; a photo whose bytes changed is refused rather
-than silently cropped at the wrong place.
+The gallery is every face in face-api's six demo photos (shipped with the face-api assets),
+matplotlib's bundled portrait of Grace Hopper, and the test photos of PyPI's face_recognition 1.3.0
+(three photos of one person, one of another: :mod:`robustcnn.models.face.photo_assets`). The face
+boxes were detected once with OpenCV's Haar cascades (``tools/detect_faces.py``), reviewed by eye
+(false positives on badges and blinds dropped) and stored with each photo's sha256 in
+``face_gallery.json``, so loading the gallery needs no detector and gives the same bytes on every
+machine; a photo whose bytes changed is refused rather than silently cropped at the wrong place.
 
-Every gallery face is its own identity (the photos show different people), so the gallery gives
-impostor pairs only; :func:`genuine_jitter_pairs` re-crops each face with a slightly moved box as a
-proxy for a second photo of the same person. For real genuine pairs use :func:`load_face_folder` on
-a folder per person (e.g. LFW deep-funneled), several photos each.
+Every face of the demo photos is its own identity (they show different people); the boxes file names
+the person of the face_recognition photos (``identities``), so ``obama`` has three real photos: genuine
+pairs, and photos a patch can be judged on that its optimisation never saw. :func:`genuine_jitter_pairs`
+re-crops each face with a slightly moved box, a proxy for a second photo of the same person. For
+more real genuine pairs use :func:`load_face_folder` on a folder per person (e.g. LFW deep-funneled).
 
 Crop geometry matters to this recognizer (measured with the port on the 22 gallery faces, 231 impostor
 pairs; fraction of impostor distances below face-api's 0.6 / median): Haar boxes, margin 1.0: 92% /
@@ -36,6 +38,7 @@ import torch
 from robustcnn.errors import AssetError, DataError
 from robustcnn.face.crops import CROP_SIZE, DEFAULT_MARGIN, Box, as_box, crop_face, to_unit_tensor
 from robustcnn.models.face.assets import face_api_dir
+from robustcnn.models.face.photo_assets import PHOTO_NAMES, photos_dir
 
 if TYPE_CHECKING:
     import cv2
@@ -249,8 +252,12 @@ GALLERY_NOTE = (
     "useDlibAlignment), of the face-api face overlapping the Haar box most (tools/detect_faces.py "
     "--node-modules). Photos are pinned by sha256; a changed photo is refused."
 )
-#: The photos, in gallery order: (source, file name). face-api demo photos live in <face-api>/demo/.
+#: The photos, in gallery order: (source, file name). face_recognition's photos come first (their people
+#: have several photos each, so the first attackers of a study can be judged on held-out photos);
+#: face-api demo photos live in <face-api>/demo/.
+FACE_RECOGNITION_SOURCE = "face_recognition tests"
 GALLERY_PHOTOS = (
+    *((FACE_RECOGNITION_SOURCE, name) for name in PHOTO_NAMES),
     *(("face-api demo", f"sample{i}.jpg") for i in range(1, 7)),
     ("matplotlib sample data", "grace_hopper.jpg"),
 )
@@ -261,24 +268,37 @@ def _face_api_dir() -> Path:
     return Path(face_api_dir())
 
 
-def gallery_photo_paths(assets_dir: Path | str | None = None) -> list[tuple[str, Path]]:
-    """(source, path) of every gallery photo; ``assets_dir`` is the face-api folder (default: assets)."""
+_ASSETS_HINT = "run `robustcnn assets`"
+
+
+def _photo_path(source: str, name: str, base: Path | None, photos: Path | None) -> Path:
+    """Where one gallery photo lives (the asset folders are looked up only when needed)."""
     import matplotlib.cbook
 
-    base = Path(assets_dir) if assets_dir is not None else _face_api_dir()
-    paths = []
-    for source, name in GALLERY_PHOTOS:
-        if source == "face-api demo":
-            path = base / "demo" / name
-        else:
-            path = Path(matplotlib.cbook.get_sample_data(name, asfileobj=False))
+    if source == "face-api demo":
+        return (base if base is not None else _face_api_dir()) / "demo" / name
+    if source == FACE_RECOGNITION_SOURCE:
+        return (photos if photos is not None else photos_dir()) / "test_images" / name
+    return Path(matplotlib.cbook.get_sample_data(name, asfileobj=False))
+
+
+def gallery_photo_paths(
+    assets_dir: Path | str | None = None, photos: Path | str | None = None
+) -> list[tuple[str, Path]]:
+    """(source, path) of every gallery photo, in gallery order; ``assets_dir`` is the face-api folder,
+    ``photos`` the face_recognition photo folder (defaults: the fetched assets). The face-api photos
+    are checked first, so a missing demo photo is named even where the other assets are missing too."""
+    base = Path(assets_dir) if assets_dir is not None else None
+    folder = Path(photos) if photos is not None else None
+    order = sorted(GALLERY_PHOTOS, key=lambda item: item[0] != "face-api demo")
+    found = {}
+    for source, name in order:
+        path = _photo_path(source, name, base, folder)
         if not path.is_file():
-            raise AssetError(
-                f"gallery photo {path} is missing; "
-                + ("re-fetch the face-api assets" if source == "face-api demo" else "reinstall matplotlib")
-            )
-        paths.append((source, path))
-    return paths
+            hint = {"face-api demo": "re-fetch the face-api assets", FACE_RECOGNITION_SOURCE: _ASSETS_HINT}
+            raise AssetError(f"gallery photo {path} is missing; {hint.get(source, 'reinstall matplotlib')}")
+        found[name] = (source, path)
+    return [found[name] for _, name in GALLERY_PHOTOS]
 
 
 def read_gallery_boxes(path: Path | None = None) -> dict[str, Any]:
@@ -305,10 +325,31 @@ def read_gallery_boxes(path: Path | None = None) -> dict[str, Any]:
 BOX_KINDS = ("haar", "aligned")
 
 
-def _verified_photos(
-    assets_dir: Path | str | None, boxes_kind: str = "haar"
-) -> list[tuple[str, np.ndarray, list[Box]]]:
-    """(file name, RGB image, stored boxes) of every gallery photo, each checked against its sha256."""
+@dataclass(frozen=True)
+class _GalleryPhoto:
+    """One verified gallery photo: its file name, RGB pixels, stored boxes and who each box shows."""
+
+    name: str
+    image: np.ndarray
+    boxes: list[Box]
+    identities: list[str]
+
+
+def _box_identities(photo: dict[str, Any], count: int) -> list[str]:
+    """Who each box shows: the file's ``identities`` (a person on several photos), else one per face."""
+    named = photo.get("identities")
+    if named is None:
+        return [_gallery_identity(Path(photo["image"]).stem, i, count) for i in range(count)]
+    if len(named) != count or not all(isinstance(n, str) and n for n in named):
+        raise DataError(
+            f"the face gallery's boxes file names {named!r} for the {count} box(es) of {photo['image']}; "
+            "reinstall robustcnn or regenerate it with tools/detect_faces.py"
+        )
+    return list(named)
+
+
+def _verified_photos(assets_dir: Path | str | None, boxes_kind: str = "haar") -> list[_GalleryPhoto]:
+    """Every gallery photo with its stored boxes, each photo checked against its sha256."""
     if boxes_kind not in BOX_KINDS:
         raise DataError(f"face gallery boxes must be one of {', '.join(BOX_KINDS)}, got {boxes_kind!r}")
     key = "boxes" if boxes_kind == "haar" else "aligned_boxes"
@@ -323,9 +364,10 @@ def _verified_photos(
         actual = sha256_file(path)
         if actual != photo["sha256"]:
             raise DataError(
-                f"face gallery photo {path} has sha256 {actual[:16]}..., expected {photo['sha256'][:16]}...: "
-                "the file was modified or replaced; restore the original (re-fetch the face-api assets "
-                "or reinstall matplotlib), since the stored face boxes only fit the original photo"
+                f"face gallery photo {path} has sha256 {actual[:16]}..., "
+                f"expected {photo['sha256'][:16]}...: the file was modified or replaced; restore the "
+                "original (re-fetch the assets with `robustcnn assets --force` or reinstall matplotlib), "
+                "since the stored face boxes only fit the original photo"
             )
         if key not in photo:
             raise DataError(
@@ -333,7 +375,7 @@ def _verified_photos(
                 "with tools/detect_faces.py --node-modules DIR"
             )
         boxes = [as_box(box) for box in photo[key]]
-        photos.append((name, read_rgb(path), boxes))
+        photos.append(_GalleryPhoto(name, read_rgb(path), boxes, _box_identities(photo, len(boxes))))
     return photos
 
 
@@ -361,15 +403,16 @@ def load_face_gallery(
     crops: list[np.ndarray] = []
     identities: list[str] = []
     sources: list[FaceSource] = []
-    for name, image, photo_boxes in _verified_photos(assets_dir, boxes):
-        for i, box in enumerate(photo_boxes):
-            crops.append(crop_face(image, box, margin=margin))
-            identities.append(_gallery_identity(Path(name).stem, i, len(photo_boxes)))
-            sources.append(FaceSource(name, box))
+    for photo in _verified_photos(assets_dir, boxes):
+        for box, person in zip(photo.boxes, photo.identities, strict=True):
+            crops.append(crop_face(photo.image, box, margin=margin))
+            identities.append(person)
+            sources.append(FaceSource(photo.name, box))
     stacked = np.stack(crops)
     identity = {
         "name": "faces",
-        "source": "face-api 1.7.15 demo photos + matplotlib grace_hopper.jpg",
+        "source": "face_recognition 1.3.0 test photos + face-api 1.7.15 demo photos + matplotlib "
+        "grace_hopper.jpg",
         "count": len(crops),
         "margin": float(margin),
         "boxes": boxes,
@@ -417,13 +460,13 @@ def genuine_jitter_pairs(
     first: list[np.ndarray] = []
     second: list[np.ndarray] = []
     names: list[str] = []
-    for name, image, photo_boxes in _verified_photos(assets_dir, boxes):
-        for i, box in enumerate(photo_boxes):
-            original = crop_face(image, box, margin=margin)
+    for photo in _verified_photos(assets_dir, boxes):
+        for box, person in zip(photo.boxes, photo.identities, strict=True):
+            original = crop_face(photo.image, box, margin=margin)
             for dx, dy, ds in jitters:
                 first.append(original)
-                second.append(crop_face(image, jitter_box(box, dx, dy, ds), margin=margin))
-                names.append(_gallery_identity(Path(name).stem, i, len(photo_boxes)))
+                second.append(crop_face(photo.image, jitter_box(box, dx, dy, ds), margin=margin))
+                names.append(person)
     return to_unit_tensor(np.stack(first)), to_unit_tensor(np.stack(second)), names
 
 

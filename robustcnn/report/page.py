@@ -15,7 +15,7 @@ import json
 from collections.abc import Sequence
 from typing import Any
 
-from robustcnn.report import tables
+from robustcnn.report import face, tables
 from robustcnn.report.charts import Chart
 from robustcnn.report.records import EXAMPLES_PNG, ExperimentRuns, RunRecord
 
@@ -137,6 +137,34 @@ def example_grids(runs: Sequence[RunRecord]) -> str:
     return "".join(figures) or '<p class="note">no run logged an example grid</p>'
 
 
+def face_sections(runs: Sequence[RunRecord]) -> str:
+    """The face study: per run, its figures, every patch with its baselines, and its images."""
+    blocks = []
+    for i, run in enumerate(runs):
+        figures = "".join(
+            f'<figure><img src="{uri}" alt="{esc(caption)} of {esc(run.label)}">'
+            f"<figcaption>{esc(caption)}</figcaption></figure>"
+            for caption, uri in face.images(run)
+        )
+        blocks.append(
+            f'<div class="face-run" id="face-run-{i}"><h3>{esc(run.label)}</h3>'
+            f'<p class="note">{esc(face.threshold_note(run))}</p>'
+            + render_table(face.figures_table(run), f"face-figures-{i}", empty="no figures in results.json")
+            + render_table(face.patches_table(run), f"face-patches-{i}", sortable=True,
+                           empty="no patches in results.json")
+            + (figures or '<p class="note">no face images logged</p>')
+            + "</div>"
+        )
+    return section(
+        "face-patch", "Face-patch study", "".join(blocks),
+        "Success of each physical patch at the calibrated threshold on held-out draws: in sample (the "
+        "photos it was optimised on; held out: transforms_only) and on held-out photos (photos the "
+        "optimisation never saw, against the enrolled template; held out: photos), next to a random "
+        "patch of the same mask (its own seed) and the bare face on the same draws. Rows marked NO "
+        "do not beat their random patch (one-sided exact McNemar test, p < 0.05).",
+    )
+
+
 def configs(runs: Sequence[RunRecord]) -> str:
     blocks = []
     for run in runs:
@@ -193,8 +221,7 @@ def render(
                 "base guarantees it by construction (nothing measured: no evidence either way)."),
     ]
     if runs.face_patch:
-        parts.append(section("face-patch", "Face-patch results",
-                             render_table(tables.generic_results(runs.face_patch), "face-patch-table")))
+        parts.append(face_sections(runs.face_patch))
     if runs.incomplete:
         parts.append(section("incomplete", "Incomplete runs",
                              render_table(tables.incomplete_runs(runs.incomplete), "incomplete-table"),
@@ -206,12 +233,11 @@ def render(
         "configs", "Configs and versions",
         render_table(tables.environments(everything), "environment-table") + configs(everything),
     ))
-    nav = "".join(
-        f'<a href="#{sid}">{esc(title)}</a>'
-        for sid, title in (("leaderboard", "leaderboard"), ("curves", "curves"), ("tradeoff", "trade-off"),
-                           ("attacks", "attacks"), ("minimal", "minimal perturbation"), ("checks", "checks"),
-                           ("examples", "examples"), ("configs", "configs"))
-    )
+    links = [("leaderboard", "leaderboard"), ("curves", "curves"), ("tradeoff", "trade-off"),
+             ("attacks", "attacks"), ("minimal", "minimal perturbation"), ("checks", "checks"),
+             *([("face-patch", "face study")] if runs.face_patch else []),
+             ("examples", "examples"), ("configs", "configs")]  # fmt: skip
+    nav = "".join(f'<a href="#{sid}">{esc(title)}</a>' for sid, title in links)
     specs = [{"id": c.chart_id, "figure": c.figure} for c in charts]
     summary = (
         f"{len(done)} finished run(s), {len(runs.face_patch)} face-patch, "

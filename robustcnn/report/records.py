@@ -16,6 +16,8 @@ SWEEP_TAG = "robustcnn.sweep"
 FACE_PATCH_TAG = "robustcnn.face_patch"
 #: The one image every job logs that the page embeds (the adversarial example grid).
 EXAMPLES_PNG = "examples.png"
+#: Face runs' images the page embeds (``face/adversarial_faces.png``, ``face/patches/<goal>/<name>.png``).
+FACE_IMAGE_PREFIX = "face/"
 
 
 def _is_true(value: str | None) -> bool:
@@ -44,7 +46,12 @@ class RunRecord:
 
     @property
     def is_face_patch(self) -> bool:
-        return _is_true(self.tags.get(FACE_PATCH_TAG))
+        """A face study's run (its task tag or results say so; older runs: the face-patch tag)."""
+        return (
+            _is_true(self.tags.get(FACE_PATCH_TAG))
+            or self.tags.get("task") == "face_patch"
+            or self.result("task") == "face_patch"
+        )
 
     @property
     def finished(self) -> bool:

@@ -8,6 +8,7 @@ empty report instead of an error that names the problem.
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import json
 import tempfile
@@ -18,7 +19,7 @@ from urllib.parse import urlparse
 
 from robustcnn.errors import ReportError, RobustCNNError
 from robustcnn.report.examples import EXAMPLES_FILE, ExampleSet
-from robustcnn.report.records import EXAMPLES_PNG, RunRecord
+from robustcnn.report.records import EXAMPLES_PNG, FACE_IMAGE_PREFIX, RunRecord
 
 #: Runs fetched per page of ``search_runs`` (MLflow's own maximum per call is larger).
 PAGE = 1000
@@ -163,6 +164,8 @@ def attach_artifacts(uri: str, record: RunRecord, cache: Path | None = None) -> 
             grid = _example_grid(client, record.run_id, plots, Path(tmp))
             if grid is not None:
                 record.images[EXAMPLES_PNG] = grid
+            if record.is_face_patch and "plots" in root:
+                record.images.update(_face_images(client, record.run_id, plots, Path(tmp)))
     if cache is not None and record.results is not None:
         _write_cached(cache, record)
 
@@ -177,14 +180,37 @@ def _example_grid(client: Any, run_id: str, plots: dict[str, str], tmp: Path) ->
     return None
 
 
+#: At most this many patch PNGs of one face run are embedded (a full study has dozens).
+MAX_FACE_PATCHES = 16
+
+
+def _face_images(client: Any, run_id: str, plots: dict[str, str], tmp: Path) -> dict[str, bytes]:
+    """A face run's patched faces and its patches as printed, keyed ``face/<path under plots>``."""
+    wanted = [plots[name] for name in ("adversarial_faces.png",) if name in plots]
+    if "patches" in plots:
+        for goal in client.list_artifacts(run_id, plots["patches"]):
+            if goal.is_dir:
+                listed = client.list_artifacts(run_id, goal.path)
+                wanted += [f.path for f in listed if f.path.endswith(".png")]
+    found = {}
+    for path in wanted[: 1 + MAX_FACE_PATCHES]:
+        local = Path(client.download_artifacts(run_id, path, str(tmp)))
+        found[FACE_IMAGE_PREFIX + path.removeprefix("plots/")] = local.read_bytes()
+    return found
+
+
 def _read_cached(cache: Path, record: RunRecord) -> bool:
     """Fill ``record`` from the report's cache; False when the run is not there (or unreadable)."""
     entry = cache / f"{record.run_id}.json"
     try:
         data = json.loads(entry.read_text())
+        if data["results"].get("task") == "face_patch" and "images" not in data:
+            return False  # cached before face images were kept: read the run again
         record.results, record.config = data["results"], data.get("config")
-    except (OSError, ValueError, KeyError, TypeError):
+        images = {name: base64.b64decode(text) for name, text in (data.get("images") or {}).items()}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return False
+    record.images.update(images)
     png = cache / f"{record.run_id}.png"
     if png.is_file():
         record.images[EXAMPLES_PNG] = png.read_bytes()
@@ -198,5 +224,10 @@ def _write_cached(cache: Path, record: RunRecord) -> None:
         (cache / f"{record.run_id}.png").write_bytes(record.images[EXAMPLES_PNG])
     entry = cache / f"{record.run_id}.json"
     partial = cache / f".{record.run_id}.json.tmp"
-    partial.write_text(json.dumps({"results": record.results, "config": record.config}))
+    images = {
+        name: base64.b64encode(png).decode("ascii")
+        for name, png in record.images.items()
+        if name.startswith(FACE_IMAGE_PREFIX)
+    }
+    partial.write_text(json.dumps({"results": record.results, "config": record.config, "images": images}))
     partial.replace(entry)

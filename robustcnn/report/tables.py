@@ -316,22 +316,6 @@ def incomplete_runs(runs: Sequence[RunRecord]) -> Table:
     return table
 
 
-def _scalar(value: Any) -> bool:
-    return value is None or isinstance(value, (str, int, float, bool))
-
-
-def generic_results(runs: Sequence[RunRecord]) -> Table:
-    """Every scalar key of the runs' results.json, one column each (face-patch runs: format open)."""
-    keys = sorted({k for run in runs for k, v in (run.results or {}).items() if _scalar(v)})
-    table = Table(["run", *keys])
-    for run in runs:
-        results = run.results or {}
-        table.rows.append(
-            Row([Cell(run.label, title=run.run_id), *[num_cell(results.get(k)) for k in keys]], run.run_id)
-        )
-    return table
-
-
 def environments(runs: Sequence[RunRecord]) -> Table:
     """Library versions and device of every run (results.json ``environment``) and the code version."""
     keys: list[str] = []

@@ -76,26 +76,26 @@ def face_api_dir(path: str | Path | None = None) -> Path:
     return folder
 
 
+def run_fetcher(command: list[str], workdir: Path, shown: str, hint: str) -> None:
+    """Run a package client (npm, pip) in ``workdir``; AssetError with its own last error line and the fix."""
+    try:
+        proc = subprocess.run(command, cwd=workdir, capture_output=True, text=True, timeout=600)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        raise AssetError(f"`{shown}` failed to run ({exc}); {hint}") from exc
+    if proc.returncode != 0:
+        lines = [line for line in proc.stderr.splitlines() if line.strip()]
+        last = lines[-1].strip() if lines else f"exit code {proc.returncode}"
+        raise AssetError(f"`{shown}` failed: {last}; {hint}")
+
+
 def _npm_pack(npm: str, workdir: Path) -> Path:
     """Download the pinned tarball with ``npm pack`` into ``workdir``; AssetError with npm's own last line."""
     exe = shutil.which(npm)
     if exe is None:
         raise AssetError(f"`{npm}` (node's package manager) is not installed or not on PATH; {_fix_hint()}")
     spec = f"{FACE_API_PACKAGE}@{FACE_API_VERSION}"
-    try:
-        proc = subprocess.run(
-            [exe, "pack", spec, "--pack-destination", str(workdir)],
-            cwd=workdir,
-            capture_output=True,
-            text=True,
-            timeout=600,
-        )
-    except (OSError, subprocess.TimeoutExpired) as exc:
-        raise AssetError(f"`npm pack {spec}` failed to run ({exc}); {_fix_hint()}") from exc
-    if proc.returncode != 0:
-        lines = [line for line in proc.stderr.splitlines() if line.strip()]
-        last = lines[-1].strip() if lines else f"exit code {proc.returncode}"
-        raise AssetError(f"`npm pack {spec}` failed: {last}; {_fix_hint()}")
+    command = [exe, "pack", spec, "--pack-destination", str(workdir)]
+    run_fetcher(command, workdir, f"npm pack {spec}", _fix_hint())
     tarballs = sorted(workdir.glob("*.tgz"))
     if len(tarballs) != 1:
         raise AssetError(f"`npm pack {spec}` produced no tarball in {workdir}; {_fix_hint()}")
