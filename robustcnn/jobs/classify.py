@@ -33,7 +33,7 @@ from robustcnn.jobs.lifecycle import (
     record_results,
 )
 from robustcnn.jobs.outputs import log_battery
-from robustcnn.jobs.trained import TrainedModel, obtain_model, resolve_defense
+from robustcnn.jobs.trained import TrainedModel, defended_config, obtain_model, resolve_defense
 from robustcnn.models import count_parameters
 from robustcnn.threat import ThreatModel
 from robustcnn.tracking.records import (
@@ -66,7 +66,7 @@ def check_classify_config(config: dict[str, Any], *, device: bool = True) -> Job
     config_int(config.get("seed", 0), "seed", minimum=0)
     if device:
         resolve_device(config.get("device", "auto"))
-    TrainConfig.from_mapping(config["training"])
+    defended_config(TrainConfig.from_mapping(config["training"]), defense)  # the defense's own settings too
     threat, attacks = plan_attacks(config)
     return JobPlan(
         defense=defense,
