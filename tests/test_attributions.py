@@ -72,7 +72,7 @@ def test_a_linear_models_saliency_does_not_move_under_attack_but_its_ig_does() -
     summary = found.summary()
     assert summary["methods"] == ["saliency", "integrated_gradients"] and summary["eps"] == 0.3
     rows = {name: value for name, value, _ in attribution_metric_rows({"attributions": summary})}
-    assert rows["attribution_stability/saliency"] == pytest.approx(1.0) and "attribution_seconds" in rows
+    assert rows["attribution_stability/saliency"] == pytest.approx(1.0) and "timing/attribution_seconds" in rows
 
 
 def test_rank_correlation_known_values_and_constant_maps() -> None:

@@ -82,7 +82,8 @@ def minimal_perturbation_rows(results: Mapping[str, Any]) -> list[MetricRow]:
 
 
 def attribution_metric_rows(results: Mapping[str, Any]) -> list[MetricRow]:
-    """``attribution_stability/<method>`` (clean vs adversarial rank correlation) and their cost.
+    """``attribution_stability/<method>`` (clean vs adversarial rank correlation) and their cost
+    (``timing/attribution_seconds``).
 
     A method whose maps were all constant has no correlation (None) and is not logged.
     """
@@ -93,7 +94,7 @@ def attribution_metric_rows(results: Mapping[str, Any]) -> list[MetricRow]:
         if _is_number(value)
     ]
     if _is_number(found.get("seconds")):
-        rows.append(("attribution_seconds", float(found["seconds"]), 0))
+        rows.append(("timing/attribution_seconds", float(found["seconds"]), 0))
     return rows
 
 
