@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
 
 import pytest
 import torch
@@ -72,7 +74,8 @@ def test_a_linear_models_saliency_does_not_move_under_attack_but_its_ig_does() -
     summary = found.summary()
     assert summary["methods"] == ["saliency", "integrated_gradients"] and summary["eps"] == 0.3
     rows = {name: value for name, value, _ in attribution_metric_rows({"attributions": summary})}
-    assert rows["attribution_stability/saliency"] == pytest.approx(1.0) and "timing/attribution_seconds" in rows
+    assert rows["attribution_stability/saliency"] == pytest.approx(1.0)
+    assert "timing/attribution_seconds" in rows
 
 
 def test_rank_correlation_known_values_and_constant_maps() -> None:
@@ -108,3 +111,45 @@ def test_attribution_grid_draws_every_example_and_method(tmp_path: Path) -> None
     small, big = Image.open(one), Image.open(every)
     assert small.width == big.width, "one column per kept example"
     assert big.height > 2 * small.height, "four rows of maps per method"
+
+
+class _Run:
+    """The two RunLogger calls log_attributions makes, recorded."""
+
+    def __init__(self) -> None:
+        self.rows: list[tuple[str, float | None, int]] = []
+        self.artifacts: list[Path] = []
+
+    def log_metric_rows(self, rows: list[tuple[str, float | None, int]]) -> None:
+        self.rows += rows
+
+    def log_artifact(self, path: Path, folder: str) -> None:
+        self.artifacts.append(path)
+
+
+def _battery(clean: torch.Tensor, adversarial: torch.Tensor) -> Any:
+    """What log_attributions reads of a battery: one attack that ran at every eps, its kept examples."""
+    eps = (0.0, 0.3)
+    attack = SimpleNamespace(
+        eps=eps, clean_examples=clean, adv_examples=torch.stack([clean, adversarial]),
+        robust_accuracy=lambda: [1.0, 0.0],
+    )  # fmt: skip
+    return SimpleNamespace(threat=SimpleNamespace(eps=eps), attacks={"pgd": attack}, reference_eps=0.3)
+
+
+def test_the_job_logs_the_grid_and_metrics_and_refuses_examples_it_cannot_label(tmp_path: Path) -> None:
+    from robustcnn.jobs.outputs import log_attributions
+
+    images, labels = _images(n=6), torch.tensor([0, 1, 2, 0, 1, 2])
+    run = _Run()
+    battery = _battery(images[:4], _images(seed=2))
+    found = log_attributions(run, _lenet_like(), battery, images, labels, tmp_path, ())
+    assert found is not None and found["attack"] == "pgd" and found["eps"] == 0.3 and found["examples"] == 4
+    assert run.artifacts == [tmp_path / "attributions.png"] and run.artifacts[0].is_file()
+    logged = {name for name, _, _ in run.rows}
+    assert logged >= {"attribution_stability/saliency", "timing/attribution_seconds"}
+    # kept examples that are not the first attacked images: their labels are unknown, nothing is drawn
+    other = _Run()
+    shuffled = _battery(images[2:6], _images(seed=2))
+    assert log_attributions(other, _lenet_like(), shuffled, images, labels, tmp_path / "x", ()) is None
+    assert other.rows == [] and other.artifacts == []
