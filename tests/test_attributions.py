@@ -153,3 +153,15 @@ def test_the_job_logs_the_grid_and_metrics_and_refuses_examples_it_cannot_label(
     shuffled = _battery(images[2:6], _images(seed=2))
     assert log_attributions(other, _lenet_like(), shuffled, images, labels, tmp_path / "x", ()) is None
     assert other.rows == [] and other.artifacts == []
+
+
+def test_a_background_load_runs_once_and_wait_joins_it() -> None:
+    from robustcnn.background import BackgroundLoad
+
+    calls: list[int] = []
+    load = BackgroundLoad("robustcnn-test-load", lambda: calls.append(1))
+    load.wait()  # never started: returns at once
+    load.start()
+    load.start()
+    load.wait()
+    assert calls == [1]

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import importlib
 import math
-import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -29,6 +28,8 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from robustcnn.background import BackgroundLoad
+
 METHODS = ("saliency", "integrated_gradients", "grad_cam")
 #: Integrated Gradients' path points (Gauss-Legendre: exact for a linear model, close for a small CNN).
 #: Why only 8: IG is the one costly method (steps x the stacked images, forward and backward), and a
@@ -37,28 +38,16 @@ IG_STEPS = 8
 #: Rows of the attribution grid per method, in order: (which image, which class).
 VARIANTS = (("clean", "predicted"), ("adversarial", "predicted"), ("clean", "true"), ("adversarial", "true"))
 
-_PRELOAD: threading.Thread | None = None
-_PRELOAD_LOCK = threading.Lock()
-
-
-def preload() -> None:
-    """Import captum and scipy.stats on a daemon thread while the job trains and attacks (once per
-    process).
-
-    Why: ``import captum`` loads matplotlib.pyplot and all of captum's subpackages (~1 s), which a
-    job would otherwise pay after its attacks; the job spends that time inside torch, which
-    releases the GIL. Python's import lock makes the later import wait for this one, never repeat it.
-    """
-    global _PRELOAD
-    with _PRELOAD_LOCK:
-        if _PRELOAD is None:
-            _PRELOAD = threading.Thread(target=_import_captum, name="robustcnn-captum-preload", daemon=True)
-            _PRELOAD.start()
-
 
 def _import_captum() -> Any:
     importlib.import_module("scipy.stats")  # the rank correlation's (~0.5 s on first import)
     return importlib.import_module("captum.attr")
+
+
+#: Import captum and scipy.stats on a daemon thread while the job trains and attacks: ``import
+#: captum`` loads matplotlib.pyplot and all of captum's subpackages (~1 s), which a job would
+#: otherwise pay after its attacks (see robustcnn.background).
+preload = BackgroundLoad("robustcnn-captum-preload", _import_captum).start
 
 
 @dataclass(frozen=True)
