@@ -493,7 +493,11 @@ def test_attribution_stability_table_and_section(mixed_runs: list[RunRecord]) ->
     assert table.columns[-4:] == ["saliency", "grad_cam", "examples", "seconds"]
     assert len(table.rows) == 1 and [c.text for c in table.rows[0].cells[4:6]] == ["0.800", "–"]
     page = render(split_runs("exp", [with_maps]), [], "", store="s", generated="now")
-    assert 'id="attributions-table"' in page and 'id="compare"' in page
+    assert 'id="attributions-table"' in page and 'href="#attributions"' in page
+    # no chart to compare, no maps (an audit, runs without attacks): neither section, nor its link
+    bare = render(split_runs("exp", mixed_runs), [], "", store="s", generated="now")
+    assert 'id="attributions"' not in bare and 'href="#attributions"' not in bare
+    assert 'id="compare"' not in bare and 'href="#compare"' not in bare and 'href="#leaderboard"' in bare
 
 
 def test_defense_comparison_bars_carry_the_cost_under_the_name(mixed_runs: list[RunRecord]) -> None:

@@ -171,9 +171,9 @@ def sections(runs: ExperimentRuns, charts: Sequence[Chart], lead: Sequence[str] 
             "the reference ε; AUC is the area under the worst-case curve divided by the ε range. Rows marked "
             "⚠ failed a sanity check: their numbers are not trustworthy. Click a header to sort.",
         ),
-        section("compare", "Defenses at a glance", chart_divs(overlay),
-                "Clean and worst-case robust accuracy per defense with its training cost, then every run's "
-                "worst-case curve in one chart, one colour per defense."),
+        *([section("compare", "Defenses at a glance", chart_divs(overlay),
+                   "Clean and worst-case robust accuracy per defense with its training cost, then every "
+                   "run's worst-case curve in one chart, one colour per defense.")] if overlay else []),
         section("curves", "Robustness curves per defense", chart_divs(curves)),
         section("tradeoff", "Clean vs robust trade-off", chart_divs(others),
                 "Each point is a run; the dotted line joins the Pareto front "
@@ -202,16 +202,16 @@ def sections(runs: ExperimentRuns, charts: Sequence[Chart], lead: Sequence[str] 
                              "Failed, killed or still running: not ranked."))
     parts.append(section("examples", "Adversarial examples", example_grids(done),
                          "Clean images (top) and adversarial ones of each run's strongest attack."))
-    parts.append(section(
-        "attributions", "What the model looks at",
-        render_table(tables.attribution_stability(done), "attributions-table", sortable=True,
-                     empty="no run logged attribution maps (eval.attributions=true and an attack)")
-        + example_grids(done, ATTRIBUTIONS_PNG, "attribution maps"),
-        "Saliency, Integrated Gradients and Grad-CAM of the kept examples, clean and adversarial (at the "
-        "reference ε), for the predicted and the true class; each map scaled to its own maximum. Stability: "
-        "Spearman's rank correlation of the clean and adversarial true-class maps (1 = the attack did not "
-        "move what the model looks at).",
-    ))
+    if any(run.result("attributions") for run in done):  # an audit, a run without attacks: none
+        parts.append(section(
+            "attributions", "What the model looks at",
+            render_table(tables.attribution_stability(done), "attributions-table", sortable=True)
+            + example_grids(done, ATTRIBUTIONS_PNG, "attribution maps"),
+            "Saliency, Integrated Gradients and Grad-CAM of the kept examples, clean and adversarial (at "
+            "the reference ε), for the predicted and the true class; each map scaled to its own maximum. "
+            "Stability: Spearman's rank correlation of the clean and adversarial true-class maps (1 = the "
+            "attack did not move what the model looks at).",
+        ))
     everything = [*done, *runs.face_patch]
     parts.append(section(
         "configs", "Configs and versions",
@@ -233,6 +233,7 @@ def render(
     ``lead``: rendered sections placed first (an audit's verdict and model card).
     """
     parts = sections(runs, charts, lead)
+    shown = "".join(parts)
     nav = "".join(
         f'<a href="#{sid}">{esc(title)}</a>'
         for sid, title in (
@@ -241,6 +242,7 @@ def render(
             ("checks", "checks"), ("examples", "examples"), ("attributions", "attributions"),
             ("configs", "configs"),
         )  # fmt: skip
+        if f'<section id="{sid}">' in shown  # only the sections this page has
     )
     specs = [{"id": c.chart_id, "figure": c.figure} for c in charts]
     summary = (
@@ -254,7 +256,7 @@ def render(
         '<meta name="viewport" content="width=device-width, initial-scale=1">'
         f"<title>robustcnn report: {esc(runs.name)}</title><style>{STYLE}</style></head><body>"
         f"<header><h1>robustcnn report: {esc(runs.name)}</h1><p>{esc(summary)}</p><nav>{nav}</nav></header>"
-        f"<main>{''.join(parts)}</main>"
+        f"<main>{shown}</main>"
         f'<script id="plotly-js">{plotly_js}</script>'
         f'<script type="application/json" id="chart-specs">{script_json(specs)}</script>'
         f"<script>{SCRIPT}</script></body></html>\n"
