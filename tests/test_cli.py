@@ -64,6 +64,12 @@ def test_smoke_experiment_logs_a_run_and_second_run_hits_the_cache(isolated: dic
     (kept,) = root.glob("outputs/*/*/examples.safetensors")  # the report draws the grid from it
     examples = ExampleSet.load(kept)
     assert examples.adversarial.shape[:2] == (len(results["eps"]), examples.clean.shape[0])
+    # every classifier run: attribution maps of the kept examples (a PNG) and their stability (metrics)
+    assert set(results["attributions"]["stability"]) == {"saliency", "integrated_gradients", "grad_cam"}
+    (grid,) = root.glob("outputs/*/*/attributions.png")
+    assert grid.stat().st_size > 1000
+    logged = TrackingStore.at(isolated["store"]).read_run(_run_id(first.stdout))["metrics"]
+    assert "attribution_stability/saliency" in logged
     written = list(root.glob("outputs/*/*/results.json"))
     assert written and json.loads(written[0].read_text())["clean_accuracy"] == results["clean_accuracy"]
 

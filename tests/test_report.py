@@ -509,3 +509,71 @@ def test_a_face_runs_images_survive_the_report_cache(tmp_path: Path) -> None:
     # an entry cached before face images were kept is read again from the store, not shown without them
     (tmp_path / "id-face.json").write_text(json.dumps({"results": face_results(), "config": {}}))
     assert not _read_cached(tmp_path, run("face", None, task="face_patch"))
+
+
+def test_leaderboard_names_the_attacks_and_puts_the_verdict_second(mixed_runs: list[RunRecord]) -> None:
+    table = leaderboard(split_runs("exp", mixed_runs).finished)
+    assert table.columns[:2] == ["run", "verdict"], "the verdict never scrolls out of sight"
+    attacks = table.columns.index("attacks")
+    assert {row.cells[attacks].text for row in table.rows} == {"fgsm, pgd"}
+
+
+def test_one_chart_overlays_every_defenses_worst_case_curve(mixed_runs: list[RunRecord]) -> None:
+    from robustcnn.report.charts import overlaid_curves
+
+    done = split_runs("exp", mixed_runs).finished
+    chart = overlaid_curves(done)
+    assert chart is not None and chart.chart_id == "chart-overlay"
+    traces = chart.figure["data"]
+    assert sorted(t["legendgroup"] for t in traces) == ["dropout", "none", "pgd_at"]
+    assert all(t["y"] == list(r.result("worst_case_robust_accuracy")) for t, r in zip(
+        traces, sorted(done, key=lambda r: str(r.defense)), strict=True))  # fmt: skip
+    colours = {t["legendgroup"]: t["line"]["color"] for t in traces}
+    assert len(set(colours.values())) == 3, "one colour per defense"
+    assert overlaid_curves([]) is None
+
+
+def test_minimal_perturbation_boxes_per_defense_skip_an_unbroken_median() -> None:
+    from robustcnn.report.charts import minimal_perturbation_boxes
+
+    found = {"norm": "linf", "q1": 0.05, "median": 0.1, "q3": 0.2, "unbroken_fraction": 0.0}
+    runs = [
+        run("plain", results("none", 0.98, [0.98, 0.5, 0.1, 0.0], minimal_perturbation=found)),
+        run("at", results("pgd_at", 0.9, [0.9, 0.8, 0.7, 0.6], minimal_perturbation={**found, "q3": None})),
+    ]
+    chart = minimal_perturbation_boxes(runs)
+    assert chart is not None
+    (box,) = chart.figure["data"]
+    assert box["type"] == "box" and box["x"] == ["none"] and box["median"] == [0.1] and box["q3"] == [0.2]
+    assert minimal_perturbation_boxes(runs[1:]) is None
+
+
+def test_attribution_stability_table_and_section(mixed_runs: list[RunRecord]) -> None:
+    from robustcnn.report.tables import attribution_stability
+
+    stable = {"stability": {"saliency": 0.8, "grad_cam": None}, "attack": "pgd", "eps": 0.3, "examples": 8}
+    curve = [0.97, 0.4, 0.1, 0.0]
+    with_maps = run("maps", results("l1", 0.97, curve, attributions={**stable, "seconds": 0.1}))
+    table = attribution_stability([*split_runs("exp", mixed_runs).finished, with_maps])
+    assert table.columns[-4:] == ["saliency", "grad_cam", "examples", "seconds"]
+    assert len(table.rows) == 1 and [c.text for c in table.rows[0].cells[4:6]] == ["0.800", "–"]
+    page = render(split_runs("exp", [with_maps]), [], "", store="s", generated="now")
+    assert 'id="attributions-table"' in page and 'href="#attributions"' in page
+    # no chart to compare, no maps (an audit, runs without attacks): neither section, nor its link
+    bare = render(split_runs("exp", mixed_runs), [], "", store="s", generated="now")
+    assert 'id="attributions"' not in bare and 'href="#attributions"' not in bare
+    assert 'id="compare"' not in bare and 'href="#compare"' not in bare and 'href="#leaderboard"' in bare
+
+
+def test_defense_comparison_bars_carry_the_cost_under_the_name(mixed_runs: list[RunRecord]) -> None:
+    from robustcnn.report.charts import defense_comparison
+
+    done = split_runs("exp", mixed_runs).finished
+    done[1].results["defense_report"] = {"epoch_cost_ratio": 11.04}  # type: ignore[index]
+    chart = defense_comparison(done)
+    assert chart is not None
+    names = [t["name"] for t in chart.figure["data"]]
+    assert names == ["clean", "robust @ ε=0.1", "robust @ ε=0.2", "robust @ ε=0.3"]
+    expected = ["dropout<br>cost not measured", "none<br>standard", "pgd_at<br>11.0× epoch"]
+    assert chart.figure["data"][0]["x"] == expected
+    assert chart.figure["data"][3]["y"] == [0.9, 0.0, 0.6]

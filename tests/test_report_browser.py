@@ -43,6 +43,13 @@ TINY = [
     "attack=[fgsm,pgd]",
 ]
 
+#: [scroll width, visible width] of the leaderboard's scroll box, its right edge, the window's width.
+LEADERBOARD_FIT = (
+    "(() => { const t = document.getElementById('leaderboard-table'); const w = t.parentElement;"
+    " return [w.scrollWidth, w.clientWidth, t.getBoundingClientRect().right,"
+    " document.documentElement.clientWidth]; })()"
+)
+
 pytestmark = pytest.mark.slow
 
 if not Path(CHROMIUM).exists():
@@ -91,6 +98,8 @@ def store(tmp_path_factory: pytest.TempPathFactory, empty_store: Path) -> Iterat
                 OmegaConf.update(cfg, "tracking.run_name", name)
             results = run_job(cfg, output_dir=root / f"out-{defense}", progress=False)
             made.run_ids.append(results["mlflow_run_id"])
+            assert results["attributions"]["methods"] == ["saliency", "integrated_gradients", "grad_cam"]
+            assert (root / f"out-{defense}" / "attributions.png").is_file()
         with TrackingStore.at(uri).start_run("smoke", "sweep-parent", {"robustcnn.sweep": "true"}):
             pass
         dying = TrackingStore.at(uri).start_run("smoke", "died-in-training", {"model": "lenet5"})
@@ -150,7 +159,7 @@ def visit(path: Path, check: Callable[..., None], wait_for_charts: int = 0) -> V
 
 
 def test_report_renders_offline_in_chromium(store: Store) -> None:
-    n_charts = 3  # robustness curves of none and dropout, the trade-off plot
+    n_charts = 5  # curves of none and dropout, the defenses' bars and overlaid curves, the trade-off
     looked: dict[str, object] = {}
 
     def check(page: object) -> None:
@@ -164,6 +173,18 @@ def test_report_renders_offline_in_chromium(store: Store) -> None:
             "Array.from(document.images).every(i => i.complete && i.naturalWidth > 0)"
         )
         looked["evil_as_text"] = p.locator("#leaderboard-table td", has_text=EVIL_NAME).count()
+        looked["overlay"] = p.locator("#compare .chart:has(.main-svg)").count()
+        looked["overlay_lines"] = p.locator("#chart-overlay .scatterlayer .trace").count()
+        looked["attribution_rows"] = p.locator("#attributions-table tbody tr").count()
+        looked["attribution_maps"] = p.evaluate(
+            "Array.from(document.querySelectorAll('#attributions img'))"
+            ".filter(i => i.complete && i.naturalWidth > 0).length"
+        )
+        # the leaderboard fits a 1400 px window: no sideways scroll, the verdict column in view
+        looked["fits"] = p.evaluate(LEADERBOARD_FIT)
+        verdict_th = p.locator("#leaderboard-table th", has_text="verdict")
+        right = "th => th.getBoundingClientRect().right"
+        looked["verdict_right"] = p.evaluate(right, verdict_th.element_handle())
         # a sanity-check row with a failed check is visibly marked (none expected, but never unmarked)
         looked["unmarked_failures"] = p.locator("#checks-table tr:not(.flagged) td.fail").count()
         ARTIFACTS.mkdir(parents=True, exist_ok=True)
@@ -185,6 +206,11 @@ def test_report_renders_offline_in_chromium(store: Store) -> None:
     assert looked["incomplete"] == 1
     assert looked["charts"] == n_charts and looked["drawn"] == n_charts, looked
     assert looked["images_ok"], "every embedded example grid decodes"
+    assert looked["overlay"] == 2 and looked["overlay_lines"] == 2, "bars, then one line per run in one chart"
+    assert looked["attribution_rows"] == 2 and looked["attribution_maps"] == 2, looked
+    scroll_width, client_width, table_right, page_width = looked["fits"]  # type: ignore[misc]
+    assert scroll_width <= client_width and table_right <= page_width <= 1400, looked["fits"]
+    assert looked["verdict_right"] <= page_width, "the verdict column is in view without scrolling"
     assert looked["unmarked_failures"] == 0
     assert looked["evil_as_text"] == 1 and seen.dialogs == [], "a run name is shown as text, never run"
     first, second = looked["sorted"]  # type: ignore[misc]
@@ -271,6 +297,21 @@ def test_face_section_renders_in_chromium(face_report: Path) -> None:
     assert isinstance(images, list) and len(images) == 3 and all(images), images  # faces + 2 patches
     assert seen.console_errors == [] and seen.failed == []
     assert [u for u in seen.requests if not u.startswith(("file:", "data:"))] == []
+
+
+def test_a_leaderboard_whose_cells_cannot_wrap_fails_the_fit_check(store: Store, tmp_path: Path) -> None:
+    """Negative control for the 1400 px check: the same page with unwrappable cells scrolls sideways."""
+    rule = "#leaderboard-table td,#leaderboard-table th{white-space:nowrap}</style>"
+    stiff = tmp_path / "nowrap.html"
+    stiff.write_text(store.report.read_text().replace("</style>", rule, 1))
+    measured: dict[str, object] = {}
+
+    def check(page: object) -> None:
+        measured["fit"] = page.evaluate(LEADERBOARD_FIT)  # type: ignore[attr-defined]
+
+    visit(stiff, check)
+    scroll_width, client_width, _, _ = measured["fit"]  # type: ignore[misc]
+    assert scroll_width > client_width, measured
 
 
 def test_cli_report_writes_the_page(store: Store, tmp_path: Path) -> None:

@@ -1,11 +1,13 @@
 """The Defense interface: how a defense changes a model, in the places the runner offers.
 
-A defense may do any of four things, each optional, and the runner calls them in this order:
+A defense may do any of five things, each optional, and the runner calls them in this order:
 
 1. ``model_overrides``: change the model config before it is built (dropout rate);
-2. ``hooks``: plug into the one training loop (adversarial examples, TRADES' loss, collapse guard);
-3. ``post_train``: transform a trained model (pruning, then (adversarial) fine-tuning);
-4. ``finalize``: set inference-time behaviour that is not in the weights (dropout kept on).
+2. ``training_overrides``: change the training settings (weight decay, coupled or decoupled);
+3. ``hooks``: plug into the one training loop (adversarial examples, TRADES' loss, collapse guard,
+   weight and input-gradient penalties);
+4. ``post_train``: transform a trained model (pruning, then (adversarial) fine-tuning);
+5. ``finalize``: set inference-time behaviour that is not in the weights (dropout kept on).
 
 ``base`` names the defense whose trained model this one starts from (``defense=prune
 defense.base=pgd_at``); the runner obtains that model through the weight cache first, so it is
@@ -65,6 +67,11 @@ class Defense:
         return {"base": self.base if not isinstance(self.base, Mapping) else dict(self.base)}
 
     def model_overrides(self) -> dict[str, Any]:
+        return {}
+
+    def training_overrides(self) -> dict[str, Any]:
+        """:class:`~robustcnn.training.loop.TrainConfig` fields this defense sets, for its own training
+        and fine-tuning only (the standard epoch it is costed against keeps the job's settings)."""
         return {}
 
     def hooks(self, seed: int, x_train: torch.Tensor, y_train: torch.Tensor) -> list[TrainHook]:

@@ -26,6 +26,8 @@ class EvalSettings:
     attack_batch_size: int = 500
     amp: bool = False
     keep_examples: int = 8
+    #: Attribution maps of the kept examples (robustcnn.evaluation.attributions).
+    attributions: bool = True
 
     @classmethod
     def from_mapping(cls, section: Any) -> EvalSettings:
@@ -47,6 +49,7 @@ class EvalSettings:
             attack_batch_size=count("attack_batch_size"),
             amp=config_bool(values.get("amp", cls.amp), "eval.amp"),
             keep_examples=count("keep_examples", minimum=0),
+            attributions=config_bool(values.get("attributions", cls.attributions), "eval.attributions"),
         )
 
 

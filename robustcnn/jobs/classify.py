@@ -19,6 +19,7 @@ from robustcnn.config import config_int
 from robustcnn.data import Dataset
 from robustcnn.defenses import Defense, build_defense
 from robustcnn.device import check_threads, resolve_device
+from robustcnn.evaluation import attributions
 from robustcnn.evaluation.battery import BatterySettings, run_battery
 from robustcnn.evaluation.settings import EvalSettings, plan_attacks
 from robustcnn.jobs.inputs import bind_surrogates, check_model_config, load_data
@@ -32,8 +33,8 @@ from robustcnn.jobs.lifecycle import (
     raise_unrecorded,
     record_results,
 )
-from robustcnn.jobs.outputs import log_battery
-from robustcnn.jobs.trained import TrainedModel, obtain_model, resolve_defense
+from robustcnn.jobs.outputs import log_attributions, log_battery
+from robustcnn.jobs.trained import TrainedModel, defended_config, obtain_model, resolve_defense
 from robustcnn.models import count_parameters
 from robustcnn.threat import ThreatModel
 from robustcnn.tracking.records import (
@@ -66,7 +67,7 @@ def check_classify_config(config: dict[str, Any], *, device: bool = True) -> Job
     config_int(config.get("seed", 0), "seed", minimum=0)
     if device:
         resolve_device(config.get("device", "auto"))
-    TrainConfig.from_mapping(config["training"])
+    defended_config(TrainConfig.from_mapping(config["training"]), defense)  # the defense's own settings too
     threat, attacks = plan_attacks(config)
     return JobPlan(
         defense=defense,
@@ -112,6 +113,8 @@ def run_classify_job(
     params = flatten({k: v for k, v in config.items() if k != "hydra"})
     params.update(flatten(data.info.identity, prefix="data_identity."))
     with open_job_run(ctx, run_name, tags, params) as run:
+        if plan.threat is not None and plan.evaluation.attributions:
+            attributions.preload()  # captum loads while the model trains and is attacked
         trained = obtain_model(config, data, ctx.device, progress=progress)
         results = evaluate_model(run, ctx, plan, data, trained, label, progress)
         unwritten = record_results(run, ctx, results)
@@ -169,6 +172,11 @@ def evaluate_model(
         )
         results.update(battery.to_dict())
         log_battery(run, battery, ctx.out, data.info.class_names)
+        if evaluation.attributions:
+            kept = (x_test[:n_attack], y_test[:n_attack])
+            found = log_attributions(run, trained.model, battery, *kept, ctx.out, data.info.class_names)
+            if found is not None:
+                results["attributions"] = found
         log.info(
             "verdict %s; worst-case robust accuracy %s",
             battery.verdict,

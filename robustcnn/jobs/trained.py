@@ -175,7 +175,8 @@ def _train(
     cache: WeightCache | None,
 ) -> TrainedModel:
     """Train ``model`` (or start from the base defense's model), post-train it, save it to ``cache``."""
-    train_config = TrainConfig.from_mapping(config["training"])
+    standard_config = TrainConfig.from_mapping(config["training"])
+    train_config = defended_config(standard_config, defense)
     seed = int(config["seed"])
     base_key = None
     result: TrainResult | None = None
@@ -199,7 +200,7 @@ def _train(
     post_seconds = time.perf_counter() - started
     report.update(defense.report())
     if result is not None and spec["name"] != "none" and result.history:
-        report.update(_epoch_cost(result, model, data, train_config, device, seed))
+        report.update(_epoch_cost(result, model, data, standard_config, device, seed))
     meta = {
         "model": config["model"],
         "data": data.info.identity,
@@ -218,6 +219,16 @@ def _train(
         cache.save(key, model, meta)
     defense.finalize(model)
     return TrainedModel(model.to(device).eval(), key, False, result, meta, defense)
+
+
+def defended_config(standard: TrainConfig, defense: Defense) -> TrainConfig:
+    """The job's training settings with the defense's own (weight decay), checked like the job's."""
+    overrides = defense.training_overrides()
+    if not overrides:
+        return standard
+    defended = dataclasses.replace(standard, **overrides)
+    defended.validate()
+    return defended
 
 
 def _start_from(base: TrainedModel, model: Classifier, spec: dict[str, Any]) -> Classifier:

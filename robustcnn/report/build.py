@@ -13,7 +13,13 @@ from pathlib import Path
 from robustcnn.errors import ReportError
 from robustcnn.files import safe_file_name
 from robustcnn.report import store, warmup
-from robustcnn.report.charts import robustness_curves, tradeoff
+from robustcnn.report.charts import (
+    defense_comparison,
+    minimal_perturbation_boxes,
+    overlaid_curves,
+    robustness_curves,
+    tradeoff,
+)
 from robustcnn.report.figures import GRID_VERSION
 from robustcnn.report.page import render
 from robustcnn.report.records import ExperimentRuns, split_runs
@@ -58,9 +64,11 @@ def collect(uri: str, name: str, experiment_id: str, cache: Path | None = None) 
 def write_page(runs: ExperimentRuns, folder: Path, uri: str, js: str) -> Path:
     """Render and write atomically (a browser reloading the page never sees half a file)."""
     charts = robustness_curves(runs.finished)
-    trade = tradeoff(runs.finished)
-    if trade is not None:
-        charts.append(trade)
+    done = runs.finished
+    extras = [defense_comparison(done), overlaid_curves(done), tradeoff(done)]
+    for extra in [*extras, minimal_perturbation_boxes(done)]:
+        if extra is not None:
+            charts.append(extra)
     html_text = render(
         runs, charts, js, store=store.display_uri(uri), generated=time.strftime("%Y-%m-%d %H:%M:%S %Z")
     )

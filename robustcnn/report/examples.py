@@ -31,6 +31,8 @@ class ExampleSet:
     adversarial: Tensor
     eps: tuple[float, ...]
     class_names: tuple[str, ...] = ()
+    #: The attack that made them (not saved: the report does not show it).
+    attack: str = ""
 
     def save(self, path: Path) -> Path:
         """Write atomically (a reader never sees half a file); returns ``path``."""

@@ -16,7 +16,7 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 from torch import Tensor
 
-__all__ = ["example_grid"]
+__all__ = ["Row", "draw_rows", "example_grid"]
 
 #: Bump when the grid's look changes: reports keep drawn grids in a cache named after it.
 GRID_VERSION = 1
@@ -99,8 +99,7 @@ def example_grid(
         if e != 0:
             adv_preds = None if preds is None else preds[e_idx + 1]
             rows += _eps_rows(clean_np, adv_np[e_idx], e, n, adv_preds, preds, class_name)
-    aspect = clean_np.shape[2] / clean_np.shape[3]
-    return _draw(rows, path, n, aspect=aspect, grey=clean_np.shape[1] == 1)
+    return draw_rows(rows, path, n)
 
 
 def _checked_images(clean: Tensor, adversarial: Tensor, n_eps: int) -> tuple[np.ndarray, np.ndarray]:
@@ -176,14 +175,21 @@ def _eps_rows(
     return [(f"adv\n{eps_text}", adv_cells), (f"delta\nstretched\n{eps_text}", delta_cells)]
 
 
-def _draw(rows: list[Row], path: str | Path, n: int, aspect: float, grey: bool) -> Path:
+def draw_rows(
+    rows: list[Row],
+    path: str | Path,
+    n: int,
+    breaks: frozenset[int] | None = None,
+    cell_pixels: int = CELL_PIXELS,
+) -> Path:
     """Paste the cells (upscaled, nearest neighbour) under their titles, label the rows, save atomically.
 
-    Drawn with PIL, not matplotlib: a grid is ~100 small images and labels, which PIL composes in
-    milliseconds where a figure took ~0.3 s (plus ~0.3 s to import matplotlib) per run in a report.
+    ``breaks``: the rows that get extra air above them (None: every odd row, the example grid's eps
+    blocks). Drawn with PIL, not matplotlib: a grid is ~100 small images and labels, which PIL
+    composes in milliseconds where a figure took ~0.3 s (plus ~0.3 s to import matplotlib) per run.
     """
     height, width = rows[0][1][0][0].shape[-2:]
-    scale = max(1, round(CELL_PIXELS / max(height, width)))
+    scale = max(1, round(cell_pixels / max(height, width)))
     cell_w, cell_h = width * scale, height * scale
     font = ImageFont.load_default(size=FONT_SIZE)
     line_h = FONT_SIZE + 2
@@ -191,7 +197,8 @@ def _draw(rows: list[Row], path: str | Path, n: int, aspect: float, grey: bool) 
     tops, y = [], GAP
     for r, (_, cells) in enumerate(rows):
         lines = max(title.count("\n") + 1 if title else 0 for _, title, _ in cells)
-        y += (2 * GAP if r > 0 and r % 2 == 1 else 0) + lines * line_h + GAP  # air between eps blocks
+        spaced = r in breaks if breaks is not None else r % 2 == 1  # air between blocks
+        y += (2 * GAP if r > 0 and spaced else 0) + lines * line_h + GAP
         tops.append(y)
         y += cell_h
     canvas = Image.new("RGB", (left + n * (cell_w + GAP), y + GAP), "white")

@@ -17,6 +17,7 @@ from typing import Any
 
 from robustcnn.report import face, tables
 from robustcnn.report.charts import Chart
+from robustcnn.report.heatmaps import ATTRIBUTIONS_PNG
 from robustcnn.report.records import EXAMPLES_PNG, ExperimentRuns, RunRecord
 
 #: No network at all: inline scripts and styles, images and fonts only from data: URIs.
@@ -41,6 +42,7 @@ tr.flagged td{background:#fff0f0}td.fail{color:#b00;font-weight:bold}td.pass{col
 figure img{max-width:640px;border:1px solid #ddd}figcaption{font-size:.85em;color:#555}
 details{margin:.3em 0}pre{background:#f6f6f6;padding:.6em;overflow:auto;max-height:30em;font-size:.8em}
 .scroll{overflow-x:auto}
+#leaderboard-table{font-size:.8em;width:100%}#leaderboard-table td{overflow-wrap:anywhere;max-width:14em}
 """
 
 #: Draws every chart from the JSON specs, and sorts tables by a clicked header (no library needed).
@@ -122,19 +124,22 @@ def chart_divs(charts: Sequence[Chart]) -> str:
     return f'<div class="charts">{divs}</div>'
 
 
-def example_grids(runs: Sequence[RunRecord]) -> str:
+def example_grids(
+    runs: Sequence[RunRecord], image: str = EXAMPLES_PNG, what: str = "adversarial examples"
+) -> str:
+    """Each run's ``image`` (a PNG it logged or the report drew) as an embedded figure."""
     figures = []
     for run in runs:
-        png = run.images.get(EXAMPLES_PNG)
+        png = run.images.get(image)
         if png is None:
             continue
         data = base64.b64encode(png).decode("ascii")
         figures.append(
-            f'<figure><img src="data:image/png;base64,{data}" alt="adversarial examples of {esc(run.label)}">'
+            f'<figure><img src="data:image/png;base64,{data}" alt="{esc(what)} of {esc(run.label)}">'
             f"<figcaption>{esc(run.label)} ({esc(run.result('model'))}, {esc(run.defense)})"
             "</figcaption></figure>"
         )
-    return "".join(figures) or '<p class="note">no run logged an example grid</p>'
+    return "".join(figures) or f'<p class="note">no run logged {esc(what)}</p>'
 
 
 def face_sections(runs: Sequence[RunRecord]) -> str:
@@ -176,21 +181,13 @@ def configs(runs: Sequence[RunRecord]) -> str:
     return "".join(blocks)
 
 
-def render(
-    runs: ExperimentRuns,
-    charts: Sequence[Chart],
-    plotly_js: str,
-    store: str,
-    generated: str,
-    lead: Sequence[str] = (),
-) -> str:
-    """The whole page; ``charts`` are drawn into the divs of the curves and trade-off sections.
-
-    ``lead``: rendered sections placed first (an audit's verdict and model card).
-    """
+def sections(runs: ExperimentRuns, charts: Sequence[Chart], lead: Sequence[str] = ()) -> list[str]:
+    """The page's sections in order, each chart in the section it belongs to (by its id)."""
     done = runs.finished
     curves = [c for c in charts if c.chart_id.startswith("chart-curves-")]
-    others = [c for c in charts if c not in curves]
+    overlay = [c for c in charts if c.chart_id in ("chart-defenses", "chart-overlay")]
+    minimal = [c for c in charts if c.chart_id == "chart-minimal"]
+    others = [c for c in charts if c not in (*curves, *overlay, *minimal)]
     parts = [
         *lead,
         section(
@@ -202,6 +199,9 @@ def render(
             "the reference ε; AUC is the area under the worst-case curve divided by the ε range. Rows marked "
             "⚠ failed a sanity check: their numbers are not trustworthy. Click a header to sort.",
         ),
+        *([section("compare", "Defenses at a glance", chart_divs(overlay),
+                   "Clean and worst-case robust accuracy per defense with its training cost, then every "
+                   "run's worst-case curve in one chart, one colour per defense.")] if overlay else []),
         section("curves", "Robustness curves per defense", chart_divs(curves)),
         section("tradeoff", "Clean vs robust trade-off", chart_divs(others),
                 "Each point is a run; the dotted line joins the Pareto front "
@@ -209,8 +209,9 @@ def render(
         section("attacks", "Per-attack breakdown",
                 render_table(tables.attack_breakdown(done), "attacks-table", sortable=True)),
         section("minimal", "Minimal perturbation",
-                render_table(tables.minimal_perturbations(done), "minimal-table", sortable=True,
-                             empty="no run with a minimum-norm attack (attack=fmn)"),
+                (chart_divs(minimal) if minimal else "")
+                + render_table(tables.minimal_perturbations(done), "minimal-table", sortable=True,
+                               empty="no run with a minimum-norm attack (attack=fmn)"),
                 "Per sample, the smallest perturbation shown to break it (FMN's verified search and every "
                 "example an attack reported wrong): its quartiles per run, a robustness figure that needs "
                 "no ε choice. Robust accuracy at ε is about the fraction of samples above ε."),
@@ -228,19 +229,51 @@ def render(
                              "Failed, killed or still running: not ranked."))
     parts.append(section("examples", "Adversarial examples", example_grids(done),
                          "Clean images (top) and adversarial ones of each run's strongest attack."))
+    if any(run.result("attributions") for run in done):  # an audit, a run without attacks: none
+        parts.append(section(
+            "attributions", "What the model looks at",
+            render_table(tables.attribution_stability(done), "attributions-table", sortable=True)
+            + example_grids(done, ATTRIBUTIONS_PNG, "attribution maps"),
+            "Saliency, Integrated Gradients and Grad-CAM of the kept examples, clean and adversarial (at "
+            "the reference ε), for the predicted and the true class; each map scaled to its own maximum. "
+            "Stability: Spearman's rank correlation of the clean and adversarial true-class maps (1 = the "
+            "attack did not move what the model looks at).",
+        ))
     everything = [*done, *runs.face_patch]
     parts.append(section(
         "configs", "Configs and versions",
         render_table(tables.environments(everything), "environment-table") + configs(everything),
     ))
-    links = [("leaderboard", "leaderboard"), ("curves", "curves"), ("tradeoff", "trade-off"),
-             ("attacks", "attacks"), ("minimal", "minimal perturbation"), ("checks", "checks"),
-             *([("face-patch", "face study")] if runs.face_patch else []),
-             ("examples", "examples"), ("configs", "configs")]  # fmt: skip
-    nav = "".join(f'<a href="#{sid}">{esc(title)}</a>' for sid, title in links)
+    return parts
+
+
+def render(
+    runs: ExperimentRuns,
+    charts: Sequence[Chart],
+    plotly_js: str,
+    store: str,
+    generated: str,
+    lead: Sequence[str] = (),
+) -> str:
+    """The whole page; ``charts`` are drawn into the divs of the curves and trade-off sections.
+
+    ``lead``: rendered sections placed first (an audit's verdict and model card).
+    """
+    parts = sections(runs, charts, lead)
+    shown = "".join(parts)
+    nav = "".join(
+        f'<a href="#{sid}">{esc(title)}</a>'
+        for sid, title in (
+            ("leaderboard", "leaderboard"), ("compare", "at a glance"), ("curves", "curves"),
+            ("tradeoff", "trade-off"), ("attacks", "attacks"), ("minimal", "minimal perturbation"),
+            ("checks", "checks"), ("face-patch", "face study"), ("examples", "examples"),
+            ("attributions", "attributions"), ("configs", "configs"),
+        )  # fmt: skip
+        if f'<section id="{sid}">' in shown  # only the sections this page has
+    )
     specs = [{"id": c.chart_id, "figure": c.figure} for c in charts]
     summary = (
-        f"{len(done)} finished run(s), {len(runs.face_patch)} face-patch, "
+        f"{len(runs.finished)} finished run(s), {len(runs.face_patch)} face-patch, "
         f"{len(runs.incomplete)} incomplete, {runs.skipped} skipped (sweep parents, runs without "
         f"results) · store {store} · generated {generated}"
     )
@@ -250,7 +283,7 @@ def render(
         '<meta name="viewport" content="width=device-width, initial-scale=1">'
         f"<title>robustcnn report: {esc(runs.name)}</title><style>{STYLE}</style></head><body>"
         f"<header><h1>robustcnn report: {esc(runs.name)}</h1><p>{esc(summary)}</p><nav>{nav}</nav></header>"
-        f"<main>{''.join(parts)}</main>"
+        f"<main>{shown}</main>"
         f'<script id="plotly-js">{plotly_js}</script>'
         f'<script type="application/json" id="chart-specs">{script_json(specs)}</script>'
         f"<script>{SCRIPT}</script></body></html>\n"

@@ -19,6 +19,7 @@ from urllib.parse import urlparse
 
 from robustcnn.errors import ReportError, RobustCNNError
 from robustcnn.report.examples import EXAMPLES_FILE, ExampleSet
+from robustcnn.report.heatmaps import ATTRIBUTIONS_PNG
 from robustcnn.report.records import EXAMPLES_PNG, FACE_IMAGE_PREFIX, RunRecord
 
 #: Runs fetched per page of ``search_runs`` (MLflow's own maximum per call is larger).
@@ -166,6 +167,9 @@ def attach_artifacts(uri: str, record: RunRecord, cache: Path | None = None) -> 
                 record.images[EXAMPLES_PNG] = grid
             if record.is_face_patch and "plots" in root:
                 record.images.update(_face_images(client, record.run_id, plots, Path(tmp)))
+            if ATTRIBUTIONS_PNG in plots:
+                local = client.download_artifacts(record.run_id, plots[ATTRIBUTIONS_PNG], tmp)
+                record.images[ATTRIBUTIONS_PNG] = Path(local).read_bytes()
     if cache is not None and record.results is not None:
         _write_cached(cache, record)
 
@@ -211,17 +215,23 @@ def _read_cached(cache: Path, record: RunRecord) -> bool:
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return False
     record.images.update(images)
-    png = cache / f"{record.run_id}.png"
-    if png.is_file():
-        record.images[EXAMPLES_PNG] = png.read_bytes()
+    for image, png in _cached_images(cache, record.run_id).items():
+        if png.is_file():
+            record.images[image] = png.read_bytes()
     return True
+
+
+def _cached_images(cache: Path, run_id: str) -> dict[str, Path]:
+    """Where the report's cache keeps a run's images (the example grid's name predates the others')."""
+    return {EXAMPLES_PNG: cache / f"{run_id}.png", ATTRIBUTIONS_PNG: cache / f"{run_id}.{ATTRIBUTIONS_PNG}"}
 
 
 def _write_cached(cache: Path, record: RunRecord) -> None:
     """Keep what was read for a finished run (the PNG first: the JSON marks the entry complete)."""
     cache.mkdir(parents=True, exist_ok=True)
-    if EXAMPLES_PNG in record.images:
-        (cache / f"{record.run_id}.png").write_bytes(record.images[EXAMPLES_PNG])
+    for image, png in _cached_images(cache, record.run_id).items():
+        if image in record.images:
+            png.write_bytes(record.images[image])
     entry = cache / f"{record.run_id}.json"
     partial = cache / f".{record.run_id}.json.tmp"
     images = {

@@ -169,9 +169,9 @@ def leaderboard(runs: Sequence[RunRecord]) -> Table:
     """One row per finished run, sorted by worst-case robust accuracy at the reference eps."""
     eps_cols = _eps_columns(runs)
     table = Table(
-        ["run", "model", "defense", "data", "norm", "clean acc.",
+        ["run", "verdict", "model", "defense", "data", "norm", "clean acc.",
          *[f"robust @ ε={fmt_eps(e)}" for e in eps_cols],
-         "robust @ ref. ε", "AUC (robust vs ε)", "verdict", "train s", "epoch cost"]
+         "robust @ ref. ε", "AUC (robust vs ε)", "attacks", "train s", "epoch cost"]
     )
     for run in sorted(runs, key=_leaderboard_order):
         curve = worst_case(run)
@@ -188,6 +188,8 @@ def leaderboard(runs: Sequence[RunRecord]) -> Table:
             Row(
                 [
                     Cell(run.label, title=run.run_id),
+                    Cell(verdict_text(run), css="fail" if flagged else None,
+                         title=", ".join(failed_checks(run)) or None),
                     Cell(str(run.result("model") or "–")),
                     Cell(str(run.defense or "–")),
                     Cell(str(run.result("data") or "–")),
@@ -196,13 +198,46 @@ def leaderboard(runs: Sequence[RunRecord]) -> Table:
                     *[num_cell(curve.get(e)) for e in eps_cols],
                     ref_cell,
                     num_cell(run_auc(run)),
-                    Cell(verdict_text(run), css="fail" if flagged else None,
-                         title=", ".join(failed_checks(run)) or None),
+                    Cell(", ".join(attacks_used(run)) or "–"),
                     train,
                     _epoch_cost_cell(run),
                 ],
                 run_id=run.run_id,
                 flagged=flagged,
+            )
+        )
+    return table
+
+
+def attacks_used(run: RunRecord) -> list[str]:
+    """The attacks a run's battery ran (its per-attack curves), in results.json's order."""
+    return [str(name) for name in run.result("robust_accuracy") or {}]
+
+
+def attribution_stability(runs: Sequence[RunRecord]) -> Table:
+    """Per run that logged attribution maps: how much each map moved under attack (rank correlation).
+
+    results.json ``attributions``: Spearman's rho between the clean and the adversarial map of the
+    true class, averaged over the kept examples (1: unmoved, 0: unrelated).
+    """
+    methods: list[str] = []
+    for run in runs:
+        for method in (run.result("attributions") or {}).get("stability") or {}:
+            if method not in methods:
+                methods.append(str(method))
+    table = Table(["run", "defense", "attack", "ε", *methods, "examples", "seconds"])
+    for run in sorted(runs, key=_leaderboard_order):
+        found = run.result("attributions")
+        if not isinstance(found, dict):
+            continue
+        stability = found.get("stability") or {}
+        table.rows.append(
+            Row(
+                [Cell(run.label, title=run.run_id), Cell(str(run.defense or "–")),
+                 Cell(str(found.get("attack") or "–")), num_cell(found.get("eps"), 4),
+                 *[num_cell(stability.get(m)) for m in methods], num_cell(found.get("examples")),
+                 num_cell(found.get("seconds"), 2)],
+                run_id=run.run_id,
             )
         )
     return table

@@ -10,10 +10,7 @@ for it to finish before it uses plotly, so the library is never used from two th
 
 from __future__ import annotations
 
-import threading
-
-_THREAD: threading.Thread | None = None
-_LOCK = threading.Lock()
+from robustcnn.background import BackgroundLoad
 
 
 def _load() -> None:
@@ -28,17 +25,8 @@ def _load() -> None:
         return
 
 
-def start() -> None:
-    """Begin loading plotly on a daemon thread (once per process; later calls do nothing)."""
-    global _THREAD
-    with _LOCK:
-        if _THREAD is None:
-            _THREAD = threading.Thread(target=_load, name="robustcnn-report-warmup", daemon=True)
-            _THREAD.start()
-
-
-def wait() -> None:
-    """Block until a started warm-up has finished (at once when none was started)."""
-    thread = _THREAD
-    if thread is not None:
-        thread.join()
+_PLOTLY = BackgroundLoad("robustcnn-report-warmup", _load)
+#: Begin loading plotly on a daemon thread (once per process; later calls do nothing).
+start = _PLOTLY.start
+#: Block until a started warm-up has finished (at once when none was started).
+wait = _PLOTLY.wait

@@ -81,6 +81,23 @@ def minimal_perturbation_rows(results: Mapping[str, Any]) -> list[MetricRow]:
     ]
 
 
+def attribution_metric_rows(results: Mapping[str, Any]) -> list[MetricRow]:
+    """``attribution_stability/<method>`` (clean vs adversarial rank correlation) and their cost
+    (``timing/attribution_seconds``).
+
+    A method whose maps were all constant has no correlation (None) and is not logged.
+    """
+    found = results.get("attributions") or {}
+    rows: list[MetricRow] = [
+        (f"attribution_stability/{method}", float(value), 0)
+        for method, value in (found.get("stability") or {}).items()
+        if _is_number(value)
+    ]
+    if _is_number(found.get("seconds")):
+        rows.append(("timing/attribution_seconds", float(found["seconds"]), 0))
+    return rows
+
+
 def audit_summary_rows(results: Mapping[str, Any]) -> list[MetricRow]:
     """An audit's own numbers besides the battery's: clean accuracy, exit code, size, the gate."""
     passed = (results.get("gate") or {}).get("passed")
@@ -133,4 +150,5 @@ def all_metric_rows(results: Mapping[str, Any]) -> list[MetricRow]:
         train_metric_rows(results.get("train_history") or [])
         + summary_metric_rows(results)
         + battery_metric_rows(results)
+        + attribution_metric_rows(results)
     )

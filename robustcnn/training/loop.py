@@ -57,6 +57,9 @@ class TrainConfig:
     optimizer: str = "adam"
     lr: float = 1e-3
     weight_decay: float = 0.0
+    #: Weight decay applied to the weights directly (AdamW, Loshchilov & Hutter 2019) rather than
+    #: added to the gradient (L2 through the optimiser's adaptive scaling); set by ``defense=weight_decay``.
+    decoupled_weight_decay: bool = False
     momentum: float = 0.9
     nesterov: bool = True
     scheduler: str = "cosine"
@@ -125,6 +128,11 @@ class TrainConfig:
             raise ConfigError(
                 f"training.scheduler.name={self.scheduler!r} is unknown; choose one of {SCHEDULERS}"
             )
+        if self.decoupled_weight_decay and self.optimizer != "adam":
+            raise ConfigError(
+                f"decoupled weight decay needs training.optimizer.name=adam (AdamW), not {self.optimizer!r}; "
+                "torch's SGD has only the coupled form (set defense.decoupled=false)"
+            )
         if self.max_batches is not None and self.max_batches < 1:
             raise ConfigError(f"training.max_batches={self.max_batches} must be >= 1 or null")
         if self.shift < 0:
@@ -187,6 +195,15 @@ class TrainHook:
         """
         return None
 
+    def penalty(self, ctx: TrainContext) -> Tensor | None:
+        """A term on the weights alone (an L1 penalty), added to every batch's loss whichever hook made it.
+
+        Why separate from :meth:`compute_loss`: only one hook supplies the loss, but a weight penalty
+        composes with any loss (cross-entropy, adversarial, TRADES). Added once per batch: after
+        out-of-memory the pieces' shares of it sum to one.
+        """
+        return None
+
     def batch_state(self) -> object:
         """What this hook has counted so far (e.g. correct predictions), for :meth:`restore_batch_state`.
 
@@ -224,7 +241,12 @@ def build_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimi
             nesterov=config.nesterov and config.momentum > 0,
             weight_decay=config.weight_decay,
         )
-    return torch.optim.Adam(params, lr=config.lr, weight_decay=config.weight_decay)
+    return torch.optim.Adam(
+        params,
+        lr=config.lr,
+        weight_decay=config.weight_decay,
+        decoupled_weight_decay=config.decoupled_weight_decay,
+    )
 
 
 def build_scheduler(
@@ -397,6 +419,19 @@ def _train_epoch(
 
 
 def _batch_loss(
+    ctx: TrainContext, hooks: Sequence[TrainHook], x: Tensor, y: Tensor, tally: _EpochTally
+) -> Tensor:
+    """The first hook's loss for the batch, else cross-entropy, plus every hook's weight penalty.
+
+    Penalties are built after the loss: an adversarial hook's inner attack freezes the parameters
+    while it runs, and a penalty's graph must see them live.
+    """
+    loss = _data_loss(ctx, hooks, x, y, tally)
+    penalties = [term for term in (hook.penalty(ctx) for hook in hooks) if term is not None]
+    return loss + torch.stack(penalties).sum() if penalties else loss
+
+
+def _data_loss(
     ctx: TrainContext, hooks: Sequence[TrainHook], x: Tensor, y: Tensor, tally: _EpochTally
 ) -> Tensor:
     """The first hook's loss for the batch, else cross-entropy, whose accuracy is counted here
