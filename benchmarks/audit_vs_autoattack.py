@@ -61,10 +61,6 @@ from robustcnn.threat import ThreatModel
 EPS = 0.3
 #: The models compared: a label and the `robustcnn run` overrides that train them.
 MODELS: dict[str, dict[str, Any]] = {
-    "pgd_at_20": {
-        "label": "lenet5 pgd_at, 20 epochs, batch 100 (training defaults otherwise)",
-        "overrides": ["defense=pgd_at", "training.epochs=20", "training.batch_size=100"],
-    },
     "pgd_at_preset": {
         "label": "lenet5 pgd_at, mnist_defenses' schedule (12 epochs, Adam lr 3e-3 constant, batch 100)",
         "overrides": [
@@ -75,6 +71,10 @@ MODELS: dict[str, dict[str, Any]] = {
             "training.scheduler.name=none",
             "training.augment.shift=0",
         ],
+    },
+    "pgd_at_20": {
+        "label": "lenet5 pgd_at, 20 epochs, batch 100 (training defaults otherwise)",
+        "overrides": ["defense=pgd_at", "training.epochs=20", "training.batch_size=100"],
     },
 }
 GAP_TARGET_POINTS = 1.0
@@ -215,8 +215,9 @@ def main() -> None:
     }
     for name in args.models.split(","):
         results["models"][name] = compare(name, args, device)
+        # written whole after each model, so an interrupted run keeps the models it finished
+        write_report(args.out, "audit_vs_autoattack", results, device)
     print(json.dumps(results, indent=2))
-    write_report(args.out, "audit_vs_autoattack", results, device)
 
 
 def compare(name: str, args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
