@@ -46,8 +46,8 @@ class Recording(APGDT):
 def test_apgd_t_aims_at_the_top_classes_in_turn_and_counts_any_wrong_class(
     trained_lenet, mnist_small
 ) -> None:
-    x, y = mnist_small.x_test[:64], mnist_small.y_test[:64]
-    attack = Recording(target_classes=3, steps=4, seed=0)
+    x, y = mnist_small.x_test[:32], mnist_small.y_test[:32]
+    attack = Recording(target_classes=3, steps=3, seed=0)
     attack.aims = []
     # a radius too small to fool anything: every restart runs on every sample, the full budget
     result = attack.run(trained_lenet, x, y, ThreatModel(norm="linf", eps=(1e-4,)))
@@ -57,12 +57,12 @@ def test_apgd_t_aims_at_the_top_classes_in_turn_and_counts_any_wrong_class(
     assert len(attack.aims) == 3
     for k, aim in enumerate(attack.aims, start=1):
         assert torch.equal(aim, ranked[correct, k]), f"restart {k} aims at the class ranked {k + 1}"
-    assert result.gradient_passes == int(correct.sum()) * 3 * 4
+    assert result.gradient_passes == int(correct.sum()) * 3 * 3
     # untargeted success: a sample fooled into any class counts, at eps 0.3 nearly all are
-    broken = build_attack({"name": "apgd_t", "target_classes": 2, "steps": 20}).run(
+    broken = build_attack({"name": "apgd_t", "target_classes": 2, "steps": 10}).run(
         trained_lenet, x, y, ThreatModel(norm="linf", eps=(0.3,))
     )
-    assert broken.robust_accuracy()[0] <= 0.02
+    assert broken.robust_accuracy()[0] <= 0.04
     # a targeted threat's target is the aim already: one run per restart, towards it
     targeted = ThreatModel(norm="linf", eps=(1e-4,), targeted=True, target="random")
     attack.aims = []
@@ -127,16 +127,12 @@ def test_the_strong_probe_takes_the_robust_samples_nearest_the_boundary_and_coun
     assert effort_check(results, strong, "apgd", THREAT.eps, CheckSettings(tolerance=0.2), False).passed
 
 
-def test_square_gives_up_the_samples_it_cannot_move_and_keeps_the_rest(trained_lenet, mnist_small) -> None:
-    x, y = mnist_small.x_test[:32], mnist_small.y_test[:32]
-    tiny = ThreatModel(norm="linf", eps=(0.01,))  # far too small to cross the boundary in 200 queries
-    full = Square(queries=200, seed=0).run(trained_lenet, x, y, tiny)
-    stopped = Square(queries=200, progress_window=20, seed=0).run(trained_lenet, x, y, tiny)
+def test_square_gives_up_the_samples_it_cannot_move_at_no_loss(trained_lenet, mnist_small) -> None:
+    x, y = mnist_small.x_test[:16], mnist_small.y_test[:16]
+    tiny = ThreatModel(norm="linf", eps=(0.01,))  # far too small to cross the boundary in 80 queries
+    full = Square(queries=80, seed=0).run(trained_lenet, x, y, tiny)
+    stopped = Square(queries=80, progress_window=10, seed=0).run(trained_lenet, x, y, tiny)
     assert stopped.robust_accuracy() == full.robust_accuracy()
     assert stopped.forward_passes < full.forward_passes / 2, (stopped.forward_passes, full.forward_passes)
-    large = ThreatModel(norm="linf", eps=(0.3,))
-    given_up = Square(queries=200, progress_window=20, seed=0).run(trained_lenet, x, y, large)
-    searched = Square(queries=200, seed=0).run(trained_lenet, x, y, large)
-    assert given_up.robust_accuracy()[0] <= searched.robust_accuracy()[0] + 0.05
     with pytest.raises(ConfigError, match="progress_window needs loss=margin"):
         Square(progress_window=10, loss="ce")
