@@ -181,6 +181,7 @@ FIGURES: dict[str, Figure] = {
     "defense_epoch_cost": Figure("reports/benchmarks/defenses.json", defense_epoch_cost),
     "face_smoke": Figure("reports/runs/face_smoke.json", face_smoke),
     "face_port_crops": Figure("tests/fixtures/face_api_reference.json", face_port_crops),
+    "audit_vs_autoattack": Figure("reports/benchmarks/audit_vs_autoattack.json", audit_vs_autoattack),
 }
 
 
