@@ -25,11 +25,17 @@ from robustcnn.threat import ThreatModel
 
 
 def default_attacks(seed: int = 0) -> list[Attack]:
-    """The audit's white-box defaults: FGSM, APGD (100 steps, margin loss) and Square (300 queries).
+    """The audit's white-box defaults (conf/audit.yaml): FGSM, APGD (100 steps, margin loss) and Square
+    (300 queries, giving up every 50 on samples it cannot move across the boundary).
 
-    The battery adds the noise floor, EOT copies for a stochastic model and the strength probes.
+    The battery adds the noise floor, EOT copies for a stochastic model (and PGD-EOT, whose fixed step
+    a noisy loss does not stall) and the strength probes.
     """
-    return [FGSM(seed=seed), APGD(steps=100, loss="margin", seed=seed), Square(queries=300, seed=seed)]
+    return [
+        FGSM(seed=seed),
+        APGD(steps=100, loss="margin", seed=seed),
+        Square(queries=300, progress_window=50, seed=seed),
+    ]
 
 
 def evaluate(

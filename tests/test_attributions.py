@@ -165,3 +165,25 @@ def test_a_background_load_runs_once_and_wait_joins_it() -> None:
     load.start()
     load.wait()
     assert calls == [1]
+
+
+def test_grad_cam_of_a_model_that_repeats_the_batch_is_skipped_not_a_crash() -> None:
+    """EOT at inference (dropout_inference) repeats the batch inside forward: Grad-CAM has no per-image map."""
+    from robustcnn.evaluation.attributions import explain
+
+    class Repeating(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = nn.Conv2d(1, 2, 3, padding=1)
+            self.head = nn.Linear(2 * 6 * 6, 3)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            n = x.shape[0]
+            features = self.conv(x.repeat(4, 1, 1, 1))  # four draws per image, averaged below
+            return self.head(features.flatten(1)).reshape(4, n, 3).mean(0)
+
+    torch.manual_seed(0)
+    x = torch.rand(3, 1, 6, 6)
+    result = explain(Repeating(), x, (x + 0.1).clamp(0, 1), torch.tensor([0, 1, 2]))
+    assert "grad_cam" not in result.maps and "saliency" in result.maps
+    assert result.maps["saliency"].shape == (4, 3, 6, 6)

@@ -132,16 +132,18 @@ def test_audit_benchmark_reuses_autoattack_only_from_its_own_unedited_output(tmp
     header = {"weights_key": "k", "images": 10, "eps": bench.EPS}
     figures = {"robust_accuracy": 0.6, "seconds": 100.0, "cpu_seconds": 150.0}
     out = tmp_path / "audit_vs_autoattack.json"
-    _report.write_report(out, "audit_vs_autoattack", {**header, "autoattack": figures}, None)
-    reused = bench.reusable_autoattack(out, header)
+    models = {"pgd_at_20": {**header, "autoattack": figures}}
+    _report.write_report(out, "audit_vs_autoattack", {"models": models}, None)
+    reused = bench.reusable_autoattack(out, "pgd_at_20", header)
     assert reused is not None and reused["cpu_seconds"] == 150.0
     assert reused["reused_from"]["sha256"] == json.loads(out.read_text())["sha256"]
-    assert bench.reusable_autoattack(out, {**header, "images": 20}) is None  # other images
+    assert bench.reusable_autoattack(out, "pgd_at_20", {**header, "images": 20}) is None  # other images
+    assert bench.reusable_autoattack(out, "pgd_at_preset", header) is None  # another model
 
     edited = json.loads(out.read_text())
-    edited["results"]["autoattack"]["cpu_seconds"] = 2195.0  # what the old file held, typed in
+    edited["results"]["models"]["pgd_at_20"]["autoattack"]["cpu_seconds"] = 2195.0  # a figure typed in
     out.write_text(json.dumps(edited))
-    assert bench.reusable_autoattack(out, header) is None
+    assert bench.reusable_autoattack(out, "pgd_at_20", header) is None
 
     audit = {"robust_accuracy": 0.61, "seconds": 10.0, "cpu_seconds": 9.0}
     targets = bench.targets(audit, figures)

@@ -184,6 +184,45 @@ def fmn_vs_foolbox(report: dict[str, Any]) -> str:
     return "\n".join(rows)
 
 
+def _versus(found: dict[str, Any], key: str) -> str:
+    """An evaluation's robust accuracy, its gap to AutoAttack and its share of AutoAttack's CPU time."""
+    target = found["targets"][key]
+    return (
+        f"{_pct(found[key]['robust_accuracy'])} ({target['gap_points']:+.1f} pt, "
+        f"{100 * target['cpu_time_fraction']:.1f}% of its CPU time)"
+    )
+
+
+def audit_vs_autoattack(report: dict[str, Any]) -> str:
+    results, stamp = report["results"], report["written_by"]
+    models = results["models"]
+    audit_images = sorted({found["audit"]["images"] for found in models.values()})
+    reused = sorted(m for m, found in models.items() if "reused_from" in found["autoattack"])
+    load = (stamp["load_average_at_start"][0], stamp["load_average_at_end"][0])
+    reuse = (
+        f"; AutoAttack's figures of {', '.join(reused)} from an earlier run of the script" if reused else ""
+    )
+    rows = [
+        f"`benchmarks/audit_vs_autoattack.py` (`reports/benchmarks/audit_vs_autoattack.json`, "
+        f"{report['date'][:10]}): robust accuracy at eps {results['eps']} on {results['images']} mnist5k "
+        f"test images ({', '.join(map(str, audit_images))} for the audit), and the CPU time (all threads) "
+        f"as a share of AutoAttack's on the same model; {results['torch_threads']} torch threads on "
+        f"{results['cpu_count']} cores shared with other work (load average {load[0]} at the start, "
+        f"{load[1]} at the end){reuse}.",
+        "",
+        "| model | clean | AutoAttack (standard) | `robustcnn run` defaults | `robustcnn audit` | PGD-40 |",
+        "|---|---|---|---|---|---|",
+    ]
+    for found in models.values():
+        reference = found["autoattack"]
+        rows.append(
+            f"| {found['model']} | {_pct(found['clean_accuracy'])} | {_pct(reference['robust_accuracy'])} "
+            f"({reference['cpu_seconds']:.0f} CPU s) | {_versus(found, 'run_defaults')} | "
+            f"{_versus(found, 'audit')} | {_pct(found['pgd40']['robust_accuracy'])} |"
+        )
+    return "\n".join(rows)
+
+
 #: Every figure block README.md may hold, by name.
 FIGURES: dict[str, Figure] = {
     "sweep_overhead": Figure("reports/benchmarks/sweep_overhead.json", sweep_overhead),
@@ -191,6 +230,7 @@ FIGURES: dict[str, Figure] = {
     "face_smoke": Figure("reports/runs/face_smoke.json", face_smoke),
     "face_port_crops": Figure("tests/fixtures/face_api_reference.json", face_port_crops),
     "fmn_vs_foolbox": Figure("reports/benchmarks/attacks.json", fmn_vs_foolbox),
+    "audit_vs_autoattack": Figure("reports/benchmarks/audit_vs_autoattack.json", audit_vs_autoattack),
 }
 
 

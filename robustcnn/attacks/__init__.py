@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from robustcnn.attacks.apgd import APGD
+from robustcnn.attacks.apgd import APGD, APGDT
 from robustcnn.attacks.base import Attack, AttackInvariantError, AttackResult, PerturbContext
 from robustcnn.attacks.eot import make_eot, with_eot
 from robustcnn.attacks.fgsm import FGSM
@@ -24,6 +24,7 @@ from robustcnn.attacks.transfer import Transfer
 register_attack("fgsm")(FGSM)
 register_attack("pgd")(PGD)
 register_attack("apgd")(APGD)
+register_attack("apgd_t")(APGDT)
 register_attack("fmn")(FMN)
 register_attack("noise")(RandomNoise)
 register_attack("square")(Square)
@@ -35,6 +36,7 @@ import robustcnn.attacks.backends  # noqa: E402, F401, I001
 
 __all__ = [
     "APGD",
+    "APGDT",
     "BACKENDS",
     "FGSM",
     "FMN",

@@ -9,6 +9,12 @@ measures a PGD-40 against AutoAttack and the audit on an adversarially trained l
 
 As in :class:`PGD`, the first iterate that reaches the goal is the sample's result and, with
 ``early_stop``, a fooled sample leaves the batch (it changes no result, only the cost).
+
+:class:`APGDT` is AutoAttack's second attack, APGD-T: the same search run once per target class
+(the classes the clean input ranks highest after the first), each maximising a targeted loss
+(DLR by default) while any misclassification counts as success. Paired with APGD on cross-entropy
+it is AutoAttack's loss pairing: a loss that saturates (CE) and a scale-invariant margin that
+aims at the nearest classes one by one.
 """
 
 from __future__ import annotations
@@ -19,7 +25,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor, nn
 
-from robustcnn.attacks.base import PerturbContext, SettingValue, goal_reached
+from robustcnn.attacks.base import AttackOptions, PerturbContext, SettingValue, goal_reached
 from robustcnn.attacks.gradient import GradientAttack, GradientOptions, objective, step_direction
 from robustcnn.attacks.pgd import start_point
 from robustcnn.attacks.restarts import Restarts, SampleRows, optional_rows
@@ -50,7 +56,8 @@ class Search(SampleRows):
 
     x0: Tensor  # their clean inputs: the centre of each eps ball
     y: Tensor
-    targets: Tensor | None
+    targets: Tensor | None  # the goal: reach these classes (None: any class but y)
+    aim: Tensor | None  # the class the objective pulls towards (None: away from y)
     current: Tensor  # the current iterate ...
     previous: Tensor  # ... and the one before it (the momentum term)
     grad: Tensor  # the objective's gradient at ``current``
@@ -124,7 +131,7 @@ class APGD(GradientAttack):
     ) -> Tensor:
         restarts = Restarts(x, self.restarts, early_stop=self.early_stop)
         for restart, idx in restarts:
-            search = self.begin(model, x, y, targets, eps, threat.norm, ctx, restart, idx, restarts)
+            search = self.begin(model, x, y, targets, targets, eps, threat.norm, ctx, restart, idx, restarts)
             self.search(model, search, eps, threat.norm, ctx, restarts)
         return restarts.result
 
@@ -134,6 +141,7 @@ class APGD(GradientAttack):
         x: Tensor,
         y: Tensor,
         targets: Tensor | None,
+        aim: Tensor | None,
         eps: float,
         norm: str,
         ctx: PerturbContext,
@@ -141,11 +149,15 @@ class APGD(GradientAttack):
         idx: Tensor,
         restarts: Restarts,
     ) -> Search:
-        """The start of one restart on the samples ``idx``: its point is checked (a hit is kept)."""
+        """The start of one restart on the samples ``idx``: its point is checked (a hit is kept).
+
+        ``targets`` decide success (None: any wrong class), ``aim`` what the objective pulls towards.
+        """
         x0, ys, ts = x.index_select(0, idx), y.index_select(0, idx), optional_rows(targets, idx)
+        aims = optional_rows(aim, idx)
         current = start_point(x, eps, norm, ctx, restart, idx) if self.random_start else x0.clone()
-        grad, logits = self.gradient(model, current, ys, ts, ctx)
-        value = objective(logits, ys, ts, self.loss).detach()
+        grad, logits = self.gradient(model, current, ys, aims, ctx)
+        value = objective(logits, ys, aims, self.loss).detach()
         restarts.record_hits(goal_reached(logits, ys, ts), current, idx)
         eta = torch.full((idx.numel(),), 2.0 * eps, device=x.device)
         return Search(
@@ -153,6 +165,7 @@ class APGD(GradientAttack):
             x0=x0,
             y=ys,
             targets=ts,
+            aim=aims,
             current=current,
             previous=current.clone(),
             grad=grad,
@@ -207,8 +220,8 @@ class APGD(GradientAttack):
                 ctx.bounds,
             )
         s.previous, s.current = s.current, z
-        s.grad, logits = self.gradient(model, s.current, s.y, s.targets, ctx)
-        new_value = objective(logits, s.y, s.targets, self.loss).detach()
+        s.grad, logits = self.gradient(model, s.current, s.y, s.aim, ctx)
+        new_value = objective(logits, s.y, s.aim, self.loss).detach()
         hit = goal_reached(logits, s.y, s.targets)
         restarts.record_hits(hit, s.current, s.idx)
         s.increases += (new_value > s.value).float()
@@ -220,3 +233,73 @@ class APGD(GradientAttack):
         )
         s.value = new_value
         return hit
+
+
+class APGDT(APGD):
+    """APGD-T (Croce & Hein 2020, AutoAttack's second attack): APGD aimed at one class at a time.
+
+    Untargeted threats: for each of the ``target_classes`` classes that the clean input ranks
+    highest after the first (2nd, 3rd, ...), ``restarts`` runs of APGD maximise the targeted loss
+    towards it (targeted DLR by default, as AutoAttack), on the samples no earlier class fooled;
+    a sample counts as fooled by any wrong class. AutoAttack's standard version aims at 9 classes;
+    the cost is ``target_classes x restarts x steps`` gradient passes per sample it cannot fool.
+    A targeted threat fixes the target already: then this is APGD towards it.
+    """
+
+    name = "apgd_t"
+
+    def __init__(
+        self,
+        *,
+        target_classes: int = 9,
+        steps: int = 100,
+        restarts: int = 1,
+        random_start: bool = True,
+        loss: str = "dlr",
+        eot_samples: int = 1,
+        **kwargs: Unpack[AttackOptions],
+    ) -> None:
+        super().__init__(
+            steps=steps,
+            restarts=restarts,
+            random_start=random_start,
+            loss=loss,
+            eot_samples=eot_samples,
+            **kwargs,
+        )
+        if int(target_classes) < 1:
+            raise ConfigError(f"attack.target_classes={target_classes} must be >= 1")
+        self.target_classes = int(target_classes)
+
+    def params(self) -> dict[str, SettingValue]:
+        return {**super().params(), "target_classes": self.target_classes}
+
+    def perturb(
+        self,
+        model: nn.Module,
+        x: Tensor,
+        y: Tensor,
+        eps: float,
+        threat: ThreatModel,
+        targets: Tensor | None,
+        ctx: PerturbContext,
+    ) -> Tensor:
+        if targets is not None:
+            return super().perturb(model, x, y, eps, threat, targets, ctx)
+        ranked = self.ranked_classes(model, x, ctx)
+        # never more classes than there are other classes to aim at
+        aims = min(self.target_classes, ranked.shape[1] - 1)
+        restarts = Restarts(x, aims * self.restarts, early_stop=self.early_stop)
+        for restart, idx in restarts:
+            aim = ranked[:, 1 + restart // self.restarts]
+            search = self.begin(model, x, y, None, aim, eps, threat.norm, ctx, restart, idx, restarts)
+            self.search(model, search, eps, threat.norm, ctx, restarts)
+        return restarts.result
+
+    @staticmethod
+    def ranked_classes(model: nn.Module, x: Tensor, ctx: PerturbContext) -> Tensor:
+        """Every sample's classes by its clean logits, highest first (AutoAttack's choice of targets)."""
+        with torch.no_grad(), ctx.autocast():
+            logits = model(x).float()
+        ctx.counters["forward"] += x.shape[0]
+        return logits.argsort(1, descending=True)

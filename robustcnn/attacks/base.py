@@ -87,6 +87,9 @@ class AttackResult:
     #: float [N]: a minimum-norm attack's smallest verified adversarial perturbation per sample (inf
     #: where its search found none, 0 where the model is wrong on clean input); None for other attacks
     min_norms: Tensor | None = None
+    #: long [N]: where this result's samples sit among the images of the caller that chose them (a
+    #: battery's probe run on selected samples); None: they are the caller's first N
+    rows: Tensor | None = None
 
     @property
     def eps(self) -> tuple[float, ...]:

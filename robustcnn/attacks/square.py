@@ -30,7 +30,12 @@ Deviations from the reference code, all made so the search is batched and reprod
   which always changes the window and needs no per-sample loop.
 
 Budget: ``queries`` forward passes per sample and restart (one for the start, ``queries - 1``
-proposals), counted in ``ctx.counters["forward"]``. With ``early_stop`` a sample that reached its
+proposals), counted in ``ctx.counters["forward"]``. With ``progress_window`` (margin or DLR loss,
+whose zero is the decision boundary) a sample stops early when it cannot get there: every
+``progress_window`` queries, if its objective, rising for the rest of the budget as fast as it did
+over the last window, would still stay below zero, it reports its best point and leaves. Progress
+only slows as the squares shrink, so the projection is optimistic and the samples given up are
+those the remaining queries would not have moved across. With ``early_stop`` a sample that reached its
 goal leaves the batch; without it every sample is queried for the whole budget (the plain
 computation), which costs more but reports exactly the same per-sample results.
 """
@@ -47,6 +52,7 @@ from torch import Tensor, nn
 from robustcnn.attacks.base import Attack, AttackOptions, PerturbContext, SettingValue, goal_reached
 from robustcnn.attacks.gradient import LOSSES, objective
 from robustcnn.attacks.restarts import Restarts, SampleRows, optional_rows
+from robustcnn.config import config_int
 from robustcnn.errors import ConfigError
 from robustcnn.threat import ThreatModel
 
@@ -153,6 +159,7 @@ class Proposals(SampleRows):
     best: Tensor  # the current point: the best proposal accepted so far
     value: Tensor  # the objective at ``best``
     done: Tensor  # the goal is reached
+    mark: Tensor  # the objective at the start of the current progress window
 
 
 class Square(Attack):
@@ -168,9 +175,19 @@ class Square(Attack):
         p_init: float = 0.8,
         loss: str = "margin",
         restarts: int = 1,
+        progress_window: int | None = None,
         **kwargs: Unpack[AttackOptions],
     ) -> None:
         super().__init__(**kwargs)
+        if progress_window is not None:
+            progress_window = config_int(
+                progress_window, "attack.progress_window", minimum=1, hint=" (queries), or null"
+            )
+            if loss == "ce":
+                raise ConfigError(
+                    "attack.progress_window needs loss=margin or loss=dlr (zero at the decision boundary); "
+                    "cross-entropy has no fixed level at the boundary"
+                )
         if isinstance(queries, bool) or not isinstance(queries, int) or queries < 1:
             raise ConfigError(
                 f"attack.queries={queries!r} must be an integer >= 1 (forward passes per sample and restart)"
@@ -188,6 +205,7 @@ class Square(Attack):
         self.p_init = float(p_init)
         self.loss = loss
         self.restarts = int(restarts)
+        self.progress_window = progress_window
         self._patterns: dict[tuple[int, str], tuple[Tensor, Tensor]] = {}
 
     def params(self) -> dict[str, SettingValue]:
@@ -197,6 +215,7 @@ class Square(Attack):
             "p_init": self.p_init,
             "loss": self.loss,
             "restarts": self.restarts,
+            "progress_window": self.progress_window,
         }
 
     # -- the search -----------------------------------------------------------------------------
@@ -243,8 +262,9 @@ class Square(Attack):
         logits = ctx.logits(model, best)
         done = goal_reached(logits, ys, ts)
         restarts.record_hits(done, best, idx)
+        value = objective(logits, ys, ts, self.loss)
         return Proposals(
-            idx=idx, xs=xs, y=ys, targets=ts, best=best, value=objective(logits, ys, ts, self.loss), done=done
+            idx=idx, xs=xs, y=ys, targets=ts, best=best, value=value, done=done, mark=value.clone()
         )
 
     def first_stream(self, restart: int) -> int:
@@ -285,7 +305,34 @@ class Square(Attack):
             state.best = torch.where(accept.view(-1, 1, 1, 1), candidate, state.best)
             state.value = torch.where(accept, new_value, state.value)
             state.done = state.done | hit
-        # samples that never reached the goal report their best point over the restarts
+            if self.progress_window is not None and (it + 1) % self.progress_window == 0:
+                kept = self.give_up(state, iterations - it - 1, restarts, best_value)
+                if kept is None:
+                    return
+                state = kept
+        self.report_misses(state, restarts, best_value)
+
+    def give_up(
+        self, state: Proposals, remaining: int, restarts: Restarts, best_value: Tensor
+    ) -> Proposals | None:
+        """End the search of the samples that cannot reach the boundary in ``remaining`` queries.
+
+        Their objective, rising as fast as over the last window for every query left, stays below
+        zero: they report their best point now. Returns the rest (None when none is left).
+        """
+        window = self.progress_window or 1  # (only called with a window)
+        projected = state.value + (state.value - state.mark) * (remaining / window)
+        hopeless = ~state.done & (projected < 0)
+        state.mark = state.value.clone()
+        if not bool(hopeless.any()):
+            return state
+        self.report_misses(state.rows(hopeless), restarts, best_value)
+        left = ~hopeless
+        return state.rows(left) if bool(left.any()) else None
+
+    @staticmethod
+    def report_misses(state: Proposals, restarts: Restarts, best_value: Tensor) -> None:
+        """Samples that never reached the goal report their best point over the restarts."""
         better = state.value > best_value.index_select(0, state.idx)
         missed = restarts.keep_misses(state.best, state.idx, where=better)
         best_value[state.idx[missed]] = state.value[missed]

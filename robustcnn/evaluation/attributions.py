@@ -18,6 +18,7 @@ the attack changed the prediction without moving where the model looks; near 0, 
 from __future__ import annotations
 
 import importlib
+import logging
 import math
 import time
 from collections.abc import Sequence
@@ -29,6 +30,8 @@ import torch
 from torch import Tensor, nn
 
 from robustcnn.background import BackgroundLoad
+
+log = logging.getLogger(__name__)
 
 METHODS = ("saliency", "integrated_gradients", "grad_cam")
 #: Integrated Gradients' path points (Gauss-Legendre: exact for a linear model, close for a small CNN).
@@ -84,6 +87,10 @@ def last_conv(model: nn.Module) -> nn.Conv2d | None:
     return convs[-1] if convs else None
 
 
+class GradCamUndefined(ValueError):
+    """Grad-CAM of a model whose forward repeats the batch (an EOT or ensemble wrapper) is not per image."""
+
+
 def raw_attributions(model: nn.Module, x: Tensor, target: Tensor, method: str) -> Tensor:
     """Signed attributions of ``target`` per image, [n, C, H, W] (Grad-CAM: [n, 1, H, W], upsampled).
 
@@ -101,6 +108,11 @@ def raw_attributions(model: nn.Module, x: Tensor, target: Tensor, method: str) -
         if layer is None:
             raise ValueError("Grad-CAM needs a conv layer; this model has none")
         cam = attr.LayerGradCam(model, layer).attribute(x, target=target, relu_attributions=True)
+        if cam.shape[0] != x.shape[0]:
+            raise GradCamUndefined(
+                f"the model's last conv layer sees {cam.shape[0]} images for {x.shape[0]} inputs (a wrapper "
+                "that repeats the batch, e.g. EOT averaging): Grad-CAM has no per-image map there"
+            )
         return attr.LayerAttribution.interpolate(cam, tuple(x.shape[-2:]), "bilinear").detach()
     raise ValueError(f"unknown attribution method {method!r}; choose from {', '.join(METHODS)}")
 
@@ -170,8 +182,13 @@ def explain(
         with torch.no_grad():
             predicted = torch.stack([model(clean_d).argmax(1), model(adv_d).argmax(1)])
         methods = [m for m in METHODS if m != "grad_cam" or last_conv(model) is not None]
+        maps = {}
         with torch.enable_grad():
-            maps = {m: variant_maps(model, clean_d, adv_d, predicted, truth, m) for m in methods}
+            for method in methods:
+                try:
+                    maps[method] = variant_maps(model, clean_d, adv_d, predicted, truth, method)
+                except GradCamUndefined as why:
+                    log.warning("attributions: %s; skipped", why)
     finally:
         model.train(was_training)
         model.zero_grad(set_to_none=True)

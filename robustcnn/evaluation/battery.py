@@ -10,6 +10,7 @@ in the worst case, so no reported number is one that a stronger attack we ran wo
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 from collections.abc import Callable, Mapping, Sequence
@@ -55,7 +56,8 @@ class BatterySettings:
     """The ``checks`` config section."""
 
     enabled: bool = True
-    probe_samples: int = 200
+    #: the strong probe's images (robust ones, nearest the boundary), the unbounded probe's (first ones)
+    probe_samples: int = 100
     #: The per-eps probe (the monotonicity check's evidence): images, and the steps it is capped at.
     monotone_samples: int = 100
     monotone_steps: int = 10
@@ -169,7 +171,14 @@ class BatteryResult:
             # with a minimum-norm attack: the per-sample minimal perturbation's quartiles (no eps choice)
             "minimal_perturbation": minimal.summary(self.attacks, self.threat.norm),
             "probes": {
-                k: {"n": r.n, "eps": list(r.eps), "robust_accuracy": r.robust_accuracy(), "params": r.params}
+                k: {
+                    "n": r.n,
+                    # the first n images, or those the attacks left robust, nearest the boundary
+                    "samples": "first" if r.rows is None else "robust_near_boundary",
+                    "eps": list(r.eps),
+                    "robust_accuracy": r.robust_accuracy(),
+                    "params": r.params,
+                }
                 for k, r in self.probes.items()
             },
             "attacks": {k: {"class": type_name(r), "params": r.params} for k, r in everything.items()},
@@ -308,7 +317,16 @@ def select_attacks(
         selected += [
             with_eot(a, eot_samples) for a in selected if is_white_box_gradient(a) and a.eot_samples == 1
         ]
+        if any(isinstance(a, APGD) for a in selected) and not any(is_fixed_step(a) for a in selected):
+            # APGD halves its step when the objective stops rising, which a noisy loss does at random
+            seed = attacks[0].seed if attacks else 0
+            selected.append(with_eot(PGD(seed=seed, batch_size=batch_size), eot_samples))
     return unique_names(selected)
+
+
+def is_fixed_step(attack: Attack) -> bool:
+    """A PGD (fixed step size; not APGD, whose step adapts to the loss) that computes gradients."""
+    return isinstance(attack, PGD) and is_white_box_gradient(attack)
 
 
 def run_selected(
@@ -341,11 +359,41 @@ def run_selected(
 
 
 def reference_attack(named: Mapping[str, Attack], stochastic: bool) -> tuple[str, PGD | APGD] | None:
-    """The first PGD or APGD (with EOT on a stochastic model), by name: the attack the probes strengthen."""
-    for name, attack in named.items():
-        if isinstance(attack, (PGD, APGD)) and (not stochastic or attack.eot_samples > 1):
-            return name, attack
-    return None
+    """The first PGD or APGD (with EOT on a stochastic model), by name: the attack the probes strengthen.
+
+    On a stochastic model a fixed-step PGD-EOT comes first: APGD's step-size rule stalls on the noisy
+    loss, so strengthening it would say little about what more effort gains.
+    """
+    eligible = [
+        (name, attack)
+        for name, attack in named.items()
+        if isinstance(attack, (PGD, APGD)) and (not stochastic or attack.eot_samples > 1)
+    ]
+    if stochastic:
+        eligible.sort(key=lambda item: not isinstance(item[1], PGD))  # stable: PGD first, else in order
+    return eligible[0] if eligible else None
+
+
+def near_boundary(
+    results: Mapping[str, AttackResult], threat: ThreatModel, worst: Tensor, count: int
+) -> Tensor:
+    """``count`` samples: those every attack left robust at the verdict's eps, nearest the boundary
+    first, then (when fewer are robust) the first of the others. Returned in ascending order.
+
+    Why these: more effort can only lower the worst case on a sample no attack broke yet, and it
+    breaks first those that an attack already pushed close to another class. Nearness: the lowest
+    true-class probability that any attack's example reached there. The others fill the count so
+    the effort check always compares the two attacks on evidence (a broken sample falls fast).
+    """
+    ref = reference_eps(threat)
+    robust = worst[list(threat.eps).index(ref)]
+    prob = torch.ones(robust.shape[0])
+    for result in results.values():
+        if ref in result.eps:
+            prob = torch.minimum(prob, result.true_prob_adv[list(result.eps).index(ref)].float())
+    candidates = robust.nonzero().flatten()
+    nearest = candidates[prob[candidates].argsort(stable=True)]
+    return torch.cat([nearest, (~robust).nonzero().flatten()])[:count].sort().values
 
 
 def run_probes(
@@ -357,13 +405,16 @@ def run_probes(
     threat: ThreatModel,
     settings: BatterySettings,
     inspector_for: InspectorFor,
+    strong_rows: Tensor,
 ) -> dict[str, AttackResult]:
     """The strength probes: more effort, an unbounded eps, and every eps on its own.
 
-    On the first ``probe_samples`` images, ``<name>_strong`` (more steps and restarts, another
-    seed) runs at the verdict's eps and the largest one, where a too-weak attack would mislead most;
-    ``<name>_unbounded`` at a radius that admits any image, where every model must fall. On the
-    first ``monotone_samples``, ``<name>_per_eps`` runs at each eps independently (probes.py).
+    On the samples ``strong_rows`` (:func:`near_boundary`: where more effort can change the answer),
+    ``<name>_strong`` (more steps and restarts, another seed) runs at the verdict's eps and the
+    largest one, where a too-weak attack would mislead most.
+    On the first ``probe_samples`` images, ``<name>_unbounded`` runs at a radius that admits any
+    image, where every model must fall. On the first ``monotone_samples``, ``<name>_per_eps`` runs at
+    each eps independently (probes.py).
     """
     probe_n = min(int(x.shape[0]), settings.probe_samples)
     strong = reference.with_(
@@ -373,10 +424,10 @@ def run_probes(
     )
     unbounded = ThreatModel(norm=threat.norm, eps=(large_eps(threat, tuple(x.shape[1:])),), targeted=False)
     sub_x, sub_y, at_probe_eps = x[:probe_n], y[:probe_n], with_eps(threat, probe_eps(threat))
+    picked = strong_rows.to(x.device)
+    found = strong.run(model, x[picked], y[picked], at_probe_eps, inspector=inspector_for(f"{name}_strong"))
     return {
-        f"{name}_strong": strong.run(
-            model, sub_x, sub_y, at_probe_eps, inspector=inspector_for(f"{name}_strong")
-        ),
+        f"{name}_strong": dataclasses.replace(found, rows=strong_rows.cpu()),
         f"{name}_unbounded": reference.run(
             model, sub_x, sub_y, unbounded, inspector=inspector_for(f"{name}_unbounded")
         ),
@@ -424,9 +475,10 @@ def worst_case(
         if searched.min_norms is not None:  # verified minimal norms speak for every eps
             worst[:, : searched.n] &= searched.min_norms.view(1, -1) > radii
     for probe in (*[r for r in results.values() if r.eps != threat.eps], *probes.values()):
+        columns = probe.rows if probe.rows is not None else torch.arange(probe.n)
         for j, value in enumerate(probe.eps):
             if value in eps_rows:
-                worst[eps_rows[value], : probe.n] &= probe.correct[j]
+                worst[eps_rows[value], columns] &= probe.correct[j]
     return worst
 
 
@@ -464,7 +516,10 @@ def run_battery(
     reference_pgd = reference[0] if reference is not None else None
     probes: dict[str, AttackResult] = {}
     if settings.enabled and reference is not None:
-        probes = run_probes(reference[1], reference[0], model, x, y, threat, settings, inspector_for)
+        attacked = near_boundary(results, threat, worst_case(threat, results, {}), settings.probe_samples)
+        probes = run_probes(
+            reference[1], reference[0], model, x, y, threat, settings, inspector_for, attacked
+        )
     worst = worst_case(threat, results, probes)
     gradient: tuple[float | None, float | None] = (None, None)
     if settings.enabled and any(is_white_box_gradient(a) for a in named.values()):

@@ -77,7 +77,7 @@ class AuditSettings:
     normalization: Any = None
     allow_pickle: bool = False
     onnx: str = "auto"
-    white_box_attacks: tuple[str, ...] = ("fgsm", "pgd", "apgd", "square")
+    white_box_attacks: tuple[str, ...] = ("fgsm", "pgd", "apgd", "apgd_t", "square")
     black_box_attacks: tuple[str, ...] = ("square", "transfer")
     reference_eps_only: tuple[str, ...] = ("square",)
     accept_black_box: bool = False
