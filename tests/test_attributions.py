@@ -168,7 +168,7 @@ def test_a_background_load_runs_once_and_wait_joins_it() -> None:
 
 
 def test_grad_cam_of_a_model_that_repeats_the_batch_is_skipped_not_a_crash() -> None:
-    """EOT at inference (dropout_inference) repeats the batch inside forward: Grad-CAM has no per-image map."""
+    """EOT at inference (dropout_inference) repeats the batch inside forward: no per-image Grad-CAM."""
     from robustcnn.evaluation.attributions import explain
 
     class Repeating(nn.Module):
