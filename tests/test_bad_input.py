@@ -81,7 +81,7 @@ RUN_CASES = [
     pytest.param(["+training.epoch=3"], "epoch", id="unknown-training-key"),
     pytest.param(["+defense.strength=1"], "strength", id="unknown-defense-key"),
     pytest.param(["+attack.pgd.stepz=3"], "stepz", id="unknown-attack-key"),
-    pytest.param(["attack.pgd.backend=foolbox"], "attack.pgd.backend", id="unknown-backend"),
+    pytest.param(["attack=[pgd]", "attack.pgd.backend=foolbox"], "attack.pgd.backend", id="unknown-backend"),
     pytest.param(["attack=[eot]", "attack.eot.attack=square"], "attack.eot.attack", id="eot-wraps-square"),
     pytest.param(
         ["attack=[transfer]", "attack.transfer.surrogate=alexnet"],
@@ -91,7 +91,7 @@ RUN_CASES = [
     pytest.param(["training.optimizer.name=rmsprop"], "training.optimizer.name", id="unknown-optimizer"),
     pytest.param(["threat.norm=l3"], "threat.norm", id="unknown-norm"),
     pytest.param(["threat.knowledge=grey_box"], "threat.knowledge", id="unknown-knowledge"),
-    pytest.param(["attack.pgd.loss=hinge"], "attack.pgd.loss", id="unknown-loss"),
+    pytest.param(["attack=[pgd]", "attack.pgd.loss=hinge"], "attack.pgd.loss", id="unknown-loss"),
     pytest.param(["defense=dropout", "defense.mode=sometimes"], "defense.mode", id="unknown-dropout-mode"),
     pytest.param(["defense=prune", "defense.base=armour"], "defense.base", id="unknown-defense-base"),
     pytest.param(["device=nonsense"], "device", id="unknown-device"),
@@ -118,8 +118,10 @@ RUN_CASES = [
     pytest.param(["threat.targeted=maybe"], "threat.targeted", id="targeted-string"),
     pytest.param(["threat.target_class=abc"], "threat.target_class", id="target-class-string"),
     pytest.param(["defense=dropout", "defense.n_samples=abc"], "defense.n_samples", id="n-samples-string"),
-    pytest.param(["attack.pgd.steps=abc"], "attack.pgd.steps", id="steps-string"),
-    pytest.param(["attack.pgd.random_start=maybe"], "attack.pgd.random_start", id="random-start-string"),
+    pytest.param(["attack=[pgd]", "attack.pgd.steps=abc"], "attack.pgd.steps", id="steps-string"),
+    pytest.param(
+        ["attack=[pgd]", "attack.pgd.random_start=maybe"], "attack.pgd.random_start", id="random-start-string"
+    ),
     pytest.param(["attack=[eot]", "attack.eot.steps=abc"], "attack.eot.steps", id="eot-steps-string"),
     pytest.param(["threads=abc"], "threads", id="threads-string"),
     pytest.param(["data.max_test=abc"], "data.max_test", id="max-test-string"),
@@ -160,9 +162,11 @@ RUN_CASES = [
     pytest.param(["training.batch_size=0"], "training.batch_size", id="batch-size-zero"),
     pytest.param(["training.batch_size=-8"], "training.batch_size", id="batch-size-negative"),
     pytest.param(["training.optimizer.momentum=1.5"], "training.optimizer.momentum", id="momentum-above-1"),
-    pytest.param(["attack.pgd.steps=0"], "attack.pgd.steps", id="steps-zero"),
-    pytest.param(["attack.pgd.restarts=0"], "attack.pgd.restarts", id="restarts-zero"),
-    pytest.param(["attack.pgd.step_size=-0.01"], "attack.pgd.step_size", id="step-size-negative"),
+    pytest.param(["attack=[pgd]", "attack.pgd.steps=0"], "attack.pgd.steps", id="steps-zero"),
+    pytest.param(["attack=[pgd]", "attack.pgd.restarts=0"], "attack.pgd.restarts", id="restarts-zero"),
+    pytest.param(
+        ["attack=[pgd]", "attack.pgd.step_size=-0.01"], "attack.pgd.step_size", id="step-size-negative"
+    ),
     pytest.param(["attack=[square]", "attack.square.queries=0"], "attack.square.queries", id="queries-zero"),
     pytest.param(["attack=[eot]", "attack.eot.samples=0"], "attack.eot.samples", id="eot-samples-zero"),
     pytest.param(["eval.attack_batch_size=0"], "eval.attack_batch_size", id="attack-batch-zero"),

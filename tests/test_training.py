@@ -27,6 +27,7 @@ def _tiny_net() -> nn.Module:
 
 
 def test_fit_learns_and_reports_history() -> None:
+    torch.manual_seed(0)  # the net's initialisation must not depend on which tests ran before in the worker
     x, y = _toy_problem()
     model = _tiny_net()
     cfg = TrainConfig(epochs=3, batch_size=32, lr=1e-2, scheduler="none")
