@@ -482,6 +482,23 @@ def worst_case(
     return worst
 
 
+def strength_probes(
+    reference: tuple[str, PGD | APGD] | None,
+    model: nn.Module,
+    x: Tensor,
+    y: Tensor,
+    threat: ThreatModel,
+    results: Mapping[str, AttackResult],
+    settings: BatterySettings,
+    inspector_for: InspectorFor,
+) -> dict[str, AttackResult]:
+    """The strength probes on the samples the attacks left robust nearest the boundary (none if off)."""
+    if not settings.enabled or reference is None:
+        return {}
+    attacked = near_boundary(results, threat, worst_case(threat, results, {}), settings.probe_samples)
+    return run_probes(reference[1], reference[0], model, x, y, threat, settings, inspector_for, attacked)
+
+
 def run_battery(
     model: nn.Module,
     x: Tensor,
@@ -514,12 +531,7 @@ def run_battery(
     results = run_selected(named, model, x, y, threat, reference_only, progress, inspecting)
     reference = reference_attack(named, stochastic)
     reference_pgd = reference[0] if reference is not None else None
-    probes: dict[str, AttackResult] = {}
-    if settings.enabled and reference is not None:
-        attacked = near_boundary(results, threat, worst_case(threat, results, {}), settings.probe_samples)
-        probes = run_probes(
-            reference[1], reference[0], model, x, y, threat, settings, inspector_for, attacked
-        )
+    probes = strength_probes(reference, model, x, y, threat, results, settings, inspector_for)
     worst = worst_case(threat, results, probes)
     gradient: tuple[float | None, float | None] = (None, None)
     if settings.enabled and any(is_white_box_gradient(a) for a in named.values()):
