@@ -105,3 +105,47 @@ def test_ui_stops_through_the_shared_handler_and_a_second_signal_cannot_cut_the_
     assert seen["handler"] == shared, "ui uses robustcnn.interrupts, not a handler of its own"
     assert isinstance(seen["stopped"], FakeServer), "the second signal did not cut the stop short"
     assert signal.getsignal(signal.SIGINT) == before and not requested()
+
+
+def test_a_stop_during_a_store_write_lets_the_write_finish_and_is_raised_after(isolated: dict) -> None:
+    """The CI hang this guards against: SIGTERM landed inside a sqlite transaction, the interrupted
+    connection kept the database lock, and ending the runs as KILLED then waited out the busy timeout."""
+    store = TrackingStore.at(isolated["store"])
+    experiment_id = store.ensure_experiment("interrupts")
+    run_id = store.create_run(experiment_id, "parent", {})
+    real_set_tag = store.client.set_tag
+
+    def set_tag_signalled_midway(*args: object, **kwargs: object) -> None:
+        os.kill(os.getpid(), signal.SIGTERM)
+        for _ in range(1000):  # the handler runs between bytecodes, inside the store call
+            pass
+        real_set_tag(*args, **kwargs)
+
+    with catch_interrupts():
+        store.client.set_tag = set_tag_signalled_midway
+        try:
+            store.set_run_tag(run_id, "written", "yes")
+        except KeyboardInterrupt:
+            pytest.fail("the stop was raised inside the store's transaction")
+        finally:
+            store.client.set_tag = real_set_tag
+        assert requested(), "the stop is recorded"
+        with pytest.raises(KeyboardInterrupt):
+            raise_if_requested()
+        store.end_run(run_id, "KILLED")
+    assert store.read_run(run_id)["tags"]["written"] == "yes"
+    assert store.read_run(run_id)["status"] == "KILLED"
+
+
+def test_a_stop_during_a_call_to_a_tracking_server_is_not_held() -> None:
+    server = TrackingStore("http://127.0.0.1:9")
+    with catch_interrupts():
+        with pytest.raises(KeyboardInterrupt):
+            server._call("a request", _signal_inside_a_call)
+
+
+def _signal_inside_a_call() -> None:
+    os.kill(os.getpid(), signal.SIGTERM)
+    for _ in range(1000):
+        pass
+    pytest.fail("the stop should have interrupted the call")

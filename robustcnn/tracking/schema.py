@@ -35,6 +35,7 @@ from typing import TypeVar
 
 from robustcnn.errors import TrackingError
 from robustcnn.files import exclusive_lock
+from robustcnn.interrupts import raise_if_requested
 
 log = logging.getLogger(__name__)
 
@@ -180,6 +181,7 @@ def wait_until_settled(uri: str, path: Path, deadline: float) -> None:
             return
         if now >= deadline:
             raise never_settled(uri, path, f"its schema is at revision {state.revision}, not {head}")
+        raise_if_requested()  # the wait runs with stops held (store.py): Ctrl-C ends it here
         time.sleep(POLL_S)
 
 
@@ -235,4 +237,5 @@ def open_client(uri: str, make_client: Callable[[], T]) -> T:
             if not said:
                 said = True
                 log.info("the MLflow store %s is being created by another process: waiting for it", uri)
+            raise_if_requested()  # the wait runs with stops held (store.py): Ctrl-C ends it here
             time.sleep(POLL_S)

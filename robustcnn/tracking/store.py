@@ -24,7 +24,7 @@ from urllib.parse import urlparse
 
 from robustcnn.errors import TrackingError
 from robustcnn.files import nearest_existing
-from robustcnn.interrupts import raise_if_requested
+from robustcnn.interrupts import hold_interrupts, raise_if_requested
 from robustcnn.tracking import pending
 from robustcnn.tracking.schema import open_client
 
@@ -105,6 +105,21 @@ def _param_value(value: Any) -> str:
     return text
 
 
+def _atomic(uri: str) -> contextlib.AbstractContextManager[None]:
+    """Hold Ctrl-C / SIGTERM during one call to a database store; a server's calls stay interruptible.
+
+    Why: a KeyboardInterrupt raised inside a SQLAlchemy transaction can leave a pooled sqlite
+    connection holding the database lock, and every later write of the process (ending the job's
+    run as KILLED, closing the sweep's parent) then waits out the busy timeout and fails, so a
+    stopped sweep hung for minutes and left its runs RUNNING. The stop stays recorded and is raised
+    at the next safe point (:func:`robustcnn.interrupts.raise_if_requested`). A call to a tracking
+    server holds no lock here, and it can take minutes of retries: Ctrl-C must still cut it short.
+    """
+    if urlparse(uri).scheme in ("http", "https", "databricks"):
+        return contextlib.nullcontext()
+    return hold_interrupts()
+
+
 def _mlflow():
     # no progress bars or migration chatter in users' terminals and CI logs
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
@@ -152,7 +167,8 @@ class RunLogger:
         if self.lost is not None:
             return
         try:
-            action()
+            with _atomic(self.uri):
+                action()
         except Exception as exc:  # mlflow raises many types (MlflowException, requests errors, ...)
             self.lost = f"{what}: {type(exc).__name__}: {_one_line(exc)}"
             log.warning(
@@ -267,7 +283,8 @@ class TrackingStore:
 
     def _call(self, what: str, action: Callable[[], T]) -> T:
         try:
-            return action()
+            with _atomic(self.uri):
+                return action()
         except TrackingError:
             raise
         except Exception as exc:  # mlflow raises many types (MlflowException, OperationalError, ...)
