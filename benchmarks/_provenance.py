@@ -13,6 +13,7 @@ No torch import here: the README tool and its test read reports without loading 
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -67,13 +68,23 @@ def written_by() -> dict[str, Any]:
     return {
         "script": script.name if script.name else None,
         "argv": sys.argv[1:],
-        **_commit(script.resolve().parent),
+        **_code_at_start(),
         "started": time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(_STARTED_UNIX)),
         "wall_seconds": round(time.time() - _STARTED_UNIX, 2),
         "cpu_seconds": round(cpu_seconds(), 2),
         "load_average_at_start": _LOAD_AT_START,
         "load_average_at_end": [round(v, 2) for v in os.getloadavg()],
     }
+
+
+@functools.lru_cache(maxsize=1)
+def _code_at_start() -> dict[str, Any]:
+    """The code the benchmark runs: read once, when it starts (module import), not when it writes.
+
+    Why: a benchmark runs for up to an hour; a commit made meanwhile in the same checkout would
+    otherwise be stamped on figures measured with the code before it.
+    """
+    return _commit(Path(sys.argv[0]).resolve().parent)
 
 
 def _commit(where: Path) -> dict[str, Any]:
@@ -91,3 +102,6 @@ def _commit(where: Path) -> dict[str, Any]:
     code = (":/robustcnn", ":/benchmarks", ":/conf", ":/pyproject.toml")
     status = git("status", "--porcelain", "--untracked-files=no", "--", *code) if commit else None
     return {"commit": commit, "uncommitted_changes": bool(status) if status is not None else None}
+
+
+_code_at_start()  # read at import, when the benchmark starts (see its docstring)
