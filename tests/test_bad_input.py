@@ -195,9 +195,7 @@ RUN_CASES = [
         marks=pytest.mark.slow,
     ),
     # -- image folders ----------------------------------------------------------------------------------
-    pytest.param(
-        ["data=image_folder"], "data.root", id="image-folder-without-root"
-    ),
+    pytest.param(["data=image_folder"], "data.root", id="image-folder-without-root"),
     pytest.param(["data=image_folder", "data.root={root}/nowhere"], "data.root", id="image-folder-missing"),
     pytest.param(
         ["data=image_folder", "data.root={root}/a_file.txt"], "data.root", id="image-folder-is-a-file"
@@ -252,7 +250,12 @@ COMPOSE_CASES = [
     pytest.param(["=x"], ["Could not override"], id="empty-key"),
     pytest.param(["attack=[fgsm"], ["[fgsm"], id="unclosed-list"),
     pytest.param(["training.epochs"], ["training.epochs"], id="no-equals-sign"),
-    pytest.param(["training.nokey=1"], ["training.nokey"], id="key-not-in-config"),
+    pytest.param(["training.nokey=1"], ["training.nokey", "+training.nokey="], id="key-not-in-config"),
+    pytest.param(
+        ["attack.pgd.steps=100"],
+        ["not selected", "attack=[fgsm,apgd,apgd_t,pgd]"],
+        id="setting-of-unselected-attack",
+    ),
 ]
 
 
@@ -454,6 +457,19 @@ def test_override_hydra_refuses_is_exit_2_without_traceback(
     first = next(line for line in err.splitlines() if line.strip())
     assert "HYDRA_FULL_ERROR" not in first, "the first line must name the problem"
     assert_nothing_lost(before_files, before_runs, workspace)
+
+
+@pytest.mark.parametrize(
+    "overrides", [["attack.pgd.steps=100"], ["attack=[fgsm]", "attack.apgd.loss=dlr"], ["a.b=1"]]
+)
+def test_an_override_of_a_key_the_config_lacks_is_one_line_with_the_fix(
+    overrides: list[str], workspace: dict, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code, _, err = run_cli(overrides, capsys)
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert code == 2 and len(lines) == 1 and lines[0].startswith("robustcnn: error: "), err
+    key = overrides[-1].split("=")[0]
+    assert key in lines[0] and ("attack=[" in lines[0] or f"+{key}=" in lines[0]), lines[0]
 
 
 def test_nothing_written_before_is_lost(workspace: dict) -> None:

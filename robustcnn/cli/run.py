@@ -8,7 +8,7 @@ here first (a sweep's first cell), and Hydra runs only what passed.
 from __future__ import annotations
 
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 from robustcnn.cli.arguments import check_run_arguments, is_multirun
 from robustcnn.cli.output import PROG, fail, quiet_libraries
@@ -194,6 +194,53 @@ def _first_cell(overrides: Sequence[str]) -> list[str] | None:
     return first
 
 
+def _default_attacks() -> str:
+    """The attack list conf/config.yaml selects (``fgsm,apgd,apgd_t``)."""
+    from omegaconf import OmegaConf
+
+    from robustcnn.config import conf_dir
+
+    for entry in OmegaConf.load(conf_dir() / "config.yaml").get("defaults", []):
+        if isinstance(entry, Mapping) and "attack" in entry:
+            return ",".join(str(name) for name in entry["attack"])
+    return ""
+
+
+def unknown_key_message(hydra_message: str, overrides: Sequence[str]) -> str | None:
+    """One error line with the fix for an override of a key the config does not have (None: another error).
+
+    Why: Hydra answers ``attack.pgd.steps=100`` without ``pgd`` among the selected attacks with six
+    lines about structs and ``+`` appends; the user's real mistake is that the attack is not selected.
+    """
+    import re
+
+    from robustcnn.config import conf_dir
+
+    found = re.search(r"Could not override '([^']+)'", hydra_message)
+    if found is None or "To append to your config use +" not in hydra_message:
+        return None
+    key = found.group(1)
+    parts = key.split(".")
+    attacks = sorted(path.stem for path in (conf_dir() / "attack").glob("*.yaml"))
+    if len(parts) >= 3 and parts[0] == "attack" and parts[1] in attacks:
+        chosen = next((o.split("=", 1)[1] for o in overrides if o.startswith("attack=")), None)
+        preset = next((o for o in overrides if o.startswith("experiment=")), None)
+        if chosen is None and preset is not None:
+            return (
+                f"{key} sets attack {parts[1]}, which {preset} does not select; "
+                f"add it: attack=[...,{parts[1]}]"
+            )
+        listed = (chosen or _default_attacks()).strip("[]")
+        return (
+            f"{key} sets attack {parts[1]}, which is not selected (attack=[{listed}]); "
+            f"select it too: attack=[{listed + ',' if listed else ''}{parts[1]}] {key}=..."
+        )
+    return (
+        f"{key} is not a setting of the config; check its spelling "
+        "(`robustcnn run --cfg job` prints every setting), or add a new key with +" + key + "=..."
+    )
+
+
 def check_composed_config(hydra_args: Sequence[str]) -> None:
     """Compose the job's config (a sweep's first job) and run the job's checks before Hydra starts.
 
@@ -216,11 +263,15 @@ def check_composed_config(hydra_args: Sequence[str]) -> None:
 
     try:
         cfg = compose(overrides)
-    except HydraException:
+    except HydraException as exc:
+        message = unknown_key_message(str(exc), overrides)
+        if message is not None:
+            fail(message)
         return  # an unknown choice or a bad override: Hydra says so, listing the options
     except Exception as exc:  # what Hydra does not catch itself (e.g. a list given to a group)
         detail = " ".join(str(exc).split())[:200]
-        fail(f"the overrides {' '.join(overrides)} cannot be composed ({type(exc).__name__}: {detail}); "
-             "check each group=choice and key=value (`robustcnn run --help` lists the groups)")
+        fail(
+            f"the overrides {' '.join(overrides)} cannot be composed ({type(exc).__name__}: {detail}); "
+            "check each group=choice and key=value (`robustcnn run --help` lists the groups)"
+        )
     check_config(to_container(cfg), device=not multirun)
-
