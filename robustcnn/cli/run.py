@@ -196,11 +196,11 @@ def _first_cell(overrides: Sequence[str]) -> list[str] | None:
 
 def _default_attacks() -> str:
     """The attack list conf/config.yaml selects (``fgsm,apgd,apgd_t``)."""
-    from omegaconf import OmegaConf
+    import yaml
 
     from robustcnn.config import conf_dir
 
-    for entry in OmegaConf.load(conf_dir() / "config.yaml").get("defaults", []):
+    for entry in yaml.safe_load((conf_dir() / "config.yaml").read_text()).get("defaults", []):
         if isinstance(entry, Mapping) and "attack" in entry:
             return ",".join(str(name) for name in entry["attack"])
     return ""
