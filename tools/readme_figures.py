@@ -60,6 +60,16 @@ def sweep_overhead(report: dict[str, Any]) -> str:
     )
 
 
+def demo_time(report: dict[str, Any]) -> str:
+    demo, machine = report["results"]["demo"], report["machine"]
+    return (
+        f"`make demo` took {demo['first_seconds'] / 60:.1f} minutes from an empty weight cache and store "
+        f"({machine['cpu_threads']} CPU threads, `benchmarks/sweep_overhead.py --demo`, "
+        f"{report['date'][:10]}); "
+        f"run again, with every job reused, {demo['rerun_seconds']:.1f} s."
+    )
+
+
 def defense_epoch_cost(report: dict[str, Any]) -> str:
     machine = report["machine"]
     rows = [
@@ -226,6 +236,7 @@ def audit_vs_autoattack(report: dict[str, Any]) -> str:
 #: Every figure block README.md may hold, by name.
 FIGURES: dict[str, Figure] = {
     "sweep_overhead": Figure("reports/benchmarks/sweep_overhead.json", sweep_overhead),
+    "demo_time": Figure("reports/benchmarks/sweep_overhead.json", demo_time),
     "defense_epoch_cost": Figure("reports/benchmarks/defenses.json", defense_epoch_cost),
     "face_smoke": Figure("reports/runs/face_smoke.json", face_smoke),
     "face_port_crops": Figure("tests/fixtures/face_api_reference.json", face_port_crops),
