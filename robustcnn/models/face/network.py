@@ -44,12 +44,15 @@ class ConvLayer(nn.Module):
     def __init__(self, cin: int, cout: int, kernel: int = 3, stride: int = 1, relu: bool = True) -> None:
         super().__init__()
         padding = kernel // 2 if stride == 1 else 0
-        self.conv = nn.Conv2d(cin, cout, kernel, stride=stride, padding=padding, bias=True)
-        self.scale = ScaleLayer(cout)
+        # nn.Module / None: robustcnn.models.face.fused swaps in a faster conv and folds the scale away
+        self.conv: nn.Module = nn.Conv2d(cin, cout, kernel, stride=stride, padding=padding, bias=True)
+        self.scale: ScaleLayer | None = ScaleLayer(cout)
         self.relu = relu
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.scale(self.conv(x))
+        out = self.conv(x)
+        if self.scale is not None:
+            out = self.scale(out)
         return F.relu(out) if self.relu else out
 
 
