@@ -24,6 +24,7 @@ skipped, so :meth:`PhysicalVariation.identity` is an exact digital composite.
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import asdict, dataclass, field
 from typing import Any  # Any: from_dict's config section, to_dict's JSON
@@ -92,9 +93,16 @@ class PrintModel:
 
     def apply(self, patch: Tensor) -> Tensor:
         """Map colours of ``patch`` [..., 3, H, W]; differentiable."""
-        a, b = self.affine(patch.device)
+        a, b = _affine_on(self, str(patch.device))
         out = torch.einsum("ij,...jhw->...ihw", a.to(patch.dtype), patch) + b.to(patch.dtype)[:, None, None]
         return out.clamp(0.0, 1.0)
+
+
+@functools.lru_cache(maxsize=32)
+def _affine_on(model: PrintModel, device: str) -> tuple[Tensor, Tensor]:
+    """``model.affine(device)``, built once per model and device: a host-to-device copy every EOT step
+    makes the host wait for the device (callers never modify the tensors)."""
+    return model.affine(device)
 
 
 @dataclass(frozen=True)
@@ -182,7 +190,8 @@ class PhysicalVariation:
         def sym(*shape: int) -> Tensor:
             return torch.rand(shape, generator=generator, device=dev) * 2.0 - 1.0
 
-        offset = int(torch.randint(0, max(n_faces, 1), (1,), generator=generator, device=dev))
+        # a tensor, not int(): reading it back would make the host wait for the device every step
+        offset = torch.randint(0, max(n_faces, 1), (1,), generator=generator, device=dev)
         noise = (
             torch.randn((n, 3, *size), generator=generator, device=dev) * self.noise_std
             if self.noise_std > 0
