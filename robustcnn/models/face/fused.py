@@ -8,8 +8,9 @@ descriptors and input gradients against the reference port):
 
 1. every ScaleLayer folded into the convolution before it (conv, then a per-channel affine map, is
    one convolution with scaled filters and bias);
-2. the first convolution as ``pixel_unshuffle(2)`` and a stride-1 4x4 convolution on 12 channels
-   (the 7x7 kernel zero-padded to 8x8 and split into its 2x2 phases; its input is always 150x150);
+2. the first convolution as space-to-depth (2x2 blocks to channels) and a stride-1 4x4 convolution
+   on 12 channels (the 7x7 kernel zero-padded to 8x8 and split into its 2x2 phases; its input is
+   always 150x150);
 
 and channels-last memory format for the filters and activations, which oneDNN's convolutions and
 max pooling run faster on CPU. The reference port (:mod:`robustcnn.models.face.network`) stays as it
@@ -32,7 +33,8 @@ _BLOCK = 2
 
 
 class SpaceToDepthConv(nn.Module):
-    """A stride-2 'valid' convolution computed as pixel_unshuffle(2) + a stride-1 convolution.
+    """A stride-2 'valid' convolution computed as space-to-depth (each 2x2 block of pixels becomes
+    4x the channels) + a stride-1 convolution.
 
     Output [n, o, h, w] equals ``F.conv2d(x, weight, bias, stride=2)`` for even input sides.
     """
@@ -44,20 +46,21 @@ class SpaceToDepthConv(nn.Module):
         out, cin, kh, kw = conv.weight.shape
         side = _BLOCK * ((max(kh, kw) + _BLOCK - 1) // _BLOCK)
         padded = F.pad(conv.weight.detach(), (0, side - kw, 0, side - kh))
-        # w[o, c, 2i + a, 2j + b] -> w[o, 4c + 2a + b, i, j]: pixel_unshuffle's channel order
+        # w[o, c, 2i + a, 2j + b] -> w[o, (2a + b) * cin + c, i, j]: the channel order forward() makes
         half = side // _BLOCK
-        phases = padded.reshape(out, cin, half, _BLOCK, half, _BLOCK).permute(0, 1, 3, 5, 2, 4)
-        phases = phases.reshape(out, cin * _BLOCK * _BLOCK, half, half)
+        phases = padded.reshape(out, cin, half, _BLOCK, half, _BLOCK).permute(0, 3, 5, 1, 2, 4)
+        phases = phases.reshape(out, _BLOCK * _BLOCK * cin, half, half)
         self.weight = nn.Parameter(phases.contiguous(), requires_grad=False)
         self.bias = nn.Parameter(conv.bias.detach().clone(), requires_grad=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # pixel_unshuffle written straight into channels-last memory [n, h/2, w/2, (c, a, b)]: one copy
-        # each way (F.pixel_unshuffle's backward on a channels-last gradient is ~10x slower)
+        # space-to-depth into channels-last memory [n, h/2, w/2, (a, b, c)] in two copies whose inner
+        # runs are contiguous (NCHW -> NHWC, then whole (b, c) runs): each way ~2x faster than
+        # F.pixel_unshuffle + channels-last, or one 6-d permute with 2- and 3-long inner dims
         n, c, h, w = x.shape
-        blocks = x.reshape(n, c, h // _BLOCK, _BLOCK, w // _BLOCK, _BLOCK).permute(0, 2, 4, 1, 3, 5)
-        blocks = blocks.reshape(n, h // _BLOCK, w // _BLOCK, c * _BLOCK * _BLOCK).permute(0, 3, 1, 2)
-        return F.conv2d(blocks, self.weight, self.bias)
+        rows = x.permute(0, 2, 3, 1).contiguous().view(n, h // _BLOCK, _BLOCK, w // _BLOCK, _BLOCK * c)
+        blocks = rows.permute(0, 1, 3, 2, 4).reshape(n, h // _BLOCK, w // _BLOCK, _BLOCK * _BLOCK * c)
+        return F.conv2d(blocks.permute(0, 3, 1, 2), self.weight, self.bias)
 
 
 def _fold_scale(layer: ConvLayer) -> None:
