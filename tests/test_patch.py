@@ -7,13 +7,16 @@ fields), so the suite takes seconds and never waits for the real face-api port.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.overrides import TorchFunctionMode
 
 from robustcnn.errors import ConfigError
 from robustcnn.face import patch as patch_engine
@@ -423,6 +426,45 @@ def test_progress_read_late_stops_where_a_per_step_read_does(
         per_step.success_history,
     )
     assert torch.equal(late.patch, per_step.patch)
+
+
+#: Tensor calls that make the host wait for a GPU: reading a value back, or nonzero's output size.
+_HOST_READS = {"item", "tolist", "__float__", "__int__", "__bool__", "__index__", "nonzero", "cpu", "numpy"}
+
+
+class _HostReads(TorchFunctionMode):
+    """Counts the host reads (:data:`_HOST_READS`) of the torch calls made inside it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.count = 0
+
+    def __torch_function__(
+        self,
+        func: Callable[..., Any],
+        types: object,
+        args: tuple[Any, ...] = (),
+        kwargs: dict[str, Any] | None = None,
+    ) -> Any:
+        self.count += getattr(func, "__name__", "") in _HOST_READS
+        return func(*args, **(kwargs or {}))
+
+
+def test_steps_read_nothing_back_between_progress_reads(
+    faces: torch.Tensor, recognizer: FaceRecognizer, gallery: torch.Tensor, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """On a GPU every host read stalls it: a physical step with TV and NPS reads nothing back; the
+    progress is read every 5 steps here (the old loop read the loss and success rate every step)."""
+    monkeypatch.setattr(patch_engine, "_read_every", lambda device: 5)
+    physical = {"variation": PhysicalVariation(), "tv_weight": 0.1, "nps_weight": 0.1}
+    reads = {}
+    for steps in (10, 20):
+        with _HostReads() as counter:
+            settings = _digital(steps=steps, early_stop_patience=99, **physical)
+            found = attack_face(recognizer, faces[:1], gallery, 0, 1, make_mask("eyeglasses"), settings)
+        assert found.steps == steps
+        reads[steps] = counter.count
+    assert reads[20] - reads[10] == 2, f"host reads for 10 and 20 steps: {reads}"
 
 
 def test_adam_optimizer(faces: torch.Tensor, recognizer: FaceRecognizer, gallery: torch.Tensor) -> None:
