@@ -232,8 +232,10 @@ def _step(
     chunk = min(int(settings.eot_batch or n), n)
     total, grad, successes = patch.new_zeros(()), torch.zeros_like(patch), []
     for start in range(0, n, chunk):
-        rows = torch.arange(start, min(start + chunk, n), device=draws.face_index.device)
-        part = draws if chunk == n else draws.select(rows)
+        if chunk == n:
+            part = draws
+        else:  # the index on the draws' device: a host-made one would be copied over every chunk
+            part = draws.select(torch.arange(start, min(start + chunk, n), device=draws.face_index.device))
         loss, success = _eot_loss(loss_fn, faces, patch, mask, part, settings)
         share = loss.float().mean() * (loss.shape[0] / n)
         if start == 0:
