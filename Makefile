@@ -15,7 +15,7 @@ TORCHATTACKS_PIN ?= torchattacks>=3.5,<4
 # at once (an mlflow installed first brings joblib 1.6, which needs cloudpickle>=3).
 PIP := $(BIN)/python -m pip
 
-.PHONY: demo test test-fast lint install assets bench bench-audit soak clean
+.PHONY: demo test test-fast lint install assets bench bench-audit bench-face soak clean
 
 $(STAMP): pyproject.toml Makefile
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -65,6 +65,11 @@ bench: $(STAMP)
 ## The audit against AutoAttack on an adversarially trained lenet5 (~30 min on 2 cores; not in `bench`).
 bench-audit: $(STAMP)
 	$(BIN)/python benchmarks/audit_vs_autoattack.py
+
+## Face patch speed: ms per optimisation step of the code before the faster loop against the current code
+## (a couple of minutes; needs `make assets`); figures to reports/benchmarks/face_patch.json.
+bench-face: $(STAMP)
+	$(BIN)/python benchmarks/face_patch.py
 
 ## The load test: 50 tiny jobs through joblib with 2 workers, then 50 with 4 workers while `robustcnn report`
 ## reads the same sqlite store in a loop; figures to reports/benchmarks/soak.json.

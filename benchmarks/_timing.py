@@ -6,7 +6,8 @@ process land on whichever runs then (a busy run once gave PGD-10 at 0.71 x its f
 warm-up round, so each round's ratio compares runs seconds apart under the same load; the figure is
 the median of the per-round ratios, with min and max, and the load average before and after. Each run
 also records its CPU time across all threads (``resource.getrusage``), which a busy machine inflates
-far less than wall time.
+far less than wall time. A contender that runs in another process returns :class:`Measured`, the
+wall and CPU seconds that process measured for itself (this one cannot see a live child's CPU time).
 """
 
 from __future__ import annotations
@@ -27,6 +28,14 @@ MAX_RELATIVE_SPREAD = 0.25
 def _cpu_seconds() -> float:
     usage = resource.getrusage(resource.RUSAGE_SELF)
     return usage.ru_utime + usage.ru_stime
+
+
+@dataclass(frozen=True)
+class Measured:
+    """What a run timed itself (e.g. a worker process): its wall and CPU seconds."""
+
+    wall: float
+    cpu: float
 
 
 @dataclass
@@ -100,12 +109,16 @@ def interleaved(
 
 
 def _timed(run: Callable[[], object], repeats: int, sync: Callable[[], None] | None) -> tuple[float, float]:
-    """Wall and CPU seconds of one run, averaged over ``repeats`` runs in a row."""
+    """Wall and CPU seconds of one run, averaged over ``repeats`` runs in a row (the runs' own
+    figures when every run returned :class:`Measured`)."""
     if sync:
         sync()
     wall, cpu = time.perf_counter(), _cpu_seconds()
-    for _ in range(repeats):
-        run()
+    results = [run() for _ in range(repeats)]
     if sync:
         sync()
-    return (time.perf_counter() - wall) / repeats, (_cpu_seconds() - cpu) / repeats
+    wall, cpu = (time.perf_counter() - wall) / repeats, (_cpu_seconds() - cpu) / repeats
+    measured = [r for r in results if isinstance(r, Measured)]
+    if len(measured) == repeats:
+        return sum(r.wall for r in measured) / repeats, sum(r.cpu for r in measured) / repeats
+    return wall, cpu

@@ -24,6 +24,7 @@ from torch import nn
 from robustcnn.errors import AssetError, ModelError
 from robustcnn.face.crops import crop_face
 from robustcnn.models.face import assets, convert
+from robustcnn.models.face.fused import SpaceToDepthConv, fuse_face_api
 from robustcnn.models.face.loading import load_face_api, load_face_recognizer
 from robustcnn.models.face.network import FaceApiResNet, pad_to_square, to_face_input
 
@@ -97,6 +98,10 @@ def test_face_api_recognizer_is_differentiable_and_frozen(face_api_folder: Path)
     recognizer.embed(x).sum().backward()
     assert x.grad is not None and x.grad.abs().sum() > 0
     assert not any(p.requires_grad for p in recognizer.embedder.parameters())
+    # the recognizer runs the fused net (robustcnn.models.face.fused): the reference port's descriptors
+    assert isinstance(recognizer.embedder.conv32_down.conv, SpaceToDepthConv)
+    with torch.no_grad():
+        torch.testing.assert_close(recognizer.embed(x), load_face_api()(x), rtol=1e-5, atol=1e-5)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -330,6 +335,52 @@ def test_network_shapes_without_weights() -> None:
     with torch.no_grad():
         assert model(torch.rand(2, 3, 150, 150)).shape == (2, 128)
         assert model(torch.rand(1, 3, 120, 100)).shape == (1, 128)
+
+
+def _random_face_api(seed: int = 0) -> FaceApiResNet:
+    """The net with random weights, scales and offsets far from 1 and 0 (so folding them matters)."""
+    torch.manual_seed(seed)
+    model = FaceApiResNet().eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if ".scale." in name:
+                p.copy_(torch.rand_like(p) + 0.5 if name.endswith("weight") else 0.1 * torch.randn_like(p))
+            elif ".bias" in name:
+                p.copy_(0.1 * torch.randn_like(p))
+    return model
+
+
+@pytest.mark.parametrize("shape", [(3, 3, 150, 150), (1, 3, 120, 100)])
+def test_fused_net_gives_the_reference_descriptors_and_input_gradients(shape: tuple[int, ...]) -> None:
+    # float64: the rewrites are exact, so only rounding may differ (in float32 a ReLU input within
+    # rounding of 0 can flip and move a gradient pixel; the real weights are checked in float32 above)
+    model = _random_face_api().double()
+    fused = fuse_face_api(model)
+    x = torch.rand(shape, dtype=torch.float64)
+    outputs = []
+    for net in (model, fused):
+        xr = x.clone().requires_grad_(True)
+        descriptors = net(xr)
+        (grad,) = torch.autograd.grad(descriptors.pow(2).sum(), xr)
+        outputs.append((descriptors.detach(), grad))
+    (d_ref, g_ref), (d_fused, g_fused) = outputs
+    torch.testing.assert_close(d_fused, d_ref, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(g_fused, g_ref, rtol=1e-8, atol=1e-10 * float(g_ref.abs().max()))
+    assert not any(p.requires_grad for p in fused.parameters())
+    assert len(model.state_dict()) == 117, "fusing works on a copy: the reference keeps its TF.js layout"
+
+
+def test_space_to_depth_conv_is_the_stride_2_convolution() -> None:
+    conv = nn.Conv2d(3, 8, 7, stride=2)
+    x = torch.rand(2, 3, 20, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(SpaceToDepthConv(conv)(x), conv(x), rtol=1e-5, atol=1e-5)
+        # the phases must go where pixel_unshuffle puts them: a transposed phase order is a different map
+        broken = SpaceToDepthConv(conv)
+        broken.weight.copy_(broken.weight.transpose(2, 3).clone())
+        assert not torch.allclose(broken(x), conv(x), atol=1e-3)
+    with pytest.raises(ModelError, match="stride-2"):
+        SpaceToDepthConv(nn.Conv2d(3, 8, 3, stride=1))
 
 
 class _Embedder(nn.Module):

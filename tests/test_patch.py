@@ -7,26 +7,32 @@ fields), so the suite takes seconds and never waits for the real face-api port.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.overrides import TorchFunctionMode
 
 from robustcnn.errors import ConfigError
-from robustcnn.face.attack import attack_face
+from robustcnn.face import patch as patch_engine
+from robustcnn.face.attack import attack_face, dodging_loss
 from robustcnn.face.enrolment import enrol_photos
 from robustcnn.face.evaluation import evaluate_patch, random_patch_baseline
 from robustcnn.face.masks import area_percent, check_mask, from_png, make_mask
 from robustcnn.face.patch import PatchSettings, classifier_patch_loss, initial_patch, optimise_patch
 from robustcnn.face.printability import (
     DEFAULT_PALETTE,
+    MaskRegion,
     load_palette,
     non_printability_score,
     total_variation,
 )
+from robustcnn.face.settings import FacePlan
 from robustcnn.face.study import patch_to_image, run_face_study
 from robustcnn.face.transforms import PhysicalVariation, PrintModel, apply_patch, draw_generator
 from robustcnn.models.face.recognizer import FaceRecognizer
@@ -359,6 +365,106 @@ def test_physical_evaluation_on_held_out_draws(
     assert 0 <= report["nps"] <= 1 and report["tv"] > 0
     rp = random_patch_baseline(mask, 1)
     assert float(rp[:, mask[0, 0] == 0].abs().max()) == 0.0
+
+
+# -- one step: draws in chunks, progress read late -------------------------------------------------
+def test_eot_batch_gives_the_same_objective_and_gradient(
+    faces: torch.Tensor, recognizer: FaceRecognizer, gallery: torch.Tensor
+) -> None:
+    """The same 7 physical draws through the recognizer all at once, one at a time and 3 at a time."""
+    mask = check_mask(make_mask("eyeglasses"), SIZE)
+    variation = PhysicalVariation()
+    draws = variation.sample(7, draw_generator(0, "optimise"), (SIZE, SIZE), 2)
+    patch = initial_patch(mask, "random", torch.Generator().manual_seed(0)).requires_grad_(True)
+    loss = dodging_loss(recognizer, gallery, 0)
+    steps = {}
+    for batch in (None, 1, 3):
+        settings = PatchSettings(
+            eot_samples=7, eot_batch=batch, variation=variation, tv_weight=0.1, nps_weight=0.1
+        )
+        steps[batch] = patch_engine._step(loss, faces[:2], patch, mask, MaskRegion.of(mask), draws, settings)
+    whole = steps[None]
+    scale = float(whole.grad.abs().max())
+    assert scale > 0
+    for batch in (1, 3):
+        torch.testing.assert_close(steps[batch].total, whole.total, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(steps[batch].grad, whole.grad, rtol=1e-4, atol=1e-5 * scale)
+        assert torch.equal(steps[batch].success, whole.success)  # type: ignore[arg-type]
+    with pytest.raises(ConfigError, match="eot_batch=0"):
+        PatchSettings(eot_batch=0)
+    assert FacePlan.from_mapping({"eot_batch": 3}, 0).patch.eot_batch == 3
+    assert FacePlan.from_mapping({}, 0).patch.eot_batch is None
+    with pytest.raises(ConfigError, match="face.eot_batch"):
+        FacePlan.from_mapping({"eot_batch": 0}, 0)
+
+
+def test_progress_read_late_stops_where_a_per_step_read_does(
+    faces: torch.Tensor, recognizer: FaceRecognizer, gallery: torch.Tensor, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """On a GPU the losses are read every few steps; an early stop found late rolls back to its step."""
+    base = dodging_loss(recognizer, gallery, 0)
+    calls: list[int] = []
+
+    def counted(x: torch.Tensor, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        calls.append(1)
+        return base(x, index)
+
+    runs = {}
+    for every in (1, 7):
+        monkeypatch.setattr(patch_engine, "_read_every", lambda device, every=every: every)
+        calls.clear()
+        found = optimise_patch(
+            counted, faces[:1], make_mask("eyeglasses"), _digital(steps=40), modules=[recognizer.embedder]
+        )
+        runs[every] = (found, len(calls))
+    (per_step, per_step_calls), (late, late_calls) = runs[1], runs[7]
+    assert per_step.steps < 40, "the case must stop early"
+    assert late_calls > per_step_calls, "the late reader ran steps past the stop"
+    assert (late.steps, late.history, late.success_history) == (
+        per_step.steps,
+        per_step.history,
+        per_step.success_history,
+    )
+    assert torch.equal(late.patch, per_step.patch)
+
+
+#: Tensor calls that make the host wait for a GPU: reading a value back, or nonzero's output size.
+_HOST_READS = {"item", "tolist", "__float__", "__int__", "__bool__", "__index__", "nonzero", "cpu", "numpy"}
+
+
+class _HostReads(TorchFunctionMode):
+    """Counts the host reads (:data:`_HOST_READS`) of the torch calls made inside it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.count = 0
+
+    def __torch_function__(
+        self,
+        func: Callable[..., Any],
+        types: object,
+        args: tuple[Any, ...] = (),
+        kwargs: dict[str, Any] | None = None,
+    ) -> Any:
+        self.count += getattr(func, "__name__", "") in _HOST_READS
+        return func(*args, **(kwargs or {}))
+
+
+def test_steps_read_nothing_back_between_progress_reads(
+    faces: torch.Tensor, recognizer: FaceRecognizer, gallery: torch.Tensor, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """On a GPU every host read stalls it: a physical step with TV and NPS reads nothing back; the
+    progress is read every 5 steps here (the old loop read the loss and success rate every step)."""
+    monkeypatch.setattr(patch_engine, "_read_every", lambda device: 5)
+    physical = {"variation": PhysicalVariation(), "tv_weight": 0.1, "nps_weight": 0.1}
+    reads = {}
+    for steps in (10, 20):
+        with _HostReads() as counter:
+            settings = _digital(steps=steps, early_stop_patience=99, **physical)
+            found = attack_face(recognizer, faces[:1], gallery, 0, 1, make_mask("eyeglasses"), settings)
+        assert found.steps == steps
+        reads[steps] = counter.count
+    assert reads[20] - reads[10] == 2, f"host reads for 10 and 20 steps: {reads}"
 
 
 def test_adam_optimizer(faces: torch.Tensor, recognizer: FaceRecognizer, gallery: torch.Tensor) -> None:

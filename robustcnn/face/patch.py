@@ -32,7 +32,12 @@ from robustcnn.attacks.base import attack_mode
 from robustcnn.batching import autocast_for
 from robustcnn.errors import ConfigError
 from robustcnn.face.masks import check_mask
-from robustcnn.face.printability import NPS_VARIANTS, non_printability_score, total_variation
+from robustcnn.face.printability import (
+    NPS_VARIANTS,
+    MaskRegion,
+    non_printability_score,
+    total_variation,
+)
 from robustcnn.face.transforms import Draws, PhysicalVariation, apply_patch, draw_generator, image_size
 
 LossOutput = Tensor | tuple[Tensor, Tensor]
@@ -49,6 +54,8 @@ class PatchSettings:
     * ``optimizer``: "sign" (signed gradient with momentum, AdvHat / MI-FGSM style: robust to the
       loss scale) or "adam" (``step_size`` is Adam's learning rate, ``momentum`` its beta1).
     * ``eot_samples``: draws per step (a fresh batch every step).
+    * ``eot_batch``: draws per forward pass of the model (None: all ``eot_samples`` in one pass, the
+      fastest; smaller trades speed for memory on a small GPU; the loss and gradient are the same).
     * ``tv_weight`` / ``nps_weight``: regulariser weights (loss units; Sharif used 3 and 5 on a
       softmax loss, AdvHat 1e-4 TV on cosine similarity); ``nps_variant``: "product" | "min".
     * ``early_stop``: stop once all draws of ``early_stop_patience`` consecutive steps succeed.
@@ -61,6 +68,7 @@ class PatchSettings:
     optimizer: str = "sign"
     momentum: float = 0.9
     eot_samples: int = 8
+    eot_batch: int | None = None
     tv_weight: float = 0.0
     nps_weight: float = 0.0
     nps_variant: str = "product"
@@ -81,6 +89,8 @@ class PatchSettings:
             )
         if int(self.steps) < 1 or int(self.eot_samples) < 1 or int(self.early_stop_patience) < 1:
             raise ConfigError("patch steps, eot_samples and early_stop_patience must be >= 1")
+        if self.eot_batch is not None and int(self.eot_batch) < 1:
+            raise ConfigError(f"patch eot_batch={self.eot_batch} must be >= 1 (or None: all draws at once)")
         if not self.step_size > 0:
             raise ConfigError(f"patch step_size={self.step_size} must be > 0")
         if not 0.0 <= self.momentum < 1.0:
@@ -173,7 +183,7 @@ def _modules_to_freeze(loss_fn: LossFn, modules: Iterable[nn.Module]) -> list[nn
 def _eot_loss(
     loss_fn: LossFn, faces: Tensor, patch: Tensor, mask: Tensor, draws: Draws, settings: PatchSettings
 ) -> tuple[Tensor, Tensor | None]:
-    """The loss [n] of one step's draws (each on its paired photo) and, if the loss reports it, success."""
+    """The loss [n] of one batch of draws (each on its paired photo) and, if the loss reports it, success."""
     device = faces.device
     index = draws.face_index.to(device)
     x_adv = apply_patch(faces.index_select(0, index), patch, mask, draws.to(device), settings.variation)
@@ -182,15 +192,59 @@ def _eot_loss(
     return out if isinstance(out, tuple) else (out, None)
 
 
-def _regularised(loss: Tensor, patch: Tensor, mask: Tensor, settings: PatchSettings) -> Tensor:
-    """The step's objective: the mean loss plus the TV and NPS terms whose weights are switched on."""
-    total = loss.float().mean()
+def _regularised(loss: Tensor, patch: Tensor, region: MaskRegion, settings: PatchSettings) -> Tensor:
+    """``loss`` plus the TV and NPS terms whose weights are switched on."""
+    total = loss
     if settings.tv_weight > 0:
-        total = total + settings.tv_weight * total_variation(patch, mask)
+        total = total + settings.tv_weight * total_variation(patch, region.mask, region=region)
     if settings.nps_weight > 0:
-        nps = non_printability_score(patch, mask, variant=settings.nps_variant)
+        nps = non_printability_score(patch, region.mask, variant=settings.nps_variant, region=region)
         total = total + settings.nps_weight * nps
     return total
+
+
+@dataclass
+class _Step:
+    """One step's objective (mean loss + penalties, detached), its gradient, and per-draw success."""
+
+    total: Tensor
+    grad: Tensor
+    success: Tensor | None
+
+
+def _step(
+    loss_fn: LossFn,
+    faces: Tensor,
+    patch: Tensor,
+    mask: Tensor,
+    region: MaskRegion,
+    draws: Draws,
+    settings: PatchSettings,
+) -> _Step:
+    """The objective and its gradient over all of a step's draws, ``settings.eot_batch`` per pass.
+
+    Why chunks: a pass keeps the activations of all its draws for the backward; a chunk's share of
+    the mean is differentiated on its own and the gradients summed, so only one chunk's graph lives
+    at a time while objective and gradient stay those of the whole batch (up to float rounding).
+    The penalties ride on the first chunk. With one chunk this is exactly mean + penalties.
+    """
+    n = len(draws)
+    chunk = min(int(settings.eot_batch or n), n)
+    total, grad, successes = patch.new_zeros(()), torch.zeros_like(patch), []
+    for start in range(0, n, chunk):
+        if chunk == n:
+            part = draws
+        else:  # the index on the draws' device: a host-made one would be copied over every chunk
+            part = draws.select(torch.arange(start, min(start + chunk, n), device=draws.face_index.device))
+        loss, success = _eot_loss(loss_fn, faces, patch, mask, part, settings)
+        share = loss.float().mean() * (loss.shape[0] / n)
+        if start == 0:
+            share = _regularised(share, patch, region, settings)
+        (g,) = torch.autograd.grad(share, patch)
+        total, grad = total + share.detach(), grad + g
+        if success is not None:
+            successes.append(success)
+    return _Step(total, grad, torch.cat(successes) if successes else None)
 
 
 class _PatchUpdate:
@@ -226,14 +280,65 @@ class _PatchUpdate:
         self.patch.clamp_(0.0, 1.0).mul_(self.mask)
 
 
-def _all_succeeded_lately(success_history: list[float], settings: PatchSettings) -> bool:
-    """Early stop: every draw of the last ``early_stop_patience`` steps succeeded."""
-    recent = success_history[-settings.early_stop_patience :]
-    return (
-        settings.early_stop
-        and len(recent) >= settings.early_stop_patience
-        and all(rate >= 1.0 for rate in recent)
-    )
+#: On a GPU, the histories are read back (and early stopping decided) every this many steps.
+READ_EVERY = 10
+
+
+def _read_every(device: torch.device) -> int:
+    """Steps between reads of the progress: on the CPU a read costs nothing, so every step (and never
+    a step past an early stop); elsewhere :data:`READ_EVERY`."""
+    return 1 if device.type == "cpu" else READ_EVERY
+
+
+class _Progress:
+    """The loss and success histories, kept on the device and read back every ``read_every`` steps.
+
+    Why: ``float(loss)`` every step makes the host wait for the device every step, which idles a GPU
+    between steps. Early stopping still stops where a per-step check would: each step's "every draw
+    of the last ``early_stop_patience`` steps succeeded" flag is computed on the device, the patch
+    after each step is kept until the next read, and a stop found at a read rolls back to its step.
+    """
+
+    def __init__(self, settings: PatchSettings, read_every: int) -> None:
+        self.settings = settings
+        self.read_every = read_every
+        self.losses: list[Tensor] = []
+        self.rates: list[Tensor] = []
+        self.streak: Tensor | None = None  # consecutive steps, up to now, on which every draw succeeded
+        self.pending: list[tuple[Tensor, Tensor]] = []  # (stop flag, patch) of steps not yet read
+        self.stopped_patch: Tensor | None = None
+
+    def record(self, step: _Step, patch: Tensor) -> None:
+        self.losses.append(step.total)
+        if step.success is None:
+            return
+        self.rates.append(step.success.float().mean())
+        if self.settings.early_stop:
+            every = step.success.all().long()
+            self.streak = every if self.streak is None else (self.streak + 1) * every
+            self.pending.append((self.streak >= self.settings.early_stop_patience, patch.detach().clone()))
+
+    def should_stop(self, last: bool = False) -> bool:
+        """At a read (every ``read_every`` steps, or ``last``): did a step meet the early stop? Then
+        the histories end at that step and :attr:`stopped_patch` is the patch after it."""
+        if not self.pending or not (last or len(self.pending) >= self.read_every):
+            return False
+        flags = torch.stack([flag for flag, _ in self.pending]).tolist()
+        pending, self.pending = self.pending, []
+        if True not in flags:
+            return False
+        stop = flags.index(True)
+        extra = len(flags) - 1 - stop  # steps run after the stop
+        self.losses = self.losses[: len(self.losses) - extra]
+        self.rates = self.rates[: len(self.rates) - extra]
+        self.stopped_patch = pending[stop][1]
+        return True
+
+    def histories(self) -> tuple[list[float], list[float]]:
+        """(mean total loss, success rate) per step as floats: one read for the whole optimisation."""
+        losses = torch.stack(self.losses).tolist() if self.losses else []
+        rates = torch.stack(self.rates).tolist() if self.rates else []
+        return losses, rates
 
 
 def optimise_patch(
@@ -257,35 +362,32 @@ def optimise_patch(
     device = faces.device
     size = image_size(faces)
     mask = check_mask(mask, size).to(device)
+    region = MaskRegion.of(mask)
     generator = draw_generator(settings.seed, "optimise", device)
     start_patch = initial_patch(mask, init, generator)
     patch = start_patch.clone().requires_grad_(True)
     update = _PatchUpdate(patch, mask, settings)
-    history: list[float] = []  # mean total loss per step
-    success_history: list[float] = []
+    progress = _Progress(settings, _read_every(device))
     start = time.perf_counter()
     with frozen_modules(_modules_to_freeze(loss_fn, modules)):
-        for _ in range(settings.steps):
+        for index in range(settings.steps):
             draws = settings.variation.sample(settings.eot_samples, generator, size, faces.shape[0])
-            loss, success = _eot_loss(loss_fn, faces, patch, mask, draws, settings)
-            total = _regularised(loss, patch, mask, settings)
-            (grad,) = torch.autograd.grad(total, patch)
-            history.append(float(total.detach()))
-            update(grad)
-            if success is not None:
-                success_history.append(float(success.float().mean()))
-                if _all_succeeded_lately(success_history, settings):
-                    break
+            step = _step(loss_fn, faces, patch, mask, region, draws, settings)
+            update(step.grad)
+            progress.record(step, patch)
+            if progress.should_stop(last=index == settings.steps - 1):
+                break
+    result = progress.stopped_patch if progress.stopped_patch is not None else patch.detach()
+    history, success_history = progress.histories()
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-    seconds = time.perf_counter() - start
     return PatchResult(
-        patch=patch.detach(),
+        patch=result,
         mask=mask,
         history=history,
         success_history=success_history,
         steps=len(history),
-        seconds=seconds,
+        seconds=time.perf_counter() - start,
         settings=settings,
         initial=start_patch.detach(),
     )

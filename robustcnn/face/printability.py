@@ -15,7 +15,9 @@ washed-out office print can reach. Replace it with a photographed palette via :f
 
 from __future__ import annotations
 
+import functools
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -42,9 +44,16 @@ NPS_VARIANTS = ("product", "min")
 _SQRT3 = 3.0**0.5
 
 
+@functools.lru_cache(maxsize=8)
+def _default_palette(device: str) -> Tensor:
+    """The default palette on ``device``, built once: a host-to-device copy every step makes the host
+    wait for the device (callers never modify it)."""
+    return torch.tensor(DEFAULT_PALETTE, dtype=torch.float32).to(device)
+
+
 def palette_tensor(palette: Tensor | None = None, device: torch.device | str | None = None) -> Tensor:
     """The palette as float [C, 3] on ``device`` (the default palette when ``palette`` is None)."""
-    colours = torch.tensor(DEFAULT_PALETTE, dtype=torch.float32) if palette is None else palette.float()
+    colours = _default_palette(str(device or "cpu")) if palette is None else palette.float()
     if colours.dim() != 2 or colours.shape[1] != 3 or colours.shape[0] < 1:
         raise ConfigError(f"a printable palette is [colours, 3] RGB in [0, 1], got {tuple(colours.shape)}")
     return colours.to(device) if device is not None else colours
@@ -65,28 +74,51 @@ def load_palette(path: str | Path) -> Tensor:
     return palette_tensor(colours)
 
 
-def _crop(patch: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
-    """Patch [3, h, w] and mask [h, w] cut to the mask's bounding box (a frame is ~6 % of the crop:
-    the penalties then cost a fraction of a full-image pass)."""
-    p = patch.reshape(-1, *patch.shape[-3:])[0]
-    m = mask.reshape(mask.shape[-2:]).to(p.dtype)
-    rows, cols = m.detach().sum(1).nonzero(), m.detach().sum(0).nonzero()
-    if rows.numel() == 0:
-        return p[:, :0, :0], m[:0, :0]
-    r0, r1, c0, c1 = int(rows.min()), int(rows.max()) + 1, int(cols.min()), int(cols.max()) + 1
-    return p[:, r0:r1, c0:c1], m[r0:r1, c0:c1]
+@dataclass(frozen=True)
+class MaskRegion:
+    """Where a mask's pixels are: its bounding box, the box's mask [h, w] and the flat indices of its
+    non-zero pixels inside the box.
+
+    Why a value of its own: finding them reads the mask back to the host (``nonzero``, the box's
+    ends); a patch optimisation computes it once (:meth:`of`) instead of twice a step.
+    """
+
+    box: tuple[int, int, int, int]  # rows r0:r1, columns c0:c1
+    mask: Tensor
+    keep: Tensor
+
+    @classmethod
+    def of(cls, mask: Tensor) -> MaskRegion:
+        m = mask.detach().reshape(mask.shape[-2:]).float()
+        rows, cols = m.sum(1).nonzero(), m.sum(0).nonzero()
+        if rows.numel() == 0:
+            return cls((0, 0, 0, 0), m[:0, :0], torch.zeros(0, dtype=torch.long, device=m.device))
+        r0, r1, c0, c1 = int(rows.min()), int(rows.max()) + 1, int(cols.min()), int(cols.max()) + 1
+        box = m[r0:r1, c0:c1]
+        return cls((r0, r1, c0, c1), box, box.reshape(-1).nonzero().flatten())
 
 
-def _pixels(patch: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
+def _crop(patch: Tensor, region: MaskRegion) -> Tensor:
+    """Patch [3, h, w] cut to the mask's bounding box (a frame is ~6 % of the crop: the penalties
+    then cost a fraction of a full-image pass)."""
+    r0, r1, c0, c1 = region.box
+    return patch.reshape(-1, *patch.shape[-3:])[0][:, r0:r1, c0:c1]
+
+
+def _pixels(patch: Tensor, region: MaskRegion) -> tuple[Tensor, Tensor]:
     """Colours [P, 3] and mask weights [P] of the P pixels where the mask is non-zero."""
-    p, m = _crop(patch, mask)
-    flat_m = m.reshape(-1)
-    keep = flat_m.detach().nonzero().flatten()
-    return p.permute(1, 2, 0).reshape(-1, 3).index_select(0, keep), flat_m.index_select(0, keep)
+    p, m = _crop(patch, region), region.mask.to(patch.dtype)
+    flat = p.permute(1, 2, 0).reshape(-1, 3)
+    return flat.index_select(0, region.keep), m.reshape(-1).index_select(0, region.keep)
 
 
 def non_printability_score(
-    patch: Tensor, mask: Tensor, palette: Tensor | None = None, variant: str = "product", eps: float = 1e-6
+    patch: Tensor,
+    mask: Tensor,
+    palette: Tensor | None = None,
+    variant: str = "product",
+    eps: float = 1e-6,
+    region: MaskRegion | None = None,
 ) -> Tensor:
     """NPS in [0, 1]: 0 when every mask pixel is a palette colour; a differentiable scalar.
 
@@ -98,7 +130,7 @@ def non_printability_score(
     """
     if variant not in NPS_VARIANTS:
         raise ConfigError(f"unknown NPS variant {variant!r}; valid: {list(NPS_VARIANTS)}")
-    pixels, weights = _pixels(patch, mask)
+    pixels, weights = _pixels(patch, region or MaskRegion.of(mask))
     colours = palette_tensor(palette, pixels.device).to(pixels.dtype)
     # sqrt(d^2 + eps) - sqrt(eps): exactly 0 on a palette colour, smooth (no NaN gradient) there too
     d2 = (pixels[:, None, :] - colours[None, :, :]).pow(2).sum(-1)
@@ -109,14 +141,17 @@ def non_printability_score(
     return (per_pixel * weights).sum() / weights.sum().clamp_min(1.0)
 
 
-def total_variation(patch: Tensor, mask: Tensor, eps: float = 1e-8) -> Tensor:
+def total_variation(
+    patch: Tensor, mask: Tensor, eps: float = 1e-8, region: MaskRegion | None = None
+) -> Tensor:
     """Sharif's TV, sum of sqrt(dx^2 + dy^2) over neighbouring pixels inside the mask, per mask pixel.
 
     Differences are summed over the colour channels before the square root, and only taken between
     two mask pixels (the mask's border against the face is not the patch's own texture). A constant
     patch has TV exactly 0 (the smoothing ``eps`` is subtracted back out).
     """
-    p, m = _crop(patch, mask)
+    region = region or MaskRegion.of(mask)
+    p, m = _crop(patch, region), region.mask.to(patch.dtype)
     # one empty row/column around the box so every mask pixel has its right and lower neighbours
     p, m = F.pad(p, (0, 1, 0, 1)), F.pad(m, (0, 1, 0, 1))
     dx = (p[:, :-1, 1:] - p[:, :-1, :-1]).pow(2).sum(0) * (m[:-1, 1:] * m[:-1, :-1])

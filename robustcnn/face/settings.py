@@ -34,6 +34,7 @@ FACE_KEYS = (
     "optimizer",
     "momentum",
     "eot_samples",
+    "eot_batch",
     "eval_draws",
     "tv_weight",
     "nps_weight",
@@ -142,6 +143,13 @@ def _mask(values: dict[str, Any], data: dict[str, Any]) -> tuple[str, torch.Tens
     return mask_name, mask
 
 
+def _eot_batch(value: object) -> int | None:
+    """``face.eot_batch``: draws per forward pass of the recognizer; null (the default): all of a step's."""
+    if value is None:
+        return None
+    return config_int(value, "face.eot_batch", minimum=1, hint=" (or null: all of a step's draws at once)")
+
+
 def _patch_settings(values: dict[str, Any], variation: PhysicalVariation, seed: int) -> PatchSettings:
     """How each patch is optimised: steps, step rule, EOT draws, regularisers, early stop."""
     optimizer = values.get("optimizer", "sign")
@@ -155,6 +163,7 @@ def _patch_settings(values: dict[str, Any], variation: PhysicalVariation, seed: 
             values.get("momentum", 0.9), "face.momentum", minimum=0.0, maximum=1.0, below=True
         ),
         eot_samples=config_int(values.get("eot_samples", 8), "face.eot_samples", minimum=1),
+        eot_batch=_eot_batch(values.get("eot_batch")),
         tv_weight=config_float(values.get("tv_weight", 0.0), "face.tv_weight", minimum=0.0),
         nps_weight=config_float(values.get("nps_weight", 0.0), "face.nps_weight", minimum=0.0),
         nps_variant=str(values.get("nps_variant", "product")),

@@ -24,6 +24,7 @@ skipped, so :meth:`PhysicalVariation.identity` is an exact digital composite.
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import asdict, dataclass, field
 from typing import Any  # Any: from_dict's config section, to_dict's JSON
@@ -92,9 +93,16 @@ class PrintModel:
 
     def apply(self, patch: Tensor) -> Tensor:
         """Map colours of ``patch`` [..., 3, H, W]; differentiable."""
-        a, b = self.affine(patch.device)
+        a, b = _affine_on(self, str(patch.device))
         out = torch.einsum("ij,...jhw->...ihw", a.to(patch.dtype), patch) + b.to(patch.dtype)[:, None, None]
         return out.clamp(0.0, 1.0)
+
+
+@functools.lru_cache(maxsize=32)
+def _affine_on(model: PrintModel, device: str) -> tuple[Tensor, Tensor]:
+    """``model.affine(device)``, built once per model and device: a host-to-device copy every EOT step
+    makes the host wait for the device (callers never modify the tensors)."""
+    return model.affine(device)
 
 
 @dataclass(frozen=True)
@@ -182,7 +190,8 @@ class PhysicalVariation:
         def sym(*shape: int) -> Tensor:
             return torch.rand(shape, generator=generator, device=dev) * 2.0 - 1.0
 
-        offset = int(torch.randint(0, max(n_faces, 1), (1,), generator=generator, device=dev))
+        # a tensor, not int(): reading it back would make the host wait for the device every step
+        offset = torch.randint(0, max(n_faces, 1), (1,), generator=generator, device=dev)
         noise = (
             torch.randn((n, 3, *size), generator=generator, device=dev) * self.noise_std
             if self.noise_std > 0
@@ -267,26 +276,35 @@ def _affine_theta(
     return torch.cat([inv, offset.unsqueeze(-1)], -1)
 
 
-def _warp(x: Tensor, theta: Tensor, padding: str) -> Tensor:
-    grid = F.affine_grid(theta.to(x.dtype), list(x.shape), align_corners=False)
+def _grid(theta: Tensor, n: int, size: tuple[int, int], dtype: torch.dtype) -> Tensor:
+    """The sampling grid [n, H, W, 2] of ``affine_grid`` thetas (output to input)."""
+    return F.affine_grid(theta.to(dtype), [n, 1, *size], align_corners=False)
+
+
+def _sample(x: Tensor, grid: Tensor, padding: str) -> Tensor:
     return F.grid_sample(x, grid, mode="bilinear", padding_mode=padding, align_corners=False)
 
 
+def _warp(x: Tensor, theta: Tensor, padding: str) -> Tensor:
+    return _sample(x, _grid(theta, x.shape[0], image_size(x), x.dtype), padding)
+
+
 def _blur(x: Tensor, sigma: Tensor, max_sigma: float) -> Tensor:
-    """Separable Gaussian blur with one sigma per sample (grouped convolution, one pass per axis)."""
+    """Separable Gaussian blur with one sigma per sample (grouped convolution, one pass per axis).
+
+    Both axes are replicate-padded up front (padding rows commutes with filtering along them) and
+    the depthwise passes run in channels-last memory, where oneDNN is ~2x faster than channels-first.
+    """
     n, ch, h, w = x.shape
     radius = max(1, int(math.ceil(3.0 * max_sigma)))
     taps = torch.arange(-radius, radius + 1, device=x.device, dtype=x.dtype)
     s = sigma.to(x.dtype).clamp_min(1e-3)[:, None]
     kernel = torch.exp(-0.5 * (taps[None, :] / s) ** 2)
     kernel = (kernel / kernel.sum(1, keepdim=True)).repeat_interleave(ch, 0)  # [n*ch, k]
-    flat = x.reshape(1, n * ch, h, w)
-    flat = F.conv2d(
-        F.pad(flat, (radius, radius, 0, 0), mode="replicate"), kernel[:, None, None, :], groups=n * ch
-    )
-    flat = F.conv2d(
-        F.pad(flat, (0, 0, radius, radius), mode="replicate"), kernel[:, None, :, None], groups=n * ch
-    )
+    last = torch.channels_last
+    flat = F.pad(x.reshape(1, n * ch, h, w), (radius,) * 4, mode="replicate").contiguous(memory_format=last)
+    flat = F.conv2d(flat, kernel[:, None, None, :].contiguous(memory_format=last), groups=n * ch)
+    flat = F.conv2d(flat, kernel[:, None, :, None].contiguous(memory_format=last), groups=n * ch)
     return flat.reshape(n, ch, h, w)
 
 
@@ -320,8 +338,12 @@ def apply_patch(
         p = variation.print_model.apply(p)
     if variation.warps_patch:
         theta = _affine_theta(draws.patch_angle, draws.patch_scale, draws.patch_shift, mask_center(m), (h, w))
-        rgba = _warp(torch.cat([p * m, m], 1).expand(n, 4, h, w), theta, "zeros")
-        premultiplied, alpha = rgba[:, :3], rgba[:, 3:]
+        grid = _grid(theta, n, (h, w), p.dtype)
+        premultiplied = _sample((p * m).expand(n, 3, h, w), grid, "zeros")
+        # the mask apart from the colours, without a gradient (it does not depend on the patch): the
+        # backward pass then runs over 3 channels, not 4 (same values: channels are sampled alone)
+        with torch.set_grad_enabled(torch.is_grad_enabled() and m.requires_grad):
+            alpha = _sample(m.expand(n, 1, h, w), grid, "zeros")
     else:
         premultiplied, alpha = (p * m).expand(n, 3, h, w), m.expand(n, 1, h, w)
     x = faces * (1.0 - alpha) + premultiplied

@@ -17,6 +17,7 @@ from torch import nn
 from robustcnn.errors import AssetError, ModelError
 from robustcnn.hashing import file_sha256
 from robustcnn.models.face.assets import face_api_dir
+from robustcnn.models.face.fused import fuse_face_api
 from robustcnn.models.face.network import INPUT_SIZE, WEIGHTS_FILE, FaceApiResNet
 from robustcnn.models.face.recognizer import DEFAULT_THRESHOLD, FaceRecognizer
 
@@ -106,7 +107,7 @@ def load_face_recognizer(
     if name_or_path == FACE_API:
         weights = face_api_weights()
         return FaceRecognizer(
-            load_face_api(weights, device=device),
+            fuse_face_api(load_face_api(weights, device=device)),  # the same function, faster
             threshold=threshold,
             name=FACE_API,
             weights_sha256=file_sha256(weights),

@@ -44,13 +44,16 @@ class ConvLayer(nn.Module):
     def __init__(self, cin: int, cout: int, kernel: int = 3, stride: int = 1, relu: bool = True) -> None:
         super().__init__()
         padding = kernel // 2 if stride == 1 else 0
-        self.conv = nn.Conv2d(cin, cout, kernel, stride=stride, padding=padding, bias=True)
-        self.scale = ScaleLayer(cout)
+        # nn.Module / None: robustcnn.models.face.fused swaps in a faster conv and folds the scale away
+        self.conv: nn.Module = nn.Conv2d(cin, cout, kernel, stride=stride, padding=padding, bias=True)
+        self.scale: ScaleLayer | None = ScaleLayer(cout)
         self.relu = relu
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.scale(self.conv(x))
-        return F.relu(out) if self.relu else out
+        out = self.conv(x)
+        if self.scale is not None:
+            out = self.scale(out)
+        return F.relu(out, inplace=True) if self.relu else out  # a fresh tensor: in place saves a copy
 
 
 class ResidualBlock(nn.Module):
@@ -70,7 +73,7 @@ class ResidualBlock(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.conv2(self.conv1(x))
         if not self.down:
-            return F.relu(out + x)
+            return F.relu(out + x, inplace=True)
         pooled = F.avg_pool2d(x, 2, 2)
         extra = out.shape[1] - pooled.shape[1]
         if extra > 0:
@@ -78,7 +81,7 @@ class ResidualBlock(nn.Module):
         dh, dw = pooled.shape[2] - out.shape[2], pooled.shape[3] - out.shape[3]
         if dh or dw:
             out = F.pad(out, (0, max(dw, 0), 0, max(dh, 0)))
-        return F.relu(out + pooled)
+        return F.relu(out + pooled, inplace=True)
 
 
 #: (name, in channels, out channels, down) of every residual block, in forward order.
