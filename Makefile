@@ -62,7 +62,7 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/defenses.py
 	$(BIN)/python benchmarks/sweep_overhead.py
 
-## The audit against AutoAttack on an adversarially trained lenet5 (~30 min on 2 cores; not in `bench`).
+## The audit and the run defaults against AutoAttack on two adversarially trained lenet5 (~15 min on 2 quiet cores; not in `bench`).
 bench-audit: $(STAMP)
 	$(BIN)/python benchmarks/audit_vs_autoattack.py
 
