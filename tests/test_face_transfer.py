@@ -14,7 +14,7 @@ from robustcnn.errors import ConfigError
 from robustcnn.face.enrolment import enrol
 from robustcnn.face.gallery import FaceGallery, FaceSource
 from robustcnn.face.patch import PatchSettings
-from robustcnn.face.settings import DEFAULT_HOLDOUTS, FacePlan
+from robustcnn.face.settings import FacePlan
 from robustcnn.face.study import run_face_study
 from robustcnn.face.transfer import TRANSFER_PHOTOS, TRANSFER_TRANSFORMS, prepare_holdouts
 from robustcnn.face.transforms import PhysicalVariation
@@ -66,9 +66,50 @@ def test_every_patch_is_scored_on_the_held_out_recognizers_with_their_own_thresh
 
 
 def test_holdout_recognizers_setting() -> None:
-    assert FacePlan.from_mapping({}, seed=0).holdout_recognizers == DEFAULT_HOLDOUTS
-    assert FacePlan.from_mapping({"holdout_recognizers": []}, seed=0).holdout_recognizers == ()
-    with pytest.raises(ConfigError, match="the recognizer the patches are optimised against"):
-        FacePlan.from_mapping({"recognizer": "faceres", "holdout_recognizers": ["faceres"]}, seed=0)
+    def plan(**values: object) -> FacePlan:
+        return FacePlan.from_mapping(values, seed=0)
+
+    # auto (the default): every shipped recognizer the optimisation does not use
+    assert plan().holdout_recognizers == ("faceres", "mobileface")
+    assert plan(recognizer="faceres").holdout_recognizers == ("face_api", "mobileface")
+    ensemble = plan(recognizer="face_api", recognizers=["faceres", "face_api"])
+    assert ensemble.recognizer == "faceres" and ensemble.ensemble == ("faceres", "face_api")
+    assert ensemble.holdout_recognizers == ("mobileface",)
+    assert plan(holdout_recognizers=[]).holdout_recognizers == ()
+    assert plan(holdout_recognizers=["mobileface"]).holdout_recognizers == ("mobileface",)
+    with pytest.raises(ConfigError, match="lists faceres, optimised against"):
+        plan(recognizers=["face_api", "faceres"], holdout_recognizers=["faceres", "mobileface"])
     with pytest.raises(ConfigError, match=r"face.holdout_recognizers=.* must be a list"):
-        FacePlan.from_mapping({"holdout_recognizers": "faceres"}, seed=0)
+        plan(holdout_recognizers="faceres")
+    with pytest.raises(ConfigError, match=r"face.recognizers=.* must be a list"):
+        plan(recognizers="faceres")
+
+
+def test_ensemble_loss_averages_the_members_and_succeeds_only_when_all_are_fooled() -> None:
+    from robustcnn.face.attack import ensemble_loss
+    from robustcnn.face.patch import ModelLoss
+
+    first, second = nn.Identity(), nn.Identity()
+    a = ModelLoss(lambda x, i: (torch.tensor([1.0, 3.0]), torch.tensor([True, True])), (first,))
+    b = ModelLoss(lambda x, i: (torch.tensor([3.0, 5.0]), torch.tensor([True, False])), (second,))
+    value, success = ensemble_loss([a, b])(torch.zeros(2), torch.arange(2))
+    assert value.tolist() == [2.0, 4.0] and success.tolist() == [True, False]
+    assert ensemble_loss([a, b]).modules == (first, second)  # both are frozen while the patch is optimised
+
+
+def test_an_ensemble_patch_is_optimised_against_every_member() -> None:
+    gallery = _gallery()
+    enrolment = enrol(gallery, seed=0)
+    attacked = FaceRecognizer(_embedder(0), threshold=1.0, name="attacked")
+    member = FaceRecognizer(_embedder(2), threshold=1.0, name="member")
+    mask = torch.zeros(32, 32)
+    mask[8:16, 4:28] = 1.0
+    settings = PatchSettings(steps=3, eot_samples=2, variation=PhysicalVariation.identity(), early_stop=False)
+    alone = run_face_study(attacked, enrolment, [0], [], mask, settings, eval_draws=2)
+    both = run_face_study(attacked, enrolment, [0], [], mask, settings, eval_draws=2, ensemble=[member])
+    assert [m["recognizer"] for m in both.metrics["ensemble"]] == ["attacked", "member"]
+    assert [m["recognizer"] for m in alone.metrics["ensemble"]] == ["attacked"]
+    # same seed, same draws (a re-run gives the same patch): only the member's gradient can differ
+    again = run_face_study(attacked, enrolment, [0], [], mask, settings, eval_draws=2)
+    assert torch.equal(alone.patches["dodging/ann"], again.patches["dodging/ann"])
+    assert not torch.equal(alone.patches["dodging/ann"], both.patches["dodging/ann"])

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any  # Any: the JSON-able metrics and evaluations
 
@@ -94,6 +95,7 @@ class _StudySetup:
     seed: int  # of the evaluation draws
     eval_batch_size: int
     transfer: TransferJudge | None = None  # the held-out recognizers, if any
+    ensemble: tuple[tuple[FaceRecognizer, Tensor], ...] = ()  # more optimised-against recognizers, known
 
 
 def _transfer_text(record: dict[str, Any]) -> str:
@@ -156,7 +158,9 @@ def _patch(setup: _StudySetup, job: int, a: int, t: int | None) -> tuple[PatchRe
     settings = replace(setup.settings, seed=setup.settings.seed + job)
     names = setup.enrolment.names
     faces = setup.enrolment.optimisation_faces(a).to(setup.mask.device)
-    found = attack_face(setup.recognizer, faces, setup.known, a, t, setup.mask, settings)
+    found = attack_face(
+        setup.recognizer, faces, setup.known, a, t, setup.mask, settings, ensemble=setup.ensemble
+    )
     judged = _judge(setup, found.patch, a, t, baseline_seed=settings.seed)
     transfer = setup.transfer.judge(found.patch, a, t, settings.seed) if setup.transfer else {}
     headline = judged["held_out_photos"] or judged["in_sample"]
@@ -284,6 +288,8 @@ def _study_metrics(
         photo_split=setup.enrolment.record(),
         threshold=setup.recognizer.threshold,
         recognizer=setup.recognizer.name,
+        ensemble=[{"recognizer": r.name, "threshold": r.threshold}
+                  for r in (setup.recognizer, *(member for member, _ in setup.ensemble))],  # fmt: skip
         n_identities=len(names),
         eval_draws=int(setup.eval_draws),
         eval_seed=int(setup.seed),
@@ -308,6 +314,7 @@ def run_face_study(
     seed: int = 0,
     eval_batch_size: int = 64,
     holdouts: list[HeldOutRecognizer] | None = None,
+    ensemble: Sequence[FaceRecognizer] = (),
 ) -> FaceStudyResult:
     """Dodging for every attacker, impersonation for every attacker x target (target != attacker).
 
@@ -318,7 +325,9 @@ def run_face_study(
     draws come from ``seed`` (generator "evaluate") and are the same for every patch, its clean face
     and its random baseline. ``eval_batch_size``: composites per forward pass in the evaluation.
     ``holdouts`` (:func:`~robustcnn.face.transfer.prepare_holdouts`): recognizers every patch is also
-    judged on, on the same draws (results.json ``transfer``), never optimised against.
+    judged on, on the same draws (results.json ``transfer``), never optimised against. ``ensemble``:
+    more recognizers (thresholds set) every patch is optimised against besides ``recognizer``, each
+    toward its own templates of the attacker-known photos; the study's own figures stay ``recognizer``'s.
     """
     settings = settings or PatchSettings()
     variation = variation if variation is not None else settings.variation
@@ -330,9 +339,10 @@ def run_face_study(
     transfer = None
     if holdouts:
         transfer = TransferJudge(holdouts, enrolment, mask, variation, eval_draws, seed, eval_batch_size)
+    members = tuple((member, templates(member, enrolment, device)[1]) for member in ensemble)
     setup = _StudySetup(
         recognizer, enrolment, enrolled, known, mask, settings, variation, eval_draws, seed, eval_batch_size,
-        transfer,
+        transfer, members,
     )  # fmt: skip
     result = FaceStudyResult(metrics={})
     records: list[dict[str, Any]] = []

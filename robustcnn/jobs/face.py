@@ -58,6 +58,7 @@ class _FaceInputs:
     data: dict[str, Any]
     gallery: FaceGallery
     recognizer: FaceRecognizer
+    ensemble: list[FaceRecognizer]  # optimised against besides ``recognizer`` (thresholds fitted later)
     holdouts: list[FaceRecognizer]  # scored on, never optimised against (their thresholds fitted later)
     enrolment: Enrolment
     attackers: list[int]
@@ -69,11 +70,12 @@ def _load_inputs(config: dict[str, Any], plan: FacePlan, ctx: JobContext) -> _Fa
     data = dict(config["data"])
     gallery = load_faces(data)
     recognizer = load_face_recognizer(plan.recognizer, threshold=DEFAULT_THRESHOLD, device=ctx.device)
+    ensemble = [load_face_recognizer(name, device=ctx.device) for name in plan.ensemble[1:]]
     holdouts = [load_face_recognizer(name, device=ctx.device) for name in plan.holdout_recognizers]
     enrolment = enrol(gallery, seed=ctx.seed)
     attackers, targets = study_identities(plan, enrolment.names)
     check_fit_pairs(gallery.identities, {enrolment.names[i] for i in [*attackers, *targets]}, plan.threshold)
-    return _FaceInputs(plan, data, gallery, recognizer, holdouts, enrolment, attackers, targets)
+    return _FaceInputs(plan, data, gallery, recognizer, ensemble, holdouts, enrolment, attackers, targets)
 
 
 def _input_identity(inputs: _FaceInputs) -> dict[str, Any]:
@@ -82,14 +84,16 @@ def _input_identity(inputs: _FaceInputs) -> dict[str, Any]:
     return {
         "data": inputs.gallery.identity,
         "recognizer_sha256": inputs.recognizer.weights_sha256,
+        "ensemble_sha256": {r.name: r.weights_sha256 for r in inputs.ensemble},
         "holdout_sha256": {r.name: r.weights_sha256 for r in inputs.holdouts},
     }
 
 
 def _run_name(config: dict[str, Any], inputs: _FaceInputs) -> str:
-    """``tracking.run_name``, else recognizer-mask-data (what tells a sweep's face runs apart)."""
+    """``tracking.run_name``, else recognizer(s)-mask-data (what tells a sweep's face runs apart)."""
     chosen = (config.get("tracking") or {}).get("run_name")
-    return chosen or f"{inputs.recognizer.name}-{inputs.plan.mask_name}-{inputs.data['name']}"
+    attacked = "+".join(r.name for r in (inputs.recognizer, *inputs.ensemble))
+    return chosen or f"{attacked}-{inputs.plan.mask_name}-{inputs.data['name']}"
 
 
 def _run_tags(ctx: JobContext, inputs: _FaceInputs, job_tags: dict[str, Any] | None) -> dict[str, Any]:
@@ -137,8 +141,10 @@ def _run_study(inputs: _FaceInputs, ctx: JobContext) -> FaceStudyResult:
     """Every patch of the plan, optimised and judged on the enrolment's split of each person's photos."""
     plan, device, names = inputs.plan, ctx.device, inputs.enrolment.names
     study = {names[i] for i in [*inputs.attackers, *inputs.targets]}
-    holdouts = prepare_holdouts(
-        inputs.holdouts, inputs.gallery, inputs.enrolment, study, inputs.data, plan.far, device
+    # every other recognizer gets its own threshold, fitted apart from the study like the attacked one's
+    ensemble, holdouts = (
+        prepare_holdouts(group, inputs.gallery, inputs.enrolment, study, inputs.data, plan.far, device)
+        for group in (inputs.ensemble, inputs.holdouts)
     )
     return run_face_study(
         inputs.recognizer,
@@ -151,6 +157,7 @@ def _run_study(inputs: _FaceInputs, ctx: JobContext) -> FaceStudyResult:
         plan.eval_draws,
         seed=ctx.seed,
         holdouts=holdouts,
+        ensemble=[member.recognizer for member in ensemble],
     )
 
 
