@@ -49,6 +49,31 @@ def figures_table(run: RunRecord) -> Table:
     return table
 
 
+def transfer_table(run: RunRecord) -> Table:
+    """Each held-out recognizer (never optimised against): its threshold and held-out false-accept
+    rate, and per goal the mean success next to the random patch and the bare face."""
+    table = Table(["recognizer", "threshold", "false-accept rate", "goal", "held out", "patches", "success",
+                   "random patch", "no patch", "beat baseline"])  # fmt: skip
+    for name, entry in (run.result("transfer") or {}).items():
+        for row in entry.get("figures") or []:
+            all_beat = row.get("beat_baseline") == row.get("patches")
+            beat = f"{row.get('beat_baseline', '–')}/{row.get('patches', '–')}"
+            cells = [
+                Cell(str(name)),
+                num_cell(entry.get("threshold"), 3),
+                _pct(entry.get("false_accept_rate")),
+                Cell(str(row.get("goal"))),
+                Cell(str(row.get("held_out"))),
+                num_cell(row.get("patches")),
+                _pct(row.get("success_rate")),
+                _pct(row.get("random_patch_success_rate")),
+                _pct(row.get("clean_success_rate")),
+                Cell(beat, css="pass" if all_beat else "fail"),
+            ]
+            table.rows.append(Row(cells, run.run_id, not all_beat))
+    return table
+
+
 def _evaluation(record: dict[str, Any], key: str, field: str) -> Any:
     evaluation = record.get(key) or {}
     if field == "random":
