@@ -162,6 +162,26 @@ def test_missing_face_weights_say_how_to_fetch_them(isolated: dict, monkeypatch:
     assert len(errors) == 1 and "robustcnn assets" in errors[0] and "Traceback" not in proc.stderr
 
 
+def test_missing_or_unknown_held_out_recognizers_are_one_clear_error(
+    isolated: dict, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from robustcnn.errors import ModelError
+    from robustcnn.models.face.assets import assets_dir
+
+    folder = require_face_assets().parent
+    partial = isolated["root"] / "partial-assets"  # face-api and the photos, not human-models
+    partial.mkdir()
+    for name in ("face-api-1.7.15", "face_recognition-1.3.0"):
+        (partial / name).symlink_to(folder / name)
+    monkeypatch.setenv("ROBUSTCNN_ASSETS_DIR", str(partial))
+    assert assets_dir() == partial
+    with pytest.raises(AssetError, match="human-models recognizer assets are missing.*--human-models"):
+        run_job(compose(TINY_FACE), output_dir=isolated["root"] / "out", progress=False)
+    monkeypatch.setenv("ROBUSTCNN_ASSETS_DIR", str(folder))
+    with pytest.raises(ModelError, match="'arcface' is none of face_api, faceres, mobileface"):
+        run_job(compose([*TINY_FACE, "face.holdout_recognizers=[arcface]"]), output_dir=None, progress=False)
+
+
 def test_a_photo_without_a_face_is_a_clear_error(isolated: dict) -> None:
     root = isolated["root"] / "people"
     for person in ("ann", "bob", "cy"):
