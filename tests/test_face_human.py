@@ -12,6 +12,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +28,7 @@ from robustcnn.models.face.tfjs_graph import TfjsGraph
 from robustcnn.models.face.tfjs_model import read_graph_model
 
 FIXTURE = Path(__file__).parent / "fixtures" / "human_models_reference.json"
+REFERENCE = Path(__file__).resolve().parents[1] / "tools" / "human_models_reference"
 
 
 # --------------------------------------------------------------------------------------------------
@@ -50,8 +52,7 @@ def test_ports_match_the_original_tfjs_graphs_on_real_crops() -> None:
     x = torch.from_numpy(crops).permute(0, 3, 1, 2).float() / 255.0
     for plan in fixture["plan"]:  # the fixture ran each model with the window, size and output we use
         model = HUMAN_MODELS[plan["name"]]
-        ours_plan = (model.output, model.size, list(model.window))
-        assert ours_plan == (plan["output"], plan["size"], plan["window"])
+        assert model.plan() == plan
         embedder, _ = human_assets.load_human_embedder(model.name)
         with torch.no_grad():
             ours = embedder(x)
@@ -59,6 +60,46 @@ def test_ports_match_the_original_tfjs_graphs_on_real_crops() -> None:
         cosine = torch.nn.functional.cosine_similarity(ours, reference)
         assert cosine.min() >= 0.999, f"{model.name}: cosine to the TF.js descriptors {cosine.tolist()}"
         assert torch.allclose(ours.norm(dim=1), torch.ones(len(x)), atol=1e-5)  # unit descriptors
+
+
+def _tfjs_node_modules() -> Path:
+    """A node_modules holding @tensorflow/tfjs (ROBUSTCNN_TFJS_NODE_MODULES, else the reference tool's own
+    `npm install`), or a skip naming how to get one."""
+    import shutil
+
+    if shutil.which("node") is None:
+        pytest.skip("node is not installed: the live TF.js parity check needs it (the fixture's still runs)")
+    folder = Path(os.environ.get("ROBUSTCNN_TFJS_NODE_MODULES") or REFERENCE / "node_modules")
+    if not (folder / "@tensorflow" / "tfjs" / "package.json").is_file():
+        pytest.skip(f"no @tensorflow/tfjs under {folder}: run `npm install` in {REFERENCE} (or set "
+                    "ROBUSTCNN_TFJS_NODE_MODULES) for the live TF.js parity check")  # fmt: skip
+    return folder
+
+
+def test_ports_match_tfjs_run_live_in_node(tmp_path: Path) -> None:
+    """The reference script itself, run now on two real crops: the fixture cannot hide a changed port."""
+    import subprocess
+
+    require_face_assets()
+    modules = _tfjs_node_modules()
+    from robustcnn.face.gallery import load_face_gallery
+
+    crops = load_face_gallery(boxes="aligned").crops[[0, 3]]
+    plan = [model.plan() for model in HUMAN_MODELS.values()]
+    (tmp_path / "crops.u8").write_bytes(crops.tobytes())
+    (tmp_path / "shapes.json").write_text(json.dumps([list(c.shape[:2]) for c in crops]))
+    (tmp_path / "plan.json").write_text(json.dumps(plan))
+    command = ["node", str(REFERENCE / "describe.js"), str(human_assets.human_models_dir() / "models"),
+               "crops.u8", "shapes.json", "plan.json", "out.json"]  # fmt: skip
+    env = {"PATH": os.environ["PATH"], "NODE_PATH": str(modules)}
+    subprocess.run(command, cwd=tmp_path, env=env, check=True, capture_output=True, timeout=300)
+    reference = json.loads((tmp_path / "out.json").read_text())["descriptors"]
+    x = torch.from_numpy(crops).permute(0, 3, 1, 2).float() / 255.0
+    for model in HUMAN_MODELS.values():
+        embedder, _ = human_assets.load_human_embedder(model.name)
+        with torch.no_grad():
+            cosine = torch.nn.functional.cosine_similarity(embedder(x), torch.tensor(reference[model.name]))
+        assert cosine.min() >= 0.999, f"{model.name}: cosine to TF.js run now {cosine.tolist()}"
 
 
 # --------------------------------------------------------------------------------------------------

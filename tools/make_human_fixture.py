@@ -59,10 +59,7 @@ def main() -> None:
             ["npm", "install", "--no-audit", "--no-fund", "--ignore-scripts"], cwd=workdir, check=True
         )
     crops = gallery.crops[list(CROPS)]
-    plan = [
-        {"name": m.name, "output": m.output, "size": m.size, "window": list(m.window)}
-        for m in HUMAN_MODELS.values()
-    ]
+    plan = [model.plan() for model in HUMAN_MODELS.values()]
     (workdir / "crops.u8").write_bytes(crops.tobytes())
     (workdir / "shapes.json").write_text(json.dumps([list(c.shape[:2]) for c in crops]))
     (workdir / "plan.json").write_text(json.dumps(plan))

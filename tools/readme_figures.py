@@ -161,10 +161,19 @@ def face_smoke(run: dict[str, Any]) -> str:
 
 def face_transfer(run: dict[str, Any]) -> str:
     """The smoke study's patches on the recognizers they were never optimised against."""
+    members = [member["recognizer"] for member in run.get("ensemble") or [{"recognizer": run["model"]}]]
+    if len(members) == 1:
+        intro = f"The same `face_smoke` run's {len(run['patches'])} patches (optimised against {members[0]})"
+    else:
+        intro = (
+            f"`robustcnn run experiment=face_smoke face.recognizers=[{','.join(members)}]` "
+            "(`reports/runs/face_smoke_ensemble.json`, its results.json unchanged; "
+            f"{run['job_seconds']:.0f} s on a shared machine; {run['finished_at'][:10]}): "
+            f"{len(run['patches'])} patches, each optimised against {' and '.join(members)} at once,"
+        )
     rows = [
-        f"The same `face_smoke` run's {len(run['patches'])} patches (optimised against {run['model']}) on "
-        "the recognizers the optimisation never saw, each with its own threshold fitted at the same FAR "
-        "apart from the study:",
+        f"{intro} on the recognizers the optimisation never saw, each with its own threshold fitted at the "
+        "same FAR apart from the study:",
         "",
         "| recognizer | threshold (held-out FAR, genuine pairs rejected) | goal | held out | success "
         "| random patch | no patch | patches beating their random one |",

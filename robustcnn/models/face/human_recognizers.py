@@ -21,6 +21,7 @@ window reaches above the crop, and that band is black, as cropAndResize pads out
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any  # Any: JSON values
 
 import torch
 import torch.nn.functional as F
@@ -41,6 +42,10 @@ class HumanModel:
     output: str
     size: int
     window: tuple[float, float, float, float]
+
+    def plan(self) -> dict[str, Any]:
+        """What the TF.js reference script needs to run the original the same way (JSON)."""
+        return {"name": self.name, "output": self.output, "size": self.size, "window": list(self.window)}
 
 
 FACERES = HumanModel("faceres", "global_pooling/Mean", 224, (0.0, 0.0, 1.0, 1.0))
