@@ -262,6 +262,7 @@ FIGURES: dict[str, Figure] = {
     "defense_epoch_cost": Figure("reports/benchmarks/defenses.json", defense_epoch_cost),
     "face_smoke": Figure("reports/runs/face_smoke.json", face_smoke),
     "face_transfer": Figure("reports/runs/face_smoke.json", face_transfer),
+    "face_transfer_ensemble": Figure("reports/runs/face_smoke_ensemble.json", face_transfer),
     "face_port_crops": Figure("tests/fixtures/face_api_reference.json", face_port_crops),
     "fmn_vs_foolbox": Figure("reports/benchmarks/attacks.json", fmn_vs_foolbox),
     "audit_vs_autoattack": Figure("reports/benchmarks/audit_vs_autoattack.json", audit_vs_autoattack),
