@@ -269,9 +269,10 @@ def test_the_summary_line_says_what_each_rate_held_out() -> None:
     assert photos.split() == [
         "dodging_success_rate_held_out_photos=0.5000", "random_dodging_success_rate_held_out_photos=0.0000"
     ]
-    transfer, rest = rest.split(" held_out=recognizer ")  # each held-out recognizer, next to its baseline
+    transfer, rest = rest.split(" transfer_held_out=recognizer ")  # each held-out recognizer and baseline
     assert transfer.split() == [
         "transfer_faceres_dodging_held_out_photos_random_success_rate=0.1250",
         "transfer_faceres_dodging_held_out_photos_success_rate=0.2500",
     ]
     assert rest.startswith("false_accept_rate=0.0110 threshold=0.4900 checks=failed model=face_api")
+    assert dict(part.split("=", 1) for part in line.split())["held_out"] == "photos"  # the study's own, last
