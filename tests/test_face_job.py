@@ -72,6 +72,16 @@ def test_tiny_face_study_writes_results_artifacts_and_a_run(isolated: dict) -> N
     }  # fmt: skip
     assert dodging["in_sample"]["random_patch"]["seed"] != impersonation["in_sample"]["random_patch"]["seed"]
     assert results["checks"][0]["name"] == "patches_beat_random_baseline"
+    # transfer: both patches scored on the recognizers never optimised against, each calibrated apart
+    assert results["holdout_recognizers"] == ["faceres", "mobileface"]
+    for name in ("faceres", "mobileface"):
+        transfer = results["transfer"][name]
+        assert transfer["threshold"] != results["threshold"]
+        assert transfer["verification"]["held_out"]["pairs"] == 91
+        assert dodging["transfer"][name]["held_out"] == "recognizer+photos"
+        rate = results[f"transfer_{name}_dodging_held_out_photos_success_rate"]
+        assert rate == dodging["transfer"][name]["success_rate"]
+        assert 0.0 <= results[f"transfer_{name}_dodging_held_out_photos_random_success_rate"] <= 1.0
     assert 5.5 < results["mask_area_percent"] < 6.5
     matrix = results["impersonation_matrix"]
     assert matrix["success_rate"][0][0] is None and 0.0 <= matrix["success_rate"][0][1] <= 1.0
@@ -152,6 +162,26 @@ def test_missing_face_weights_say_how_to_fetch_them(isolated: dict, monkeypatch:
     assert len(errors) == 1 and "robustcnn assets" in errors[0] and "Traceback" not in proc.stderr
 
 
+def test_missing_or_unknown_held_out_recognizers_are_one_clear_error(
+    isolated: dict, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from robustcnn.errors import ModelError
+    from robustcnn.models.face.assets import assets_dir
+
+    folder = require_face_assets().parent
+    partial = isolated["root"] / "partial-assets"  # face-api and the photos, not human-models
+    partial.mkdir()
+    for name in ("face-api-1.7.15", "face_recognition-1.3.0"):
+        (partial / name).symlink_to(folder / name)
+    monkeypatch.setenv("ROBUSTCNN_ASSETS_DIR", str(partial))
+    assert assets_dir() == partial
+    with pytest.raises(AssetError, match="human-models recognizer assets are missing.*--human-models"):
+        run_job(compose(TINY_FACE), output_dir=isolated["root"] / "out", progress=False)
+    monkeypatch.setenv("ROBUSTCNN_ASSETS_DIR", str(folder))
+    with pytest.raises(ModelError, match="'arcface' is none of face_api, faceres, mobileface"):
+        run_job(compose([*TINY_FACE, "face.holdout_recognizers=[arcface]"]), output_dir=None, progress=False)
+
+
 def test_a_photo_without_a_face_is_a_clear_error(isolated: dict) -> None:
     root = isolated["root"] / "people"
     for person in ("ann", "bob", "cy"):
@@ -227,6 +257,9 @@ def test_the_summary_line_says_what_each_rate_held_out() -> None:
         "dodging_success_rate_held_out_photos": 0.5, "random_dodging_success_rate_held_out_photos": 0.0,
         "impersonation_success_rate_held_out_photos": None, "false_accept_rate": 0.011, "threshold": 0.49,
         "checks": [{"status": "failed"}], "model": "face_api", "data": "faces", "mlflow_run_id": "abc",
+        "transfer_faceres_dodging_held_out_photos_success_rate": 0.25,
+        "transfer_faceres_dodging_held_out_photos_random_success_rate": 0.125,
+        "transfer_faceres_dodging_held_out_photos_clean_success_rate": 0.0,
     }  # fmt: skip
     line = summary_line(results, "out")
     assert line.startswith("dodging_success_rate=0.9375 ")
@@ -236,4 +269,10 @@ def test_the_summary_line_says_what_each_rate_held_out() -> None:
     assert photos.split() == [
         "dodging_success_rate_held_out_photos=0.5000", "random_dodging_success_rate_held_out_photos=0.0000"
     ]
+    transfer, rest = rest.split(" transfer_held_out=recognizer ")  # each held-out recognizer and baseline
+    assert transfer.split() == [
+        "transfer_faceres_dodging_held_out_photos_random_success_rate=0.1250",
+        "transfer_faceres_dodging_held_out_photos_success_rate=0.2500",
+    ]
     assert rest.startswith("false_accept_rate=0.0110 threshold=0.4900 checks=failed model=face_api")
+    assert dict(part.split("=", 1) for part in line.split())["held_out"] == "photos"  # the study's own, last

@@ -252,18 +252,23 @@ def test_missing_assets_say_where_and_how_to_fetch(tmp_path: Path, monkeypatch: 
 def test_fetch_from_a_tarball_extracts_only_what_is_needed_and_is_idempotent(
     tmp_path: Path, fake_package: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    from test_face_human import _human_tarball
     from test_photo_assets import _sdist
 
     from robustcnn.cli import main
-    from robustcnn.models.face import photo_assets
+    from robustcnn.models.face import human_assets, photo_assets
 
     sdist = _sdist(tmp_path / "face_recognition-1.3.0.tar.gz")  # the photos, from a file: no pip
     monkeypatch.setattr(photo_assets, "PHOTOS_SHA256", hashlib.sha256(sdist.read_bytes()).hexdigest())
+    human = _human_tarball(tmp_path / "human-models.tgz")  # the held-out recognizers, from a file: no npm
+    monkeypatch.setattr(human_assets, "HUMAN_SHA256", hashlib.sha256(human.read_bytes()).hexdigest())
     root = tmp_path / "assets"
-    main(["assets", "--dir", str(root), "--tarball", str(fake_package), "--photos-sdist", str(sdist)])
+    main(["assets", "--dir", str(root), "--tarball", str(fake_package), "--photos-sdist", str(sdist),
+          "--human-models-tarball", str(human)])  # fmt: skip
     folder = root / "face-api-1.7.15"
     photos = root / "face_recognition-1.3.0"
-    assert capsys.readouterr().out.split() == [str(folder), str(photos)]
+    humans = root / "human-models-3.0.4"
+    assert capsys.readouterr().out.split() == [str(folder), str(humans), str(photos)]
     assert assets.face_api_dir(root) == folder
     kept = sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file())
     assert kept == [
@@ -273,7 +278,7 @@ def test_fetch_from_a_tarball_extracts_only_what_is_needed_and_is_idempotent(
     ]  # fmt: skip
     assert not (tmp_path / "outside.txt").exists()
     assert "MIT License" in (folder / "NOTICE").read_text()
-    assert sorted(p.name for p in root.iterdir()) == sorted([photos.name, folder.name])  # no temporary folder
+    assert sorted(p.name for p in root.iterdir()) == sorted([photos.name, folder.name, humans.name])
     load_face_api(folder / "face_recognition.safetensors")
     # second call: no npm needed (a missing npm would fail), instant
     assert assets.fetch_face_api(root, npm="no-such-npm-here") == folder
@@ -414,5 +419,5 @@ def test_bad_user_embedders_are_refused_clearly(tmp_path: Path) -> None:
     torch.save({"w": torch.zeros(2)}, not_script)
     with pytest.raises(ModelError, match="is not a TorchScript file"):
         load_face_recognizer(str(not_script))
-    with pytest.raises(ModelError, match="neither 'face_api' nor an existing TorchScript file"):
+    with pytest.raises(ModelError, match="is none of face_api, faceres, mobileface nor an existing"):
         load_face_recognizer(str(tmp_path / "absent.pt"))

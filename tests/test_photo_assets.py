@@ -4,11 +4,10 @@ pinned by the sdist's sha256, extracted with their licence, and a clear error wh
 from __future__ import annotations
 
 import hashlib
-import io
-import tarfile
 from pathlib import Path
 
 import pytest
+from face_assets import write_tarball
 
 from robustcnn.errors import AssetError
 from robustcnn.models.face import photo_assets
@@ -17,16 +16,12 @@ from robustcnn.models.face.photo_assets import PHOTO_NAMES, PHOTOS_FOLDER, fetch
 
 def _sdist(path: Path, extra: tuple[str, ...] = ("32bit.png", "obama_partial_face.jpg")) -> Path:
     """A stand-in sdist with the real layout: the kept photos, copies that must be left out, the licence."""
-    with tarfile.open(path, "w:gz") as tar:
-        for name, data in [
-            *((f"tests/test_images/{n}", n.encode()) for n in (*PHOTO_NAMES, *extra)),
-            ("LICENSE", b"MIT License\nCopyright (c) 2017, Adam Geitgey\n"),
-            ("setup.py", b"print('never run')\n"),
-        ]:
-            info = tarfile.TarInfo(f"{PHOTOS_FOLDER}/{name}")
-            info.size = len(data)
-            tar.addfile(info, io.BytesIO(data))
-    return path
+    files = {
+        **{f"tests/test_images/{n}": n.encode() for n in (*PHOTO_NAMES, *extra)},
+        "LICENSE": b"MIT License\nCopyright (c) 2017, Adam Geitgey\n",
+        "setup.py": b"print('never run')\n",
+    }
+    return write_tarball(path, {f"{PHOTOS_FOLDER}/{name}": data for name, data in files.items()})
 
 
 def test_a_pinned_sdist_gives_the_photos_and_the_notice(

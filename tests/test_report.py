@@ -278,6 +278,9 @@ def face_results() -> dict[str, Any]:
         "task": "face_patch", "model": "face_api", "data": "faces", "mask": "eyeglasses", "threshold": 0.49,
         "threshold_source": "calibrated", "eval_draws": 16, "figures": figures, "patches": [dodging, imp],
         "dodging_success_rate": 0.9375,
+        "transfer": {"faceres": {"threshold": 0.887, "false_accept_rate": 0.0, "figures": [
+            {"goal": "dodging", "held_out": "recognizer+photos", "patches": 1, "success_rate": 0.25,
+             "random_patch_success_rate": 0.125, "clean_success_rate": 0.0, "beat_baseline": 0}]}},
         "verification": {"target_far": 0.01, "false_accept_rate": 0.011,
                          "false_accept_interval": [0.0003, 0.06], "held_out": {"pairs": 91}},
     }  # fmt: skip
@@ -305,6 +308,12 @@ def test_face_runs_get_a_section_of_their_own(mixed_runs: list[RunRecord]) -> No
     # its baseline is flagged; user strings stay text
     assert ">93.8%</td>" in patches.group(1) and ">6.2%</td>" in patches.group(1)
     assert '<tr class="flagged"' in patches.group(1) and ">NO</td>" in patches.group(1)
+    # the held-out recognizers: each next to its random patch, flagged when a patch does not beat it
+    transfer = re.search(r'<table id="face-transfer-0".*?<tbody>(.*?)</tbody>', section, re.S)
+    assert transfer is not None and transfer.group(1).count("<tr") == 1
+    assert "<td>faceres</td>" in transfer.group(1) and "<td>recognizer+photos</td>" in transfer.group(1)
+    assert ">25.0%</td>" in transfer.group(1) and ">12.5%</td>" in transfer.group(1)
+    assert '<tr class="flagged"' in transfer.group(1)
     assert EVIL not in section and "&lt;script&gt;" in section
     assert "91 held-out impostor pairs (95% CI [0.0%, 6.0%])" in section
     assert section.count("<img ") == 2 and "data:image/png;base64," in section

@@ -122,6 +122,7 @@ def test_a_face_study_with_replaced_recognizer_weights_is_recomputed(
     """The face-api weights file replaced (re-converted, or another asset): one weight nudged."""
     from robustcnn.face.gallery import load_face_gallery
     from robustcnn.models.face.assets import WEIGHTS_FILE
+    from robustcnn.models.face.human_assets import human_models_dir
     from robustcnn.models.face.photo_assets import photos_dir
 
     assets = require_face_assets()
@@ -129,6 +130,8 @@ def test_a_face_study_with_replaced_recognizer_weights_is_recomputed(
     shutil.copytree(assets, copy)
     photos = photos_dir()
     (copy.parent / photos.name).symlink_to(photos)  # the gallery's other photos, unchanged
+    human = human_models_dir()
+    (copy.parent / human.name).symlink_to(human)  # the held-out recognizers, unchanged
     monkeypatch.setenv("ROBUSTCNN_ASSETS_DIR", str(copy.parent))
     faces = load_face_gallery(boxes="aligned")
     people = isolated["root"] / "people"

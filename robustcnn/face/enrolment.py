@@ -16,8 +16,10 @@ import torch
 from robustcnn.config import config_bool, config_float, config_int, config_section, show
 from robustcnn.errors import ConfigError
 from robustcnn.face.gallery import FaceGallery, load_face_folder, load_face_gallery
+from robustcnn.face.patch import frozen_modules
 from robustcnn.face.settings import EYE_LEVEL_BY_BOXES
 from robustcnn.face.splits import HELD_OUT_PHOTOS, PhotoSplit, split_photos
+from robustcnn.models.face.recognizer import FaceRecognizer
 
 
 def load_faces(data: dict[str, Any]) -> FaceGallery:
@@ -100,3 +102,15 @@ def enrol_photos(
 def enrol(gallery: FaceGallery, seed: int = 0) -> Enrolment:
     """The gallery's photos enrolled and split (seeded by ``seed``), recorded by photo file name."""
     return enrol_photos(gallery.images, gallery.identities, seed, [s.image for s in gallery.sources])
+
+
+def templates(
+    recognizer: FaceRecognizer, enrolment: Enrolment, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``recognizer``'s enrolled templates [G, D] (what it stores) and the attacker-known ones (mean
+    descriptor of each identity's optimisation photos)."""
+    with frozen_modules([recognizer.embedder]):
+        descriptors = recognizer.embed_batched(enrolment.photos.to(device)).float()
+    enrolled = descriptors[[split.enrolment[0] for split in enrolment.splits]]
+    known = torch.stack([descriptors[list(split.optimisation)].mean(0) for split in enrolment.splits])
+    return enrolled, known

@@ -23,6 +23,8 @@ from robustcnn.face.transforms import PhysicalVariation
 #: Keys of the ``face`` section (anything else is a typo and refused).
 FACE_KEYS = (
     "recognizer",
+    "recognizers",
+    "holdout_recognizers",
     "threshold",
     "far",
     "attackers",
@@ -118,6 +120,47 @@ def select_identities(selection: IdentitySelection, names: list[str], key: str) 
     return [names.index(name) for name in selection]
 
 
+#: ``face.holdout_recognizers: auto``: every recognizer robustcnn ships that the optimisation does not use.
+AUTO = "auto"
+
+
+def _names(value: object, key: str, example: str) -> list[str]:
+    """A list of recognizer names or TorchScript paths (each once, in order)."""
+    if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) and v for v in value):
+        raise ConfigError(
+            f"{key}={show(value)} must be a list of recognizer names or TorchScript paths, e.g. {example}"
+        )
+    return list(dict.fromkeys(value))
+
+
+def _ensemble(values: dict[str, Any]) -> tuple[str, ...]:
+    """``face.recognizers`` (a list: optimise against all of them) wins over ``face.recognizer`` (one)."""
+    value = values.get("recognizers")
+    if value is None or value == []:
+        return (str(values.get("recognizer", "face_api")),)
+    return tuple(_names(value, "face.recognizers", "face.recognizers=[face_api,faceres]"))
+
+
+def _holdouts(values: dict[str, Any], ensemble: tuple[str, ...]) -> tuple[str, ...]:
+    """``face.holdout_recognizers``: ``auto`` (every shipped recognizer outside ``ensemble``), [] for
+    none, or names / TorchScript paths, none of them one the patches are optimised against."""
+    from robustcnn.models.face.loading import RECOGNIZER_NAMES
+
+    value = values.get("holdout_recognizers", AUTO)
+    if value == AUTO:
+        return tuple(name for name in RECOGNIZER_NAMES if name not in ensemble)
+    example = "face.holdout_recognizers=[faceres,mobileface], auto or []"
+    names = _names([] if value is None else value, "face.holdout_recognizers", example)
+    optimised = [name for name in names if name in ensemble]
+    if optimised:
+        raise ConfigError(
+            f"face.holdout_recognizers lists {', '.join(optimised)}, optimised against "
+            f"(face.recognizer/face.recognizers): a held-out recognizer is one the optimisation never saw; "
+            "remove it, or use face.holdout_recognizers=auto"
+        )
+    return tuple(names)
+
+
 def _threshold(values: dict[str, Any]) -> float | None:
     """``face.threshold``: a distance, or None (``calibrated``, the default) for the FAR calibration."""
     threshold = values.get("threshold", "calibrated")
@@ -177,7 +220,8 @@ def _patch_settings(values: dict[str, Any], variation: PhysicalVariation, seed: 
 class FacePlan:
     """The ``face`` section, checked before any work: what the study builds and runs."""
 
-    recognizer: str
+    recognizer: str  # the one the study's own figures and threshold report are judged on
+    holdout_recognizers: tuple[str, ...]  # scored on, never optimised against
     threshold: float | None  # None: calibrated at ``far`` on the gallery's impostor pairs
     far: float
     attackers: IdentitySelection  # the first N identities, or these names, attack; None: all
@@ -188,6 +232,7 @@ class FacePlan:
     eval_variation: PhysicalVariation
     eval_draws: int
     keep_faces: int
+    ensemble: tuple[str, ...] = ()  # every recognizer the patches are optimised against (first: recognizer)
 
     @classmethod
     def from_mapping(cls, section: object, seed: int, data: dict[str, Any] | None = None) -> FacePlan:
@@ -196,6 +241,8 @@ class FacePlan:
         Settings are checked in the section's order, so the first bad value is the one reported.
         """
         values = config_section(section, "face", FACE_KEYS)
+        ensemble = _ensemble(values)
+        holdouts = _holdouts(values, ensemble)
         threshold = _threshold(values)
         mask_name, mask = _mask(values, data or {})
         variation = _variation(values.get("variation"), "face.variation")
@@ -203,7 +250,8 @@ class FacePlan:
         eval_variation = variation if eval_raw is None else _variation(eval_raw, "face.eval_variation")
         patch = _patch_settings(values, variation, seed)
         return cls(
-            recognizer=str(values.get("recognizer", "face_api")),
+            recognizer=ensemble[0],
+            holdout_recognizers=holdouts,
             threshold=threshold,
             far=config_float(values.get("far", 0.01), "face.far", minimum=0.0, maximum=1.0, below=True),
             attackers=_identity_selection(values.get("attackers"), "face.attackers"),
@@ -214,6 +262,7 @@ class FacePlan:
             eval_variation=eval_variation,
             eval_draws=config_int(values.get("eval_draws", 64), "face.eval_draws", minimum=1),
             keep_faces=config_int(values.get("keep_faces", 8), "face.keep_faces", minimum=0),
+            ensemble=ensemble,
         )
 
 

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any  # Any: the JSON-able metrics and evaluations
 
@@ -32,11 +33,12 @@ from torch import Tensor
 from robustcnn.errors import ConfigError
 from robustcnn.face.attack import attack_face
 from robustcnn.face.baselines import baseline_check
-from robustcnn.face.enrolment import Enrolment
+from robustcnn.face.enrolment import Enrolment, templates
 from robustcnn.face.evaluation import evaluate_patch
 from robustcnn.face.masks import area_percent, check_mask
-from robustcnn.face.patch import PatchResult, PatchSettings, frozen_modules
+from robustcnn.face.patch import PatchResult, PatchSettings
 from robustcnn.face.splits import HELD_OUT_PHOTOS, HELD_OUT_TRANSFORMS, impersonation_held_out
+from robustcnn.face.transfer import HeldOutRecognizer, TransferJudge, transfer_metrics, transfer_summary
 from robustcnn.face.transforms import PhysicalVariation, apply_patch, image_size
 from robustcnn.models.face.recognizer import FaceRecognizer
 
@@ -92,24 +94,24 @@ class _StudySetup:
     eval_draws: int
     seed: int  # of the evaluation draws
     eval_batch_size: int
+    transfer: TransferJudge | None = None  # the held-out recognizers, if any
+    ensemble: tuple[tuple[FaceRecognizer, Tensor], ...] = ()  # more optimised-against recognizers, known
 
 
-def _templates(
-    recognizer: FaceRecognizer, enrolment: Enrolment, device: torch.device
-) -> tuple[Tensor, Tensor]:
-    """The enrolled templates and the attacker-known ones (mean descriptor of the optimisation photos)."""
-    with frozen_modules([recognizer.embedder]):
-        descriptors = recognizer.embed_batched(enrolment.photos.to(device)).float()
-    enrolled = descriptors[[split.enrolment[0] for split in enrolment.splits]]
-    known = torch.stack([descriptors[list(split.optimisation)].mean(0) for split in enrolment.splits])
-    return enrolled, known
+def _transfer_text(record: dict[str, Any]) -> str:
+    """'; transfer: faceres 0.250 (random 0.000), ...' or nothing without held-out recognizers."""
+    parts = [
+        f"{name} {e['success_rate']:.3f} (random {e['random_patch_success_rate']:.3f})"
+        for name, e in record["transfer"].items()
+    ]
+    return f"; transfer: {', '.join(parts)}" if parts else ""
 
 
 def _log_patch(job: int, record: dict[str, Any]) -> None:
     """One line per patch, so a long study shows progress and each figure next to its baseline."""
     held = record["held_out_photos"]
     log.info(
-        "patch %d: %s %s%s: %d steps in %.1f s; in sample %.3f (random %.3f); held-out photos %s",
+        "patch %d: %s %s%s: %d steps in %.1f s; in sample %.3f (random %.3f); held-out photos %s%s",
         job,
         record["goal"],
         record["attacker"],
@@ -121,6 +123,7 @@ def _log_patch(job: int, record: dict[str, Any]) -> None:
         "none"
         if held is None
         else f"{held['success_rate']:.3f} (random {held['random_patch']['success_rate']:.3f})",
+        _transfer_text(record),
     )
 
 
@@ -155,8 +158,11 @@ def _patch(setup: _StudySetup, job: int, a: int, t: int | None) -> tuple[PatchRe
     settings = replace(setup.settings, seed=setup.settings.seed + job)
     names = setup.enrolment.names
     faces = setup.enrolment.optimisation_faces(a).to(setup.mask.device)
-    found = attack_face(setup.recognizer, faces, setup.known, a, t, setup.mask, settings)
+    found = attack_face(
+        setup.recognizer, faces, setup.known, a, t, setup.mask, settings, ensemble=setup.ensemble
+    )
     judged = _judge(setup, found.patch, a, t, baseline_seed=settings.seed)
+    transfer = setup.transfer.judge(found.patch, a, t, settings.seed) if setup.transfer else {}
     headline = judged["held_out_photos"] or judged["in_sample"]
     record: dict[str, Any] = {
         "goal": "dodging" if t is None else "impersonation",
@@ -171,6 +177,7 @@ def _patch(setup: _StudySetup, job: int, a: int, t: int | None) -> tuple[PatchRe
         "optimisation_seed": settings.seed,
         "baseline_seed": settings.seed,
         **judged,
+        "transfer": transfer,
         "steps": found.steps,
         "seconds": found.seconds,
         "ms_per_step": found.ms_per_step,
@@ -266,9 +273,14 @@ def _study_metrics(
         "random_dodging_success_rate_identification"
     ]
     names = setup.enrolment.names
+    held_out = {key: HELD_OUT_PHOTOS if key.endswith("_held_out_photos") else HELD_OUT_TRANSFORMS
+                for key in metrics}  # fmt: skip
+    transfer = transfer_summary(setup.transfer.holdouts if setup.transfer else [], records)
+    transfer_keys, transfer_held_out = transfer_metrics(transfer)
+    metrics.update(transfer_keys)
     metrics.update(
-        held_out={key: HELD_OUT_PHOTOS if key.endswith("_held_out_photos") else HELD_OUT_TRANSFORMS
-                  for key in sorted(metrics)},
+        transfer=transfer,
+        held_out=dict(sorted({**held_out, **transfer_held_out}.items())),
         figures=_figures(records),
         patches=records,
         checks=[baseline_check(records)],
@@ -276,6 +288,8 @@ def _study_metrics(
         photo_split=setup.enrolment.record(),
         threshold=setup.recognizer.threshold,
         recognizer=setup.recognizer.name,
+        ensemble=[{"recognizer": r.name, "threshold": r.threshold}
+                  for r in (setup.recognizer, *(member for member, _ in setup.ensemble))],  # fmt: skip
         n_identities=len(names),
         eval_draws=int(setup.eval_draws),
         eval_seed=int(setup.seed),
@@ -299,6 +313,8 @@ def run_face_study(
     eval_draws: int = 64,
     seed: int = 0,
     eval_batch_size: int = 64,
+    holdouts: list[HeldOutRecognizer] | None = None,
+    ensemble: Sequence[FaceRecognizer] = (),
 ) -> FaceStudyResult:
     """Dodging for every attacker, impersonation for every attacker x target (target != attacker).
 
@@ -308,6 +324,10 @@ def run_face_study(
     seeds are ``settings.seed + job`` (the patch's random baseline gets the same number); evaluation
     draws come from ``seed`` (generator "evaluate") and are the same for every patch, its clean face
     and its random baseline. ``eval_batch_size``: composites per forward pass in the evaluation.
+    ``holdouts`` (:func:`~robustcnn.face.transfer.prepare_holdouts`): recognizers every patch is also
+    judged on, on the same draws (results.json ``transfer``), never optimised against. ``ensemble``:
+    more recognizers (thresholds set) every patch is optimised against besides ``recognizer``, each
+    toward its own templates of the attacker-known photos; the study's own figures stay ``recognizer``'s.
     """
     settings = settings or PatchSettings()
     variation = variation if variation is not None else settings.variation
@@ -315,10 +335,15 @@ def run_face_study(
     device = mask.device
     mask = check_mask(mask, image_size(enrolment.images))
     start = time.perf_counter()
-    enrolled, known = _templates(recognizer, enrolment, device)
+    enrolled, known = templates(recognizer, enrolment, device)
+    transfer = None
+    if holdouts:
+        transfer = TransferJudge(holdouts, enrolment, mask, variation, eval_draws, seed, eval_batch_size)
+    members = tuple((member, templates(member, enrolment, device)[1]) for member in ensemble)
     setup = _StudySetup(
-        recognizer, enrolment, enrolled, known, mask, settings, variation, eval_draws, seed, eval_batch_size
-    )
+        recognizer, enrolment, enrolled, known, mask, settings, variation, eval_draws, seed, eval_batch_size,
+        transfer, members,
+    )  # fmt: skip
     result = FaceStudyResult(metrics={})
     records: list[dict[str, Any]] = []
     for a in attackers:

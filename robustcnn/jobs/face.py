@@ -25,6 +25,7 @@ from robustcnn.face.gallery import FaceGallery
 from robustcnn.face.masks import area_percent
 from robustcnn.face.settings import FacePlan, check_face_config, study_identities
 from robustcnn.face.study import FaceStudyResult, run_face_study
+from robustcnn.face.transfer import prepare_holdouts
 from robustcnn.jobs.lifecycle import (
     JobContext,
     environment_info,
@@ -57,6 +58,8 @@ class _FaceInputs:
     data: dict[str, Any]
     gallery: FaceGallery
     recognizer: FaceRecognizer
+    ensemble: list[FaceRecognizer]  # optimised against besides ``recognizer`` (thresholds fitted later)
+    holdouts: list[FaceRecognizer]  # scored on, never optimised against (their thresholds fitted later)
     enrolment: Enrolment
     attackers: list[int]
     targets: list[int]
@@ -67,22 +70,30 @@ def _load_inputs(config: dict[str, Any], plan: FacePlan, ctx: JobContext) -> _Fa
     data = dict(config["data"])
     gallery = load_faces(data)
     recognizer = load_face_recognizer(plan.recognizer, threshold=DEFAULT_THRESHOLD, device=ctx.device)
+    ensemble = [load_face_recognizer(name, device=ctx.device) for name in plan.ensemble[1:]]
+    holdouts = [load_face_recognizer(name, device=ctx.device) for name in plan.holdout_recognizers]
     enrolment = enrol(gallery, seed=ctx.seed)
     attackers, targets = study_identities(plan, enrolment.names)
     check_fit_pairs(gallery.identities, {enrolment.names[i] for i in [*attackers, *targets]}, plan.threshold)
-    return _FaceInputs(plan, data, gallery, recognizer, enrolment, attackers, targets)
+    return _FaceInputs(plan, data, gallery, recognizer, ensemble, holdouts, enrolment, attackers, targets)
 
 
 def _input_identity(inputs: _FaceInputs) -> dict[str, Any]:
     """What the study's results depend on beyond its config: the crops (photos, the boxes file,
     the margin) and the recognizer's weights file (a re-converted or replaced asset)."""
-    return {"data": inputs.gallery.identity, "recognizer_sha256": inputs.recognizer.weights_sha256}
+    return {
+        "data": inputs.gallery.identity,
+        "recognizer_sha256": inputs.recognizer.weights_sha256,
+        "ensemble_sha256": {r.name: r.weights_sha256 for r in inputs.ensemble},
+        "holdout_sha256": {r.name: r.weights_sha256 for r in inputs.holdouts},
+    }
 
 
 def _run_name(config: dict[str, Any], inputs: _FaceInputs) -> str:
-    """``tracking.run_name``, else recognizer-mask-data (what tells a sweep's face runs apart)."""
+    """``tracking.run_name``, else recognizer(s)-mask-data (what tells a sweep's face runs apart)."""
     chosen = (config.get("tracking") or {}).get("run_name")
-    return chosen or f"{inputs.recognizer.name}-{inputs.plan.mask_name}-{inputs.data['name']}"
+    attacked = "+".join(r.name for r in (inputs.recognizer, *inputs.ensemble))
+    return chosen or f"{attacked}-{inputs.plan.mask_name}-{inputs.data['name']}"
 
 
 def _run_tags(ctx: JobContext, inputs: _FaceInputs, job_tags: dict[str, Any] | None) -> dict[str, Any]:
@@ -128,7 +139,13 @@ def _set_threshold(inputs: _FaceInputs) -> tuple[Calibration, dict[str, Any]]:
 
 def _run_study(inputs: _FaceInputs, ctx: JobContext) -> FaceStudyResult:
     """Every patch of the plan, optimised and judged on the enrolment's split of each person's photos."""
-    plan, device = inputs.plan, ctx.device
+    plan, device, names = inputs.plan, ctx.device, inputs.enrolment.names
+    study = {names[i] for i in [*inputs.attackers, *inputs.targets]}
+    # every other recognizer gets its own threshold, fitted apart from the study like the attacked one's
+    ensemble, holdouts = (
+        prepare_holdouts(group, inputs.gallery, inputs.enrolment, study, inputs.data, plan.far, device)
+        for group in (inputs.ensemble, inputs.holdouts)
+    )
     return run_face_study(
         inputs.recognizer,
         inputs.enrolment,
@@ -139,6 +156,8 @@ def _run_study(inputs: _FaceInputs, ctx: JobContext) -> FaceStudyResult:
         plan.eval_variation,
         plan.eval_draws,
         seed=ctx.seed,
+        holdouts=holdouts,
+        ensemble=[member.recognizer for member in ensemble],
     )
 
 
@@ -156,6 +175,7 @@ def _results(
     return {
         "task": "face_patch",
         "model": recognizer.name,
+        "holdout_recognizers": [r.name for r in inputs.holdouts],
         "data": inputs.data["name"],
         "mask": plan.mask_name,
         "mask_area_percent": area_percent(plan.mask),
@@ -220,6 +240,16 @@ def _log_summary(run_name: str, results: dict[str, Any]) -> None:
             figure["beat_baseline"],
             figure["patches"],
         )
+    for name, entry in results["transfer"].items():
+        for row in entry["figures"]:
+            log.info(
+                "%s: transfer to %s (never optimised against; threshold %.3f, FAR %s): %s %.3f "
+                "(held_out: %s; random patch %.3f, no patch %.3f; %d/%d patches beat the baseline)",
+                run_name, name, entry["threshold"],
+                "n/a" if entry["false_accept_rate"] is None else f"{entry['false_accept_rate']:.3f}",
+                row["goal"], row["success_rate"], row["held_out"], row["random_patch_success_rate"],
+                row["clean_success_rate"], row["beat_baseline"], row["patches"],
+            )  # fmt: skip
 
 
 def run_face_job(

@@ -28,24 +28,43 @@ def _beats(value: Any) -> Cell:
     return Cell("yes", css="pass") if value else Cell("NO", css="fail")
 
 
+def _figure_row(figure: dict[str, Any], run_id: str, lead: list[Cell], photos: bool) -> Row:
+    """One figure: ``lead`` cells, goal, what was held out (and which photos), patches, success next to
+    both baselines, how many patches beat theirs (the row flagged unless all do)."""
+    beat = f"{figure.get('beat_baseline', '–')}/{figure.get('patches', '–')}"
+    all_beat = figure.get("beat_baseline") == figure.get("patches")
+    cells = [
+        *lead,
+        Cell(str(figure.get("goal"))),
+        Cell(str(figure.get("held_out"))),
+        *([Cell(str(figure.get("photos")))] if photos else []),
+        num_cell(figure.get("patches")),
+        _pct(figure.get("success_rate")),
+        _pct(figure.get("random_patch_success_rate")),
+        _pct(figure.get("clean_success_rate")),
+        Cell(beat, css="pass" if all_beat else "fail"),
+    ]
+    return Row(cells, run_id, not all_beat)
+
+
 def figures_table(run: RunRecord) -> Table:
     """Each goal's mean success in sample and on held-out photos, next to both baselines."""
     table = Table(["goal", "held out", "photos judged", "patches", "success", "random patch", "no patch",
                    "beat baseline"])  # fmt: skip
     for figure in run.result("figures") or []:
-        beat = f"{figure.get('beat_baseline', '–')}/{figure.get('patches', '–')}"
-        all_beat = figure.get("beat_baseline") == figure.get("patches")
-        cells = [
-            Cell(str(figure.get("goal"))),
-            Cell(str(figure.get("held_out"))),
-            Cell(str(figure.get("photos"))),
-            num_cell(figure.get("patches")),
-            _pct(figure.get("success_rate")),
-            _pct(figure.get("random_patch_success_rate")),
-            _pct(figure.get("clean_success_rate")),
-            Cell(beat, css="pass" if all_beat else "fail"),
-        ]
-        table.rows.append(Row(cells, run.run_id, not all_beat))
+        table.rows.append(_figure_row(figure, run.run_id, [], photos=True))
+    return table
+
+
+def transfer_table(run: RunRecord) -> Table:
+    """Each held-out recognizer (never optimised against): its threshold and held-out false-accept
+    rate, and per goal the mean success next to the random patch and the bare face."""
+    table = Table(["recognizer", "threshold", "false-accept rate", "goal", "held out", "patches", "success",
+                   "random patch", "no patch", "beat baseline"])  # fmt: skip
+    for name, entry in (run.result("transfer") or {}).items():
+        lead = [Cell(str(name)), num_cell(entry.get("threshold"), 3), _pct(entry.get("false_accept_rate"))]
+        for figure in entry.get("figures") or []:
+            table.rows.append(_figure_row(figure, run.run_id, lead, photos=False))
     return table
 
 

@@ -157,6 +157,8 @@ def face_sections(runs: Sequence[RunRecord]) -> str:
             + render_table(face.figures_table(run), f"face-figures-{i}", empty="no figures in results.json")
             + render_table(face.patches_table(run), f"face-patches-{i}", sortable=True,
                            empty="no patches in results.json")
+            + render_table(face.transfer_table(run), f"face-transfer-{i}",
+                           empty="no held-out recognizers (face.holdout_recognizers)")
             + (figures or '<p class="note">no face images logged</p>')
             + "</div>"
         )
@@ -166,7 +168,8 @@ def face_sections(runs: Sequence[RunRecord]) -> str:
         "photos it was optimised on; held out: transforms_only) and on held-out photos (photos the "
         "optimisation never saw, against the enrolled template; held out: photos), next to a random "
         "patch of the same mask (its own seed) and the bare face on the same draws. Rows marked NO "
-        "do not beat their random patch (one-sided exact McNemar test, p < 0.05).",
+        "do not beat their random patch (one-sided exact McNemar test, p < 0.05). The last table: the "
+        "same patches on recognizers the optimisation never saw, each at its own calibrated threshold.",
     )
 
 

@@ -121,7 +121,7 @@ def result_tags(results: Mapping[str, Any]) -> dict[str, Any]:
 #: The face study's scalar results logged as metrics (rates on held-out draws, patch properties).
 FACE_METRIC_PREFIXES = (
     "dodging_", "impersonation_", "random_", "clean_", "mean_", "patch_", "mask_", "threshold", "ms_per_step",
-    "study_seconds", "job_seconds", "false_accept_rate",
+    "study_seconds", "job_seconds", "false_accept_rate", "transfer_",
 )  # fmt: skip
 
 

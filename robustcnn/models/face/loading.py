@@ -18,11 +18,15 @@ from robustcnn.errors import AssetError, ModelError
 from robustcnn.hashing import file_sha256
 from robustcnn.models.face.assets import face_api_dir
 from robustcnn.models.face.fused import fuse_face_api
+from robustcnn.models.face.human_assets import load_human_embedder
+from robustcnn.models.face.human_recognizers import HUMAN_MODELS
 from robustcnn.models.face.network import INPUT_SIZE, WEIGHTS_FILE, FaceApiResNet
 from robustcnn.models.face.recognizer import DEFAULT_THRESHOLD, FaceRecognizer
 
 #: Name of the ported face-api recognizer.
 FACE_API = "face_api"
+#: Every recognizer robustcnn ships a port of (by the name a config uses).
+RECOGNIZER_NAMES = (FACE_API, *HUMAN_MODELS)
 
 
 def face_api_weights(path: str | Path | None = None) -> Path:
@@ -99,11 +103,17 @@ def _check_embedder(module: nn.Module, path: Path, device: torch.device | str) -
 def load_face_recognizer(
     name_or_path: str = FACE_API, threshold: float = DEFAULT_THRESHOLD, device: torch.device | str = "cpu"
 ) -> FaceRecognizer:
-    """``"face_api"``: the ported face-api net (from `robustcnn assets`); a file path: a TorchScript embedder.
+    """``"face_api"``: the ported face-api net (from `robustcnn assets`); ``"faceres"`` / ``"mobileface"``:
+    the ported human-models recognizers (unit descriptors; :mod:`robustcnn.models.face.human_assets`);
+    a file path: a TorchScript embedder.
 
     ``threshold`` is the Euclidean distance below which two faces verify as the same person (0.6 is
     face-api's; a user's embedder usually needs its own, e.g. from calibrate_threshold).
     """
+    if name_or_path in HUMAN_MODELS:
+        embedder, digest = load_human_embedder(name_or_path)
+        embedder.to(device)
+        return FaceRecognizer(embedder, threshold=threshold, name=name_or_path, weights_sha256=digest)
     if name_or_path == FACE_API:
         weights = face_api_weights()
         return FaceRecognizer(
@@ -115,7 +125,8 @@ def load_face_recognizer(
     path = Path(name_or_path).expanduser()
     if not path.is_file():
         raise ModelError(
-            f"face recognizer {name_or_path!r} is neither {FACE_API!r} nor an existing TorchScript file "
+            f"face recognizer {name_or_path!r} is none of {', '.join(RECOGNIZER_NAMES)} nor an existing "
+            "TorchScript file "
             "(save yours with torch.jit.save(torch.jit.script(model), 'embedder.pt'))"
         )
     try:
