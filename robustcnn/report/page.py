@@ -136,7 +136,7 @@ def example_grids(
         data = base64.b64encode(png).decode("ascii")
         figures.append(
             f'<figure><img src="data:image/png;base64,{data}" alt="{esc(what)} of {esc(run.label)}">'
-            f"<figcaption>{esc(run.label)} ({esc(run.result('model'))}, {esc(run.defense)})"
+            f"<figcaption>{esc(run.label)} ({esc(run.model)}, {esc(run.defense)})"
             "</figcaption></figure>"
         )
     return "".join(figures) or f'<p class="note">no run logged {esc(what)}</p>'

@@ -74,11 +74,19 @@ class RunRecord:
         return self.tags.get("defense_label") or self.tags.get("defense")
 
     @property
+    def model(self) -> str:
+        """The model as run: its name and each option off its default (``lenet5 pooling=avg``)."""
+        for value in (self.result("model_label"), self.result("model")):
+            if value:
+                return str(value)
+        return self.tags.get("model_label") or self.tags.get("model") or ""
+
+    @property
     def label(self) -> str:
         """A short human name: the run name, else model/defense/data, else the id."""
         if self.name:
             return self.name
-        parts = [str(self.result("model") or self.tags.get("model") or ""), self.defense or ""]
+        parts = [self.model, self.defense or ""]
         parts.append(str(self.result("data") or self.tags.get("data") or ""))
         return "-".join(p for p in parts if p) or self.run_id[:8]
 
