@@ -8,7 +8,10 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # torch stays out of this module: hand-made runs in tests need none
+    from robustcnn.report.aligned import GradientSet
 
 #: Tag set on a sweep's parent run (it holds a summary, not results).
 SWEEP_TAG = "robustcnn.sweep"
@@ -38,6 +41,8 @@ class RunRecord:
     results: dict[str, Any] | None = None
     config: dict[str, Any] | None = None
     images: dict[str, bytes] = field(default_factory=dict)
+    #: The kept images' input gradients (:mod:`robustcnn.report.aligned`), when the run logged them.
+    gradients: GradientSet | None = field(default=None, compare=False)
 
     @property
     def is_parent(self) -> bool:
