@@ -12,6 +12,7 @@ from PIL import Image
 from torch import nn
 
 from robustcnn.evaluation.attributions import METHODS, explain, rank_correlation, raw_attributions
+from robustcnn.report.aligned import GradientSet
 from robustcnn.report.heatmaps import attribution_grid, heat
 from robustcnn.tracking.records import all_metric_rows, attribution_metric_rows
 
@@ -31,6 +32,14 @@ def test_saliency_of_a_linear_model_is_the_weight_row_of_the_class() -> None:
     found = raw_attributions(model, x, target, "saliency")
     weight = model[1].weight.detach()
     torch.testing.assert_close(found, weight[target].reshape(x.shape))
+
+
+def test_explain_keeps_each_clean_examples_true_class_input_gradient() -> None:
+    """Known answer: a linear model's input gradient of class y is its weight row y, whatever the image."""
+    model, x, labels = _linear(), _images(), torch.tensor([2, 0, 1, 2])
+    found = explain(model, x, _images(seed=2), labels)
+    assert found.gradients is not None
+    torch.testing.assert_close(found.gradients, model[1].weight.detach()[labels].reshape(x.shape))
 
 
 def test_integrated_gradients_of_a_linear_model_is_input_times_weight() -> None:
@@ -145,7 +154,10 @@ def test_the_job_logs_the_grid_and_metrics_and_refuses_examples_it_cannot_label(
     battery = _battery(images[:4], _images(seed=2))
     found = log_attributions(run, _lenet_like(), battery, images, labels, tmp_path, ())
     assert found is not None and found["attack"] == "pgd" and found["eps"] == 0.3 and found["examples"] == 4
-    assert run.artifacts == [tmp_path / "attributions.png"] and run.artifacts[0].is_file()
+    assert run.artifacts == [tmp_path / "attributions.png", tmp_path / "gradients.safetensors"]
+    assert all(path.is_file() for path in run.artifacts)
+    kept = GradientSet.load(run.artifacts[1])  # the dashboard's per-defense view, as data
+    assert kept.images.shape == kept.gradients.shape == (4, 1, 4, 4) and kept.labels.tolist() == [0, 1, 2, 0]
     logged = {name for name, _, _ in run.rows}
     assert logged >= {"attribution_stability/saliency", "timing/attribution_seconds"}
     # kept examples that are not the first attacked images: their labels are unknown, nothing is drawn

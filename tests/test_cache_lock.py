@@ -21,7 +21,7 @@ import torch
 from robustcnn.config import compose
 from robustcnn.errors import CacheError
 from robustcnn.jobs.inputs import load_data, to_container
-from robustcnn.jobs.trained import make_model, obtain_model
+from robustcnn.jobs.trained import make_model, obtain_model, weights_key
 from robustcnn.training.cache import WeightCache
 
 TINY = [
@@ -256,3 +256,20 @@ def test_a_damaged_shrunk_entry_retrains_the_full_architecture(tmp_path: Path) -
     assert not again.cache_hit
     assert again.meta["defense_report"]["kept_channels"] == first.meta["defense_report"]["kept_channels"]
     assert _digest(again.model) == _digest(first.model)
+
+
+def test_a_pooling_variant_never_loads_the_other_poolings_weights(tmp_path: Path) -> None:
+    """Max- and average-pooled lenet5 have weights of the same shapes: only the key keeps them apart."""
+    max_config = _config(tmp_path / "cache")
+    avg_config = _config(tmp_path / "cache", "model.pooling=avg")
+    data = load_data(max_config)
+    older = {k: v for k, v in max_config["model"].items() if k != "pooling"}
+    before_the_option = {**max_config, "model": older}
+    assert weights_key(before_the_option, data) == weights_key(max_config, data), "old entries stay valid"
+    assert weights_key(avg_config, data) != weights_key(max_config, data)
+    cpu = torch.device("cpu")
+    assert not obtain_model(max_config, data, cpu, progress=False).cache_hit
+    averaged = obtain_model(avg_config, data, cpu, progress=False)
+    assert not averaged.cache_hit, "the max-pooled entry must not be loaded into the average-pooled net"
+    assert isinstance(averaged.model.net.pool, torch.nn.AvgPool2d)
+    assert obtain_model(avg_config, data, cpu, progress=False).cache_hit

@@ -85,7 +85,11 @@ def test_every_experiment_runs_tiny(cell: tuple[str, ...], isolated: dict) -> No
     else:
         assert 0.0 <= results["clean_accuracy"] <= 1.0
     assert (isolated["root"] / "out" / "results.json").is_file()
-    assert TrackingStore.at(isolated["store"]).read_run(results["mlflow_run_id"])["status"] == "FINISHED"
+    run = TrackingStore.at(isolated["store"]).read_run(results["mlflow_run_id"])
+    assert run["status"] == "FINISHED"
+    if "model.pooling=avg" in cell:  # the sweep's two poolings of a defense must not share a name
+        assert "pooling=avg" in run["tags"]["mlflow.runName"]
+        assert results["model_label"] == "lenet5 pooling=avg"
 
 
 def test_missing_mandatory_value_is_a_config_error() -> None:

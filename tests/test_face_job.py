@@ -87,8 +87,17 @@ def test_tiny_face_study_writes_results_artifacts_and_a_run(isolated: dict) -> N
     assert matrix["success_rate"][0][0] is None and 0.0 <= matrix["success_rate"][0][1] <= 1.0
     on_disk = json.loads((out / "results.json").read_text())
     assert on_disk["mlflow_run_id"] == results["mlflow_run_id"]
-    for name in ("adversarial_faces.png", "impersonation_matrix.png", "distance_distributions.png"):
+    for name in ("adversarial_faces.png", "impersonation_matrix.png", "distance_distributions.png",
+                 "face_saliency.png"):  # fmt: skip
         assert (out / name).stat().st_size > 1000, name
+    # the recognizer's saliency toward the template each patch is about, on its face without and with it
+    assert dodging["saliency"]["template"] == "obama" and impersonation["saliency"]["template"] == "biden"
+    for patch in (dodging, impersonation):
+        shares = [patch["saliency"][f"{face}_mass_in_patch"] for face in ("clean", "patched")]
+        assert all(0.0 < share < 1.0 for share in shares), shares
+        assert 0.05 < patch["saliency"]["patch_area_fraction"] < 0.07  # the eyeglass frame's 6%
+    assert dodging["saliency"]["photo"] == "held-out"
+    assert results["dodging_saliency_in_patch_patched"] == dodging["saliency"]["patched_mass_in_patch"]
     patch_png = Image.open(out / "patches" / "dodging" / "obama.png")
     assert patch_png.mode == "RGBA" and patch_png.size == (150, 150)
     alpha = np.asarray(patch_png)[..., 3]
@@ -96,6 +105,7 @@ def test_tiny_face_study_writes_results_artifacts_and_a_run(isolated: dict) -> N
     run = TrackingStore.at(isolated["store"]).read_run(results["mlflow_run_id"])
     assert run["status"] == "FINISHED" and run["tags"]["task"] == "face_patch"
     assert "dodging_success_rate" in run["metrics"] and "verification/calibrated_threshold" in run["metrics"]
+    assert {"saliency_in_patch/patched", "impersonation_saliency_in_patch_clean"} <= set(run["metrics"])
     # the same job again is reused, not recomputed
     again = run_job(compose(TINY_FACE), output_dir=isolated["root"] / "again", progress=False)
     assert again["reused_from"] == results["mlflow_run_id"]

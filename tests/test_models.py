@@ -13,6 +13,7 @@ from robustcnn.models import (
     available_models,
     build_model,
     count_parameters,
+    model_label,
     register_model,
     set_inference_dropout,
 )
@@ -186,8 +187,45 @@ def test_unknown_option_names_key_and_accepted_keys() -> None:
     with pytest.raises(ConfigError, match="'depth'") as info:
         make("resnet18", depth=34)
     assert "width" in str(info.value)
-    with pytest.raises(ConfigError, match="'width'.*accepted options: none"):
+    with pytest.raises(ConfigError, match="'width'.*accepted options: pooling"):
         make("lenet5", width=0.5)
+    with pytest.raises(ConfigError, match="'pooling'.*accepted options: width"):
+        make("resnet18", pooling="avg")  # no 2x2 pool to change: the option does not apply
+
+
+POOLED = ["lenet5", "madry_cnn", "vgg11_small"]
+
+
+@pytest.mark.parametrize("name", POOLED)
+def test_avg_pooling_replaces_every_max_pool(name: str) -> None:
+    """The same weights, every 2x2 max-pool an average pool: another function of the input."""
+    max_pooled, avg_pooled = make(name), make(name, pooling="avg")
+    kinds = [{type(m) for m in model.modules()} for model in (max_pooled, avg_pooled)]
+    assert nn.MaxPool2d in kinds[0] and nn.AvgPool2d not in kinds[0]
+    assert nn.AvgPool2d in kinds[1] and nn.MaxPool2d not in kinds[1]
+    avg_pooled.load_state_dict(max_pooled.state_dict())  # no weights of its own: same shapes
+    x = torch.rand(2, 1, 28, 28)
+    max_pooled.eval(), avg_pooled.eval()
+    assert not torch.allclose(max_pooled(x), avg_pooled(x))
+
+
+def test_avg_pooling_averages_each_window() -> None:
+    net = make("lenet5", pooling="avg").net
+    x = torch.arange(16.0).reshape(1, 1, 4, 4)
+    assert net.pool(x).flatten().tolist() == [2.5, 4.5, 10.5, 12.5]
+
+
+@pytest.mark.parametrize("pooling", ["min", "", 2, None])
+def test_bad_pooling(pooling: object) -> None:
+    with pytest.raises(ConfigError, match=r"pooling=.* is not a pooling; use max or avg"):
+        make("lenet5", pooling=pooling)
+
+
+def test_model_label_names_only_changed_options() -> None:
+    assert model_label("lenet5", {"name": "lenet5", "dropout": 0.0, "pooling": "max"}) == "lenet5"
+    assert model_label("lenet5", {"dropout": 0.0, "pooling": "avg"}) == "lenet5 pooling=avg"
+    assert model_label("vgg11_small", {"width": 0.25, "pooling": "max"}) == "vgg11_small width=0.25"
+    assert model_label("not_registered", {"pooling": "avg"}) == "not_registered"
 
 
 @pytest.mark.parametrize("rate", [-0.1, 1.0, 1.5, float("nan"), True, "0.5"])

@@ -278,6 +278,13 @@ def test_dodging_and_impersonation_study(faces: torch.Tensor, recognizer: FaceRe
     assert m["random_impersonation_success_rate"] < m["impersonation_success_rate"]
     matrix = m["impersonation_matrix"]
     assert matrix["attackers"] == ["ann", "bob"] and matrix["targets"] == ["cid", "dee"]
+    # every patch's saliency maps are kept for the artifacts, their shares in results
+    assert set(study.saliency) == set(study.patches) and len(study.saliency) == 6
+    for record in m["patches"]:
+        shares = [record["saliency"][f"{face}_mass_in_patch"] for face in ("clean", "patched")]
+        assert all(share is not None and 0.0 <= share <= 1.0 for share in shares), record["saliency"]
+        assert record["saliency"]["template"] == (record["target"] or record["attacker"])
+    assert m["impersonation_saliency_in_patch_patched"] is not None and "saliency" not in str(m["held_out"])
     assert len(matrix["success_rate"]) == 2 and len(matrix["success_rate"][0]) == 2
     assert set(study.patches) == {
         "dodging/ann", "dodging/bob", "impersonation/ann__cid", "impersonation/ann__dee",

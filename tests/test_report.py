@@ -260,6 +260,8 @@ def face_results() -> dict[str, Any]:
         "clean_success_rate": 0.0, "beats_baseline": True, "p_value": 0.004,
         "in_sample": _face_evaluation(0.9375, 0.0625, "transforms_only"),
         "held_out_photos": _face_evaluation(0.5, 0.0, "photos"),
+        "saliency": {"template": "obama", "clean_mass_in_patch": 0.04, "patched_mass_in_patch": 0.375,
+                     "patch_area_fraction": 0.06},
     }  # fmt: skip
     imp = {
         "goal": "impersonation", "attacker": "obama", "target": EVIL, "held_out": "transforms_only",
@@ -314,6 +316,7 @@ def test_face_runs_get_a_section_of_their_own(mixed_runs: list[RunRecord]) -> No
     assert "<td>faceres</td>" in transfer.group(1) and "<td>recognizer+photos</td>" in transfer.group(1)
     assert ">25.0%</td>" in transfer.group(1) and ">12.5%</td>" in transfer.group(1)
     assert '<tr class="flagged"' in transfer.group(1)
+    assert ">4.0%</td>" in patches.group(1) and ">37.5%</td>" in patches.group(1)  # saliency in the patch
     assert EVIL not in section and "&lt;script&gt;" in section
     assert "91 held-out impostor pairs (95% CI [0.0%, 6.0%])" in section
     assert section.count("<img ") == 2 and "data:image/png;base64," in section
@@ -586,3 +589,69 @@ def test_defense_comparison_bars_carry_the_cost_under_the_name(mixed_runs: list[
     expected = ["dropout<br>cost not measured", "none<br>standard", "pgd_at<br>11.0× epoch"]
     assert chart.figure["data"][0]["x"] == expected
     assert chart.figure["data"][3]["y"] == [0.9, 0.0, 0.6]
+
+
+def _gradients(seed: int, k: int = 3) -> Any:
+    """A hand-made GradientSet: ``seed`` picks the images (same seed, same images), noise gradients."""
+    import torch
+
+    from robustcnn.report.aligned import GradientSet
+
+    images = torch.rand(k, 1, 8, 8, generator=torch.Generator().manual_seed(seed))
+    gradients = torch.randn(k, 1, 8, 8, generator=torch.Generator().manual_seed(seed + 100))
+    return GradientSet(images.half().float(), torch.arange(k), gradients)
+
+
+def test_input_gradients_one_row_per_defense_on_the_same_images(mixed_runs: list[RunRecord]) -> None:
+    from PIL import Image
+
+    from robustcnn.report.aligned import aligned_grid
+
+    curve = [0.9, 0.5, 0.2, 0.0]
+    plain, robust, other = (run(n, results(d, 0.9, curve)) for n, d in
+                            (("plain", "none"), ("at", "pgd_at"), ("elsewhere", "l1")))  # fmt: skip
+    plain.gradients, robust.gradients, other.gradients = _gradients(0), _gradients(0), _gradients(7)
+    grid = aligned_grid([robust, other, plain, *split_runs("exp", mixed_runs).finished])
+    assert grid is not None and grid.rows == ["none", "pgd_at"], "sorted by defense, runs without none"
+    assert grid.left_out == ["elsewhere"], "another image set is named, never drawn beside the others"
+    one_row = aligned_grid([plain])
+    assert one_row is not None
+    pictures = [Image.open(io.BytesIO(g.png)) for g in (grid, one_row)]
+    assert pictures[0].height > pictures[1].height, "a row per run drawn"
+    avg = run("avg", results("none", 0.9, curve, model_label="lenet5 pooling=avg"))
+    avg.gradients = _gradients(0)
+    both = aligned_grid([plain, avg])
+    assert both is not None and both.rows == ["none lenet5", "none lenet5 pooling=avg"], both.rows
+    assert aligned_grid(split_runs("exp", mixed_runs).finished) is None
+
+    page = render(split_runs("exp", [robust, plain, other]), [], "", store="s", generated="now")
+    assert 'id="gradients"' in page and 'href="#gradients"' in page and "not drawn" in page
+    bare = render(split_runs("exp", mixed_runs), [], "", store="s", generated="now")
+    assert 'id="gradients"' not in bare and 'href="#gradients"' not in bare
+
+
+def test_a_gradients_file_round_trips_and_anything_else_is_refused(tmp_path: Path) -> None:
+    import torch
+
+    from robustcnn.report.aligned import GradientSet
+    from robustcnn.report.examples import ExampleSet
+    from robustcnn.report.store import _read_cached, _write_cached
+
+    kept = _gradients(0)
+    again = GradientSet.load(kept.save(tmp_path / "g.safetensors"))
+    assert torch.equal(again.images, kept.images) and torch.equal(again.labels, kept.labels)
+    torch.testing.assert_close(again.gradients, kept.gradients, rtol=1e-3, atol=1e-3)  # float16 on disk
+    examples = ExampleSet(kept.images, kept.images[None], (0.1,)).save(tmp_path / "e.safetensors")
+    with pytest.raises(ReportError, match="not a robustcnn gradients file"):
+        GradientSet.load(examples)
+    with pytest.raises(ReportError, match="do not fit the images"):
+        GradientSet(kept.images, kept.labels, kept.gradients[:2])
+    # the report's cache keeps them; a damaged cached file sends the run back to the store
+    record = run("plain", results("none", 0.9, [0.9, 0.5, 0.2, 0.0]))
+    record.gradients = kept
+    _write_cached(tmp_path / "cache", record)
+    cached = run("plain", None)
+    assert _read_cached(tmp_path / "cache", cached) and cached.gradients is not None
+    assert torch.equal(cached.gradients.images, kept.images)
+    (tmp_path / "cache" / "id-plain.gradients.safetensors").write_bytes(b"damaged")
+    assert not _read_cached(tmp_path / "cache", run("plain", None))

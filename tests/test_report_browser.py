@@ -100,6 +100,7 @@ def store(tmp_path_factory: pytest.TempPathFactory, empty_store: Path) -> Iterat
             made.run_ids.append(results["mlflow_run_id"])
             assert results["attributions"]["methods"] == ["saliency", "integrated_gradients", "grad_cam"]
             assert (root / f"out-{defense}" / "attributions.png").is_file()
+            assert (root / f"out-{defense}" / "gradients.safetensors").is_file()
         with TrackingStore.at(uri).start_run("smoke", "sweep-parent", {"robustcnn.sweep": "true"}):
             pass
         dying = TrackingStore.at(uri).start_run("smoke", "died-in-training", {"model": "lenet5"})
@@ -180,6 +181,12 @@ def test_report_renders_offline_in_chromium(store: Store) -> None:
             "Array.from(document.querySelectorAll('#attributions img'))"
             ".filter(i => i.complete && i.naturalWidth > 0).length"
         )
+        looked["gradient_grids"] = p.evaluate(
+            "Array.from(document.querySelectorAll('#gradients img'))"
+            ".filter(i => i.complete && i.naturalWidth > 0).length"
+        )
+        looked["gradient_rows"] = p.locator("#gradients figcaption").inner_text()
+        looked["gradients_link"] = p.locator('nav a[href="#gradients"]').count()
         # the leaderboard fits a 1400 px window: no sideways scroll, the verdict column in view
         looked["fits"] = p.evaluate(LEADERBOARD_FIT)
         verdict_th = p.locator("#leaderboard-table th", has_text="verdict")
@@ -208,6 +215,8 @@ def test_report_renders_offline_in_chromium(store: Store) -> None:
     assert looked["images_ok"], "every embedded example grid decodes"
     assert looked["overlay"] == 2 and looked["overlay_lines"] == 2, "bars, then one line per run in one chart"
     assert looked["attribution_rows"] == 2 and looked["attribution_maps"] == 2, looked
+    assert looked["gradient_grids"] == 1 and looked["gradients_link"] == 1, "one grid, a row per defense"
+    assert looked["gradient_rows"] == "rows: dropout; none", looked["gradient_rows"]
     scroll_width, client_width, table_right, page_width = looked["fits"]  # type: ignore[misc]
     assert scroll_width <= client_width and table_right <= page_width <= 1400, looked["fits"]
     assert looked["verdict_right"] <= page_width, "the verdict column is in view without scrolling"
@@ -280,6 +289,7 @@ def test_face_section_renders_in_chromium(face_report: Path) -> None:
         looked["figures"] = p.locator("#face-figures-0 tbody tr td:nth-child(2)").all_inner_texts()
         looked["held_out"] = p.locator("#face-patches-0 tbody tr td:nth-child(4)").all_inner_texts()
         looked["note"] = p.locator("#face-patch .face-run .note").first.inner_text()
+        looked["saliency_columns"] = p.locator("#face-patches-0 th", has_text="saliency in patch").count()
         looked["images"] = p.evaluate(
             "Array.from(document.querySelectorAll('#face-patch img'))"
             ".map(i => i.complete && i.naturalWidth > 0)"
@@ -294,7 +304,8 @@ def test_face_section_renders_in_chromium(face_report: Path) -> None:
     assert sorted(looked["figures"]) == ["photos", "transforms_only", "transforms_only"]  # type: ignore[type-var]
     assert "held-out impostor pairs (95% CI" in str(looked["note"])
     images = looked["images"]
-    assert isinstance(images, list) and len(images) == 3 and all(images), images  # faces + 2 patches
+    assert isinstance(images, list) and len(images) == 4 and all(images), images  # faces, saliency, 2 patches
+    assert looked["saliency_columns"] == 2, "the share of saliency in the patch, clean and patched"
     assert seen.console_errors == [] and seen.failed == []
     assert [u for u in seen.requests if not u.startswith(("file:", "data:"))] == []
 

@@ -299,3 +299,12 @@ def test_unreachable_tracking_server_stops_the_sweep_before_any_job(isolated: di
     assert out.returncode == 2, out.stderr
     assert out.stderr.count("robustcnn: error:") == 1 and "127.0.0.1:9" in out.stderr
     assert "Traceback" not in out.stderr and "Launching" not in out.stderr + out.stdout, "no job may start"
+
+
+def test_a_sweep_cell_is_named_by_its_model_options() -> None:
+    """The two poolings of one defense (experiment=regularisation) must not share a summary row's name."""
+    from robustcnn.sweeps.callback import _cell
+
+    avg = _cell("1", "r", "FINISHED", {"model": "lenet5", "model_label": "lenet5 pooling=avg"})
+    older = _cell("0", "r", "FINISHED", {"model": "lenet5"})  # results written before model_label
+    assert avg["model"] == "lenet5 pooling=avg" and older["model"] == "lenet5"

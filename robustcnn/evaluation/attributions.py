@@ -67,6 +67,9 @@ class Attributions:
     eps: float = 0.0
     attack: str = ""
     seconds: float = 0.0
+    #: The signed input gradient of the true class's score at each clean example [k, C, H, W]: the
+    #: perceptually-aligned-gradients view (Tsipras et al. 2019) the dashboard lays out per defense.
+    gradients: Tensor | None = None
 
     def summary(self) -> dict[str, Any]:
         """What results.json keeps (the maps themselves are in the PNG)."""
@@ -189,6 +192,7 @@ def explain(
                     maps[method] = variant_maps(model, clean_d, adv_d, predicted, truth, method)
                 except GradCamUndefined as why:
                     log.warning("attributions: %s; skipped", why)
+            gradients = raw_attributions(model, clean_d, truth, "saliency").cpu()
     finally:
         model.train(was_training)
         model.zero_grad(set_to_none=True)
@@ -205,4 +209,5 @@ def explain(
         eps=float(eps),
         attack=attack,
         seconds=time.perf_counter() - started,
+        gradients=gradients,
     )

@@ -17,6 +17,14 @@ from robustcnn.files import safe_file_name
 from robustcnn.models.face.recognizer import Calibration
 
 
+def face_titles(keys: list[str]) -> list[str]:
+    """Two short lines per patch key (``dodging/<name>``, ``impersonation/<a>__<t>``): who, and what for."""
+    return [
+        name.replace("__", "\nas ") if "__" in name else f"{name}\ndodging"
+        for name in (key.split("/", 1)[1] for key in keys)
+    ]
+
+
 def write_face_artifacts(
     out: Path,
     study: FaceStudyResult,
@@ -38,10 +46,7 @@ def write_face_artifacts(
     if kept:
         clean = torch.stack([study.clean_faces[key] for key, _ in kept])
         patched = torch.stack([face for _, face in kept])
-        titles = [  # two short lines: who, and what for
-            name.replace("__", "\nas ") if "__" in name else f"{name}\ndodging"
-            for name in (key.split("/", 1)[1] for key, _ in kept)
-        ]
+        titles = face_titles([key for key, _ in kept])
         written.append(
             face_grid([("clean", clean), ("with patch", patched)], titles, out / "adversarial_faces.png")
         )

@@ -37,6 +37,7 @@ from robustcnn.face.enrolment import Enrolment, templates
 from robustcnn.face.evaluation import evaluate_patch
 from robustcnn.face.masks import area_percent, check_mask
 from robustcnn.face.patch import PatchResult, PatchSettings
+from robustcnn.face.saliency import FaceSaliency, patch_saliency
 from robustcnn.face.splits import HELD_OUT_PHOTOS, HELD_OUT_TRANSFORMS, impersonation_held_out
 from robustcnn.face.transfer import HeldOutRecognizer, TransferJudge, transfer_metrics, transfer_summary
 from robustcnn.face.transforms import PhysicalVariation, apply_patch, image_size
@@ -55,13 +56,15 @@ class FaceStudyResult:
     ``patches`` / ``adversarial_faces`` / ``clean_faces``: [3, H, W] on the CPU, keyed
     ``dodging/<name>`` and ``impersonation/<attacker>__<target>``; a face is the digital composite on
     the attacker's first held-out photo (else the first photo it was optimised on), next to that
-    photo without the patch.
+    photo without the patch. ``saliency``: the recognizer's saliency on both
+    (:mod:`robustcnn.face.saliency`), under the same keys.
     """
 
     metrics: dict[str, Any]
     patches: dict[str, Tensor] = field(default_factory=dict)
     adversarial_faces: dict[str, Tensor] = field(default_factory=dict)
     clean_faces: dict[str, Tensor] = field(default_factory=dict)
+    saliency: dict[str, FaceSaliency] = field(default_factory=dict)
 
 
 def _mean(values: list[float]) -> float | None:
@@ -188,15 +191,25 @@ def _patch(setup: _StudySetup, job: int, a: int, t: int | None) -> tuple[PatchRe
     return found, record
 
 
-def _keep_patch(result: FaceStudyResult, setup: _StudySetup, key: str, found: PatchResult, a: int) -> None:
+def _keep_patch(
+    result: FaceStudyResult, setup: _StudySetup, key: str, found: PatchResult, a: int, t: int | None
+) -> dict[str, Any]:
     """The patch and its digital composite on the attacker's first held-out photo (else the first photo
-    it was optimised on), next to that photo without it, on the CPU, for the artifacts."""
+    it was optimised on), next to that photo without it, on the CPU, for the artifacts; and the
+    recognizer's saliency on both, toward the enrolled template of the attacker (dodging) or the
+    target (impersonation). Returns what the patch's record keeps of the saliency."""
     held = setup.enrolment.evaluation_faces(a)
     photo = (held if held is not None else setup.enrolment.optimisation_faces(a))[:1].to(setup.mask.device)
     result.patches[key] = found.patch.cpu()
-    face = apply_patch(photo, found.patch, setup.mask, None, setup.variation)[0]
-    result.adversarial_faces[key] = face.detach().cpu()
+    face = apply_patch(photo, found.patch, setup.mask, None, setup.variation)[0].detach()
+    result.adversarial_faces[key] = face.cpu()
     result.clean_faces[key] = photo[0].detach().cpu()
+    whose = a if t is None else t
+    found_saliency = patch_saliency(
+        setup.recognizer, photo[0], face, setup.enrolled[whose], setup.mask, setup.enrolment.names[whose]
+    )
+    result.saliency[key] = found_saliency
+    return {**found_saliency.summary(), "photo": "held-out" if held is not None else "optimisation"}
 
 
 def _figure_keys(goal: str, kind: str, records: list[dict[str, Any]]) -> dict[str, float | None]:
@@ -212,6 +225,17 @@ def _figure_keys(goal: str, kind: str, records: list[dict[str, Any]]) -> dict[st
         keys[f"clean_{goal}_success_rate{rule}{suffix}"] = _mean(
             [e[f"clean_success_rate{rule}"] for e in evaluations]
         )
+    return keys
+
+
+def _saliency_keys(records: list[dict[str, Any]]) -> dict[str, float | None]:
+    """Per goal, the mean share of the recognizer's saliency inside the patch, clean vs patched."""
+    keys: dict[str, float | None] = {}
+    for goal in ("dodging", "impersonation"):
+        found = [r["saliency"] for r in records if r["goal"] == goal and r.get("saliency")]
+        for face in ("clean", "patched"):
+            shares = [f[f"{face}_mass_in_patch"] for f in found if f[f"{face}_mass_in_patch"] is not None]
+            keys[f"{goal}_saliency_in_patch_{face}"] = _mean(shares)
     return keys
 
 
@@ -299,6 +323,7 @@ def _study_metrics(
         ms_per_step=_mean([r["ms_per_step"] for r in records]),
         seconds=seconds,
     )  # fmt: skip
+    metrics.update(_saliency_keys(records))  # after held_out: a share of saliency is not a success rate
     return metrics
 
 
@@ -352,7 +377,7 @@ def run_face_study(
             records.append(record)
             name = enrolment.names[a]
             key = f"dodging/{name}" if t is None else f"impersonation/{name}__{enrolment.names[t]}"
-            _keep_patch(result, setup, key, found, a)
+            record["saliency"] = _keep_patch(result, setup, key, found, a, t)
     result.metrics = _study_metrics(setup, records, attackers, targets, time.perf_counter() - start)
     failed = [c for c in result.metrics["checks"] if c["passed"] is False]
     for check in failed:

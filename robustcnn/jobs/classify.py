@@ -35,7 +35,7 @@ from robustcnn.jobs.lifecycle import (
 )
 from robustcnn.jobs.outputs import log_attributions, log_battery
 from robustcnn.jobs.trained import TrainedModel, defended_config, obtain_model, resolve_defense
-from robustcnn.models import count_parameters
+from robustcnn.models import count_parameters, model_label
 from robustcnn.threat import ThreatModel
 from robustcnn.tracking.records import (
     result_tags,
@@ -98,12 +98,14 @@ def run_classify_job(
     check_model_config(config, data, plan.defense)
 
     label = defense_label or config["defense"]["name"]
-    default_name = f"{config['model']['name']}-{label}-{data.info.name}"
+    model_name = model_label(config["model"]["name"], config["model"])
+    default_name = f"{model_name}-{label}-{data.info.name}"
     run_name = (config.get("tracking") or {}).get("run_name") or default_name
     tags = job_run_tags(
         ctx,
         {
             "model": config["model"]["name"],
+            "model_label": model_name,
             "defense": config["defense"]["name"],
             "defense_label": label,
             "data": data.info.name,
@@ -200,6 +202,7 @@ def clean_results(
     return {
         "clean_accuracy": clean.accuracy,
         "model": config["model"]["name"],
+        "model_label": model_label(config["model"]["name"], config["model"]),
         "data": data.info.name,
         "defense": config["defense"]["name"],
         "defense_label": label,

@@ -18,7 +18,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any  # Any: the job's config and its JSON results
 
-from robustcnn.face.artifacts import write_face_artifacts
+import torch
+
+from robustcnn.face.artifacts import face_titles, write_face_artifacts
 from robustcnn.face.calibration import calibrate_apart, check_fit_pairs
 from robustcnn.face.enrolment import Enrolment, enrol, load_faces
 from robustcnn.face.gallery import FaceGallery
@@ -38,6 +40,7 @@ from robustcnn.jobs.lifecycle import (
 )
 from robustcnn.models.face.loading import load_face_recognizer
 from robustcnn.models.face.recognizer import DEFAULT_THRESHOLD, Calibration, FaceRecognizer
+from robustcnn.report.heatmaps import FACE_SALIENCY_PNG, face_saliency_grid
 from robustcnn.tracking.records import face_metric_rows
 from robustcnn.tracking.store import RunLogger, flatten
 from robustcnn.tracking.sweep_link import SweepLink
@@ -221,9 +224,29 @@ def _log_to_run(
     artifacts = write_face_artifacts(
         ctx.out, study, inputs.plan, calibration, DEFAULT_THRESHOLD
     )
+    grid = _saliency_grid(ctx.out, study, inputs.plan.keep_faces)
+    artifacts += [grid] if grid is not None else []
     for path in artifacts:
         relative = path.parent.relative_to(ctx.out)
         run.log_artifact(path, "plots" if str(relative) == "." else f"plots/{relative}")
+
+
+def _saliency_grid(out: Path, study: FaceStudyResult, keep: int) -> Path | None:
+    """The recognizer's saliency on the clean and the patched face of the first ``keep`` patches (PNG),
+    drawn like the classifier's attribution grid; None when the study kept no patch."""
+    kept = list(study.saliency)[:keep]
+    if not kept:
+        return None
+    found = [study.saliency[key] for key in kept]
+    clean = torch.stack([study.clean_faces[key] for key in kept])
+    faces = (clean, torch.stack([study.adversarial_faces[key] for key in kept]))
+    return face_saliency_grid(
+        out / FACE_SALIENCY_PNG,
+        faces,
+        (torch.stack([f.clean for f in found]), torch.stack([f.patched for f in found])),
+        face_titles(kept),
+        [(f.clean_mass_in_patch, f.patched_mass_in_patch) for f in found],
+    )
 
 
 def _log_summary(run_name: str, results: dict[str, Any]) -> None:

@@ -17,6 +17,7 @@ from torch import Tensor, nn
 
 from robustcnn.evaluation.attributions import explain
 from robustcnn.evaluation.battery import BatteryResult
+from robustcnn.report.aligned import GRADIENTS_FILE, GradientSet
 from robustcnn.report.examples import EXAMPLES_FILE, ExampleSet
 from robustcnn.report.heatmaps import ATTRIBUTIONS_PNG, attribution_grid
 from robustcnn.tracking.records import attribution_metric_rows, battery_metric_rows
@@ -61,7 +62,8 @@ def log_attributions(
     class_names: tuple[str, ...],
 ) -> dict[str, Any] | None:
     """Attribution maps of the kept examples, clean vs adversarial at the reference eps (see
-    :mod:`robustcnn.evaluation.attributions`): the grid as a PNG artifact, the stability as metrics.
+    :mod:`robustcnn.evaluation.attributions`): the grid as a PNG artifact, the stability as metrics,
+    the clean examples' input gradients as data (the dashboard's per-defense view).
 
     ``images``/``labels``: the attacked images' first rows, whose labels the kept examples need.
     Returns what results.json keeps under ``attributions`` (None when no example was kept).
@@ -92,4 +94,7 @@ def log_attributions(
             found.per_example,
         )
         run.log_artifact(png, "plots")
+        if found.gradients is not None:
+            kept = GradientSet(found.clean, found.labels, found.gradients)
+            run.log_artifact(kept.save(out / GRADIENTS_FILE), "plots")
     return summary

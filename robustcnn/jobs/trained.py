@@ -35,6 +35,10 @@ log = logging.getLogger(__name__)
 TRAINING_CODE_VERSION = 2
 #: Training settings that do not change the learned weights, so they stay out of the cache key.
 _NOT_IN_KEY = ("use_cache",)
+#: Model options added after weight caches existed, with the value every earlier entry was trained
+#: with: at that value an option stays out of the key, so the entries cached before it stay valid
+#: (any other value is in the key: an average-pooled network never loads a max-pooled one's weights).
+_ADDED_OPTIONS: dict[str, object] = {"pooling": "max"}
 #: Batches timed to estimate a standard (clean) epoch, for the cost ratio of defended training.
 _STANDARD_EPOCH_PROBE_BATCHES = 20
 
@@ -92,7 +96,9 @@ def weights_key(config: dict[str, Any], data: Dataset) -> str:
             "code": TRAINING_CODE_VERSION,
             # what fixes the training data; test-split fields (test_*) do not change the weights
             "data": {k: v for k, v in data.info.identity.items() if not k.startswith("test_")},
-            "model": config["model"],
+            "model": {
+                k: v for k, v in config["model"].items() if k not in _ADDED_OPTIONS or v != _ADDED_OPTIONS[k]
+            },
             "training": training,
             "defense": weights_identity(resolve_defense(config["defense"])),
             "seed": config["seed"],

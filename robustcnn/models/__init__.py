@@ -11,7 +11,7 @@ from __future__ import annotations
 from robustcnn.models import lenet, madry, mobilenet, resnet, vgg  # noqa: F401
 from robustcnn.models.classifier import Classifier, count_parameters
 from robustcnn.models.dropout import InferenceDropout, set_inference_dropout
-from robustcnn.models.registry import available_models, build_model, register_model
+from robustcnn.models.registry import available_models, build_model, model_label, register_model
 
 __all__ = [
     "Classifier",
@@ -19,6 +19,7 @@ __all__ = [
     "available_models",
     "build_model",
     "count_parameters",
+    "model_label",
     "register_model",
     "set_inference_dropout",
 ]

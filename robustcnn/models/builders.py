@@ -1,4 +1,4 @@
-"""Checks and initialisation the zoo builders share (lenet, madry, vgg, resnet, mobilenet)."""
+"""Checks, layers and initialisation the zoo builders share (lenet, madry, vgg, resnet, mobilenet)."""
 
 from __future__ import annotations
 
@@ -37,6 +37,28 @@ def check_width(model: str, width: float) -> float:
             "use 1.0 for the standard network or e.g. 0.25 for a thinner one"
         )
     return float(width)
+
+
+#: The down-sampling choices of the zoo models that pool (``model.pooling``); the first is the default.
+POOLING = ("max", "avg")
+
+
+def pooling_layer(model: str, pooling: str, *, ceil_mode: bool = False) -> nn.Module:
+    """A 2x2 stride-2 down-sampling layer: max-pool (the published architectures) or average pool.
+
+    Why a choice: max-pooling passes on one input per window and so routes the gradient through it
+    alone, average pooling spreads it over the window; which one a network uses is an architecture
+    lever whose effect on robustness a study can measure. Neither has weights, so the two variants'
+    weights have the same shapes: only the weight cache's key keeps one from loading the other's.
+    """
+    if pooling == "max":
+        return nn.MaxPool2d(kernel_size=2, stride=2, ceil_mode=ceil_mode)
+    if pooling == "avg":
+        return nn.AvgPool2d(kernel_size=2, stride=2, ceil_mode=ceil_mode)
+    raise ConfigError(
+        f"model {model!r}: pooling={pooling!r} is not a pooling; use {' or '.join(POOLING)} "
+        "(e.g. model.pooling=avg)"
+    )
 
 
 def scale_channels(channels: int, width: float) -> int:

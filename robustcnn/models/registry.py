@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import inspect
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 from torch import nn
 
@@ -69,6 +69,25 @@ def _model_options(fn: Builder) -> tuple[list[str], bool]:
         elif p.kind is not inspect.Parameter.VAR_POSITIONAL and p.name not in _STANDARD_ARGS:
             options.append(p.name)
     return options, var_kw
+
+
+def model_label(name: str, options: Mapping[str, object]) -> str:
+    """``name`` and every option that differs from its builder's default, e.g. ``lenet5 pooling=avg``.
+
+    Why: run names, the sweep summary and the dashboard name a run by its model; two cells of a sweep
+    over an option (``model.pooling=max,avg``) must not share a name. Options at their default are left
+    out, so the standard network keeps its plain name.
+    """
+    fn = _REGISTRY.get(name)
+    if fn is None:
+        return name
+    params = inspect.signature(fn).parameters
+    changed = [
+        f"{key}={value}"
+        for key, value in sorted(options.items())
+        if key != "name" and (key not in params or params[key].default != value)
+    ]
+    return " ".join([name, *changed])
 
 
 def _check_dropout(dropout: float) -> float:

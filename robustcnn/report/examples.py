@@ -23,6 +23,39 @@ EXAMPLES_FILE = "examples.safetensors"
 _FORMAT = "robustcnn.examples/1"
 
 
+def write_tensors(path: Path, tensors: dict[str, Tensor], file_format: str, metadata: dict[str, str]) -> Path:
+    """Save ``tensors`` (floats as float16: these are for display) with their format, atomically."""
+    from safetensors.torch import save_file
+
+    stored = {
+        name: t.detach().to("cpu", torch.float16 if t.is_floating_point() else t.dtype).contiguous()
+        for name, t in tensors.items()
+    }
+    partial = path.with_name(f".{path.name}.tmp")
+    save_file(stored, str(partial), metadata={"format": file_format, **metadata})
+    partial.replace(path)
+    return path
+
+
+def read_tensors(path: Path, file_format: str, what: str) -> tuple[dict[str, Tensor], dict[str, str]]:
+    """Every tensor and the metadata of a file :func:`write_tensors` wrote in ``file_format``.
+
+    Anything else (another format, a damaged or missing file) is a :class:`ReportError`: a report
+    never draws from a file it cannot vouch for.
+    """
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            metadata = handle.metadata() or {}
+            if metadata.get("format") != file_format:
+                found = metadata.get("format")
+                raise ReportError(f"{path} is not a robustcnn {what} file (format {found!r})")
+            return {name: handle.get_tensor(name) for name in handle.keys()}, metadata
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise ReportError(f"cannot read the {what} file {path} ({exc})") from exc
+
+
 @dataclass(frozen=True)
 class ExampleSet:
     """Clean images [k, C, H, W] and their adversarial versions [E, k, C, H, W], one block per eps."""
@@ -36,41 +69,22 @@ class ExampleSet:
 
     def save(self, path: Path) -> Path:
         """Write atomically (a reader never sees half a file); returns ``path``."""
-        from safetensors.torch import save_file
-
-        tensors = {
-            "clean": self.clean.detach().to("cpu", torch.float16).contiguous(),
-            "adversarial": self.adversarial.detach().to("cpu", torch.float16).contiguous(),
-        }
-        metadata = {
-            "format": _FORMAT,
-            "eps": json.dumps(list(self.eps)),
-            "class_names": json.dumps(list(self.class_names)),
-        }
-        partial = path.with_name(f".{path.name}.tmp")
-        save_file(tensors, str(partial), metadata=metadata)
-        partial.replace(path)
-        return path
+        metadata = {"eps": json.dumps(list(self.eps)), "class_names": json.dumps(list(self.class_names))}
+        return write_tensors(path, {"clean": self.clean, "adversarial": self.adversarial}, _FORMAT, metadata)
 
     @classmethod
     def load(cls, path: Path) -> ExampleSet:
         """Read a file written by :meth:`save`; anything else is a :class:`ReportError`."""
-        from safetensors import SafetensorError, safe_open
-
+        tensors, metadata = read_tensors(path, _FORMAT, "examples")
         try:
-            with safe_open(str(path), framework="pt") as handle:
-                metadata = handle.metadata() or {}
-                if metadata.get("format") != _FORMAT:
-                    found = metadata.get("format")
-                    raise ReportError(f"{path} is not a robustcnn examples file (format {found!r})")
-                return cls(
-                    clean=handle.get_tensor("clean").float(),
-                    adversarial=handle.get_tensor("adversarial").float(),
-                    eps=tuple(float(e) for e in json.loads(metadata["eps"])),
-                    class_names=tuple(str(n) for n in json.loads(metadata["class_names"])),
-                )
-        except (SafetensorError, OSError, KeyError, ValueError) as exc:
-            raise ReportError(f"cannot read the examples file {path} ({exc})") from exc
+            return cls(
+                clean=tensors["clean"].float(),
+                adversarial=tensors["adversarial"].float(),
+                eps=tuple(float(e) for e in json.loads(metadata["eps"])),
+                class_names=tuple(str(n) for n in json.loads(metadata["class_names"])),
+            )
+        except (KeyError, ValueError) as exc:
+            raise ReportError(f"cannot read the examples file {path} ({exc!r} missing or bad)") from exc
 
     def render_png(self, path: Path) -> Path:
         """The example grid (clean, adversarial and perturbation rows per eps) as a PNG at ``path``."""

@@ -76,12 +76,16 @@ def _evaluation(record: dict[str, Any], key: str, field: str) -> Any:
 
 
 def patches_table(run: RunRecord) -> Table:
-    """One row per patch: who, what for, success in sample and on held-out photos, each baseline."""
+    """One row per patch: who, what for, success in sample and on held-out photos, each baseline, and the
+    share of the recognizer's saliency inside the patch on the clean and the patched face (next to the
+    patch's share of the image: what attention spread evenly would give)."""
     table = Table(["goal", "attacker", "target", "held out", "success (in sample)", "random (in sample)",
                    "success (held-out photos)", "random (held-out photos)", "no patch", "beats baseline",
-                   "p-value"])  # fmt: skip
+                   "p-value", "saliency in patch (clean)", "saliency in patch (patched)",
+                   "patch area"])  # fmt: skip
     for record in run.result("patches") or []:
         flagged = record.get("beats_baseline") is False
+        saliency = record.get("saliency") or {}
         cells = [
             Cell(str(record.get("goal"))),
             Cell(str(record.get("attacker"))),
@@ -94,6 +98,8 @@ def patches_table(run: RunRecord) -> Table:
             _pct(record.get("clean_success_rate")),
             _beats(record.get("beats_baseline")),
             num_cell(record.get("p_value"), 4),
+            *(_pct(saliency.get(key)) for key in ("clean_mass_in_patch", "patched_mass_in_patch",
+                                                   "patch_area_fraction")),
         ]
         table.rows.append(Row(cells, run.run_id, flagged))
     return table

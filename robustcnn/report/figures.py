@@ -16,7 +16,7 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 from torch import Tensor
 
-__all__ = ["Row", "draw_rows", "example_grid"]
+__all__ = ["Row", "draw_rows", "example_grid", "stretched"]
 
 #: Bump when the grid's look changes: reports keep drawn grids in a cache named after it.
 GRID_VERSION = 1
@@ -148,6 +148,16 @@ def _clean_row(
     return ("clean", cells)
 
 
+def stretched(values: np.ndarray) -> tuple[np.ndarray, float]:
+    """Signed values drawn around mid-grey at full range (0.5 + v / (2 max|v|)), and max|v|.
+
+    Why: a perturbation of 8/255 or an input gradient is invisible at its true scale; stretched to
+    its own maximum, its shape shows (grey = zero), and the peak printed beside it keeps the scale.
+    """
+    peak = float(np.abs(values).max()) if values.size else 0.0
+    return (0.5 + values / (2 * peak) if peak > 0 else np.full_like(values, 0.5)), peak
+
+
 def _eps_rows(
     clean_np: np.ndarray,
     adv_np: np.ndarray,
@@ -166,9 +176,7 @@ def _eps_rows(
             title = f"pred {class_name(p)}"
             color = "red" if p != int(preds[0, j]) else "black"
         adv_cells.append((adv_np[j], title, color))
-        delta = adv_np[j] - clean_np[j]
-        peak = float(np.abs(delta).max())
-        scaled = 0.5 + delta / (2 * peak) if peak > 0 else np.full_like(delta, 0.5)
+        scaled, peak = stretched(adv_np[j] - clean_np[j])
         delta_cells.append((scaled, f"max|delta| {peak:.3g}", "black"))
     n255 = _per_255(e)
     eps_text = f"eps={e:.3g}" if n255 is None else f"eps={e:.3g}\n({n255}/255)"  # ASCII: the font's glyphs

@@ -17,7 +17,7 @@ from torch import Tensor
 
 from robustcnn.report.figures import Row, draw_rows
 
-__all__ = ["ATTRIBUTIONS_PNG", "attribution_grid", "heat"]
+__all__ = ["ATTRIBUTIONS_PNG", "FACE_SALIENCY_PNG", "attribution_grid", "face_saliency_grid", "heat"]
 
 #: The PNG every classifier job logs under ``plots/`` (and the dashboard embeds).
 ATTRIBUTIONS_PNG = "attributions.png"
@@ -29,6 +29,8 @@ METHOD_LABELS = {
     "grad_cam": "Grad-CAM",
 }
 CELL_PIXELS = 56
+#: The PNG a face study logs under ``plots/``: the recognizer's saliency on the clean and the patched face.
+FACE_SALIENCY_PNG = "face_saliency.png"
 
 
 def heat(values: np.ndarray) -> np.ndarray:
@@ -96,3 +98,29 @@ def attribution_grid(
 
 def _rho_title(rho: float | None) -> str:
     return "rho n/a" if rho is None else f"rho {rho:.2f}"
+
+
+def face_saliency_grid(
+    path: str | Path,
+    faces: tuple[Tensor, Tensor],
+    maps: tuple[Tensor, Tensor],
+    titles: Sequence[str],
+    shares: Sequence[tuple[float | None, float | None]],
+) -> Path:
+    """Write the face saliency grid: one column per patch, rows clean face, its saliency, patched face, its
+    saliency. ``faces``: (clean, patched) [k, 3, H, W]; ``maps``: theirs [k, H, W] (>= 0); ``shares``:
+    per column the share of each map inside the patch, printed over it."""
+    clean, patched = (f.detach().float().cpu().numpy() for f in faces)
+    clean_maps, patched_maps = (m.detach().float().cpu().numpy() for m in maps)
+    k = len(titles)
+
+    def share(value: float | None) -> str:
+        return "in patch n/a" if value is None else f"in patch {100 * value:.0f}%"
+
+    rows: list[Row] = [
+        ("clean", [(np.clip(clean[j], 0, 1), titles[j], "black") for j in range(k)]),
+        ("saliency\nclean", [(heat(clean_maps[j]), share(shares[j][0]), "black") for j in range(k)]),
+        ("with patch", [(np.clip(patched[j], 0, 1), "", "black") for j in range(k)]),
+        ("saliency\npatched", [(heat(patched_maps[j]), share(shares[j][1]), "black") for j in range(k)]),
+    ]
+    return draw_rows(rows, path, k, breaks=frozenset({2}), cell_pixels=CELL_PIXELS)

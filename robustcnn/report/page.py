@@ -16,6 +16,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from robustcnn.report import face, tables
+from robustcnn.report.aligned import AlignedGrid, aligned_grid
 from robustcnn.report.charts import Chart
 from robustcnn.report.heatmaps import ATTRIBUTIONS_PNG
 from robustcnn.report.records import EXAMPLES_PNG, ExperimentRuns, RunRecord
@@ -136,7 +137,7 @@ def example_grids(
         data = base64.b64encode(png).decode("ascii")
         figures.append(
             f'<figure><img src="data:image/png;base64,{data}" alt="{esc(what)} of {esc(run.label)}">'
-            f"<figcaption>{esc(run.label)} ({esc(run.result('model'))}, {esc(run.defense)})"
+            f"<figcaption>{esc(run.label)} ({esc(run.model)}, {esc(run.defense)})"
             "</figcaption></figure>"
         )
     return "".join(figures) or f'<p class="note">no run logged {esc(what)}</p>'
@@ -168,8 +169,24 @@ def face_sections(runs: Sequence[RunRecord]) -> str:
         "photos it was optimised on; held out: transforms_only) and on held-out photos (photos the "
         "optimisation never saw, against the enrolled template; held out: photos), next to a random "
         "patch of the same mask (its own seed) and the bare face on the same draws. Rows marked NO "
-        "do not beat their random patch (one-sided exact McNemar test, p < 0.05). The last table: the "
+        "do not beat their random patch (one-sided exact McNemar test, p < 0.05). Saliency in patch: the "
+        "share of the recognizer's input-gradient saliency (of its similarity to the attacker's enrolled "
+        "template for dodging, the target's for impersonation) inside the patch, on the face without "
+        "and with it; does the patch draw the attention? (face_saliency: the maps). The last table: the "
         "same patches on recognizers the optimisation never saw, each at its own calibrated threshold.",
+    )
+
+
+def aligned_figure(grid: AlignedGrid) -> str:
+    """The input-gradient grid as an embedded figure, and the runs it leaves out (other kept images)."""
+    data = base64.b64encode(grid.png).decode("ascii")
+    left_out = (
+        f'<p class="note">not drawn (they kept other images): {esc(", ".join(grid.left_out))}</p>'
+        if grid.left_out else ""
+    )  # fmt: skip
+    return (
+        f'<figure><img src="data:image/png;base64,{data}" alt="input gradients per defense">'
+        f"<figcaption>rows: {esc('; '.join(grid.rows))}</figcaption></figure>{left_out}"
     )
 
 
@@ -242,6 +259,15 @@ def sections(runs: ExperimentRuns, charts: Sequence[Chart], lead: Sequence[str] 
             "Stability: Spearman's rank correlation of the clean and adversarial true-class maps (1 = the "
             "attack did not move what the model looks at).",
         ))
+    grid = aligned_grid(done)
+    if grid is not None:
+        parts.append(section(
+            "gradients", "Input gradients per defense", aligned_figure(grid),
+            "Tsipras et al. 2019: the input gradient of the true class's score at the same clean images, one "
+            "row per run, each map stretched to its own maximum around grey (grey = 0, the peak above it). "
+            "An adversarially trained model's gradients tend to look like the digit, a standard one's like "
+            "noise: whether a regulariser buys the same alignment shows here.",
+        ))  # fmt: skip
     everything = [*done, *runs.face_patch]
     parts.append(section(
         "configs", "Configs and versions",
@@ -270,7 +296,7 @@ def render(
             ("leaderboard", "leaderboard"), ("compare", "at a glance"), ("curves", "curves"),
             ("tradeoff", "trade-off"), ("attacks", "attacks"), ("minimal", "minimal perturbation"),
             ("checks", "checks"), ("face-patch", "face study"), ("examples", "examples"),
-            ("attributions", "attributions"), ("configs", "configs"),
+            ("attributions", "attributions"), ("gradients", "gradients"), ("configs", "configs"),
         )  # fmt: skip
         if f'<section id="{sid}">' in shown  # only the sections this page has
     )

@@ -8,7 +8,10 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # torch stays out of this module: hand-made runs in tests need none
+    from robustcnn.report.aligned import GradientSet
 
 #: Tag set on a sweep's parent run (it holds a summary, not results).
 SWEEP_TAG = "robustcnn.sweep"
@@ -38,6 +41,8 @@ class RunRecord:
     results: dict[str, Any] | None = None
     config: dict[str, Any] | None = None
     images: dict[str, bytes] = field(default_factory=dict)
+    #: The kept images' input gradients (:mod:`robustcnn.report.aligned`), when the run logged them.
+    gradients: GradientSet | None = field(default=None, compare=False)
 
     @property
     def is_parent(self) -> bool:
@@ -74,11 +79,19 @@ class RunRecord:
         return self.tags.get("defense_label") or self.tags.get("defense")
 
     @property
+    def model(self) -> str:
+        """The model as run: its name and each option off its default (``lenet5 pooling=avg``)."""
+        for value in (self.result("model_label"), self.result("model")):
+            if value:
+                return str(value)
+        return self.tags.get("model_label") or self.tags.get("model") or ""
+
+    @property
     def label(self) -> str:
         """A short human name: the run name, else model/defense/data, else the id."""
         if self.name:
             return self.name
-        parts = [str(self.result("model") or self.tags.get("model") or ""), self.defense or ""]
+        parts = [self.model, self.defense or ""]
         parts.append(str(self.result("data") or self.tags.get("data") or ""))
         return "-".join(p for p in parts if p) or self.run_id[:8]
 

@@ -18,8 +18,9 @@ from typing import Any
 from urllib.parse import urlparse
 
 from robustcnn.errors import ReportError, RobustCNNError
+from robustcnn.report.aligned import GRADIENTS_FILE, GradientSet
 from robustcnn.report.examples import EXAMPLES_FILE, ExampleSet
-from robustcnn.report.heatmaps import ATTRIBUTIONS_PNG
+from robustcnn.report.heatmaps import ATTRIBUTIONS_PNG, FACE_SALIENCY_PNG
 from robustcnn.report.records import EXAMPLES_PNG, FACE_IMAGE_PREFIX, RunRecord
 
 #: Runs fetched per page of ``search_runs`` (MLflow's own maximum per call is larger).
@@ -170,6 +171,9 @@ def attach_artifacts(uri: str, record: RunRecord, cache: Path | None = None) -> 
             if ATTRIBUTIONS_PNG in plots:
                 local = client.download_artifacts(record.run_id, plots[ATTRIBUTIONS_PNG], tmp)
                 record.images[ATTRIBUTIONS_PNG] = Path(local).read_bytes()
+            if GRADIENTS_FILE in plots:
+                local = client.download_artifacts(record.run_id, plots[GRADIENTS_FILE], tmp)
+                record.gradients = GradientSet.load(Path(local))
     if cache is not None and record.results is not None:
         _write_cached(cache, record)
 
@@ -189,15 +193,16 @@ MAX_FACE_PATCHES = 16
 
 
 def _face_images(client: Any, run_id: str, plots: dict[str, str], tmp: Path) -> dict[str, bytes]:
-    """A face run's patched faces and its patches as printed, keyed ``face/<path under plots>``."""
-    wanted = [plots[name] for name in ("adversarial_faces.png",) if name in plots]
+    """A face run's patched faces, the recognizer's saliency on them and its patches as printed, keyed
+    ``face/<path under plots>``."""
+    wanted = [plots[name] for name in ("adversarial_faces.png", FACE_SALIENCY_PNG) if name in plots]
     if "patches" in plots:
         for goal in client.list_artifacts(run_id, plots["patches"]):
             if goal.is_dir:
                 listed = client.list_artifacts(run_id, goal.path)
                 wanted += [f.path for f in listed if f.path.endswith(".png")]
     found = {}
-    for path in wanted[: 1 + MAX_FACE_PATCHES]:
+    for path in wanted[: 2 + MAX_FACE_PATCHES]:
         local = Path(client.download_artifacts(run_id, path, str(tmp)))
         found[FACE_IMAGE_PREFIX + path.removeprefix("plots/")] = local.read_bytes()
     return found
@@ -210,10 +215,12 @@ def _read_cached(cache: Path, record: RunRecord) -> bool:
         data = json.loads(entry.read_text())
         if data["results"].get("task") == "face_patch" and "images" not in data:
             return False  # cached before face images were kept: read the run again
-        record.results, record.config = data["results"], data.get("config")
         images = {name: base64.b64decode(text) for name, text in (data.get("images") or {}).items()}
-    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        kept = _cached_gradients(cache, record.run_id)
+        gradients = GradientSet.load(kept) if kept.is_file() else None
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, ReportError):
         return False
+    record.results, record.config, record.gradients = data["results"], data.get("config"), gradients
     record.images.update(images)
     for image, png in _cached_images(cache, record.run_id).items():
         if png.is_file():
@@ -226,12 +233,18 @@ def _cached_images(cache: Path, run_id: str) -> dict[str, Path]:
     return {EXAMPLES_PNG: cache / f"{run_id}.png", ATTRIBUTIONS_PNG: cache / f"{run_id}.{ATTRIBUTIONS_PNG}"}
 
 
+def _cached_gradients(cache: Path, run_id: str) -> Path:
+    return cache / f"{run_id}.{GRADIENTS_FILE}"
+
+
 def _write_cached(cache: Path, record: RunRecord) -> None:
-    """Keep what was read for a finished run (the PNG first: the JSON marks the entry complete)."""
+    """Keep what was read for a finished run (the PNGs and data first: the JSON marks the entry complete)."""
     cache.mkdir(parents=True, exist_ok=True)
     for image, png in _cached_images(cache, record.run_id).items():
         if image in record.images:
             png.write_bytes(record.images[image])
+    if record.gradients is not None:
+        record.gradients.save(_cached_gradients(cache, record.run_id))
     entry = cache / f"{record.run_id}.json"
     partial = cache / f".{record.run_id}.json.tmp"
     images = {

@@ -190,7 +190,7 @@ def leaderboard(runs: Sequence[RunRecord]) -> Table:
                     Cell(run.label, title=run.run_id),
                     Cell(verdict_text(run), css="fail" if flagged else None,
                          title=", ".join(failed_checks(run)) or None),
-                    Cell(str(run.result("model") or "–")),
+                    Cell(run.model or "–"),
                     Cell(str(run.defense or "–")),
                     Cell(str(run.result("data") or "–")),
                     Cell(str((run.result("threat") or {}).get("norm", "–"))),
@@ -343,7 +343,7 @@ def incomplete_runs(runs: Sequence[RunRecord]) -> Table:
         table.rows.append(
             Row(
                 [Cell(run.label), Cell(run.status, css="fail"), Cell(started),
-                 Cell(run.tags.get("model", "–")), Cell(run.defense or "–"), Cell(run.tags.get("data", "–")),
+                 Cell(run.model or "–"), Cell(run.defense or "–"), Cell(run.tags.get("data", "–")),
                  Cell(run.run_id)],
                 run_id=run.run_id,
             )

@@ -223,7 +223,7 @@ def _cell(job: str, run_id: str | None, status: str, results: dict[str, Any]) ->
         "run_id": run_id,
         "status": status,
         "reused": bool(results.get("reused_from")),
-        "model": results.get("model"),
+        "model": results.get("model_label") or results.get("model"),
         "defense": results.get("defense_label") or results.get("defense"),
         "epoch_cost": (results.get("defense_report") or {}).get("epoch_cost_ratio"),
         "train_seconds": results.get("train_seconds"),

@@ -126,7 +126,8 @@ FACE_METRIC_PREFIXES = (
 
 
 def face_metric_rows(results: Mapping[str, Any]) -> list[MetricRow]:
-    """A face study's numbers: every top-level scalar rate/distance/size, and the verification error rates."""
+    """A face study's numbers: every top-level scalar rate/distance/size, the verification error rates,
+    and per patch the share of the recognizer's saliency inside it."""
     rows: list[MetricRow] = [
         (name, float(value), 0)
         for name, value in results.items()
@@ -137,6 +138,14 @@ def face_metric_rows(results: Mapping[str, Any]) -> list[MetricRow]:
         for key, value in (verification.get(which) or {}).items():
             if _is_number(value):
                 rows.append((f"verification/{which}_{key}", float(value), 0))
+    # per patch (the step is its number in results.json's patches): how much of the recognizer's
+    # saliency the patch holds, on the clean and on the patched face
+    for step, patch in enumerate(results.get("patches") or []):
+        saliency = patch.get("saliency") if isinstance(patch, Mapping) else None
+        for face in ("clean", "patched"):
+            share: Any = (saliency or {}).get(f"{face}_mass_in_patch")
+            if _is_number(share):
+                rows.append((f"saliency_in_patch/{face}", float(share), step))
     return rows
 
 
