@@ -18,9 +18,15 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-#: Under pytest-xdist each worker gets one core's worth of torch threads (two workers on 2 cores).
+#: Under pytest-xdist each worker gets one core's worth of torch threads (two workers on 2 cores), and
+#: so do the `robustcnn` processes its tests start (OMP_NUM_THREADS is inherited): a job at torch's
+#: default of one thread per core beside the other worker oversubscribes the cores, and OpenMP's
+#: spinning threads then slowed every subprocess test 2-3x (CI: the smoke CLI test 47 s -> 117 s).
 WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
-torch.set_num_threads(max(1, min(2, os.cpu_count() or 1) // WORKERS))
+THREADS = max(1, min(2, os.cpu_count() or 1) // WORKERS)
+torch.set_num_threads(THREADS)
+if WORKERS > 1:
+    os.environ.setdefault("OMP_NUM_THREADS", str(THREADS))
 
 
 @pytest.fixture(scope="session")
