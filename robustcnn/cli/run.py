@@ -222,14 +222,14 @@ def unknown_key_message(hydra_message: str, overrides: Sequence[str]) -> str | N
     """
     import re
 
-    from robustcnn.config import conf_dir
+    from robustcnn.config import config_groups
 
     found = re.search(r"Could not override '([^']+)'", hydra_message)
     if found is None or "To append to your config use +" not in hydra_message:
         return None
     key = found.group(1)
     parts = key.split(".")
-    attacks = sorted(path.stem for path in (conf_dir() / "attack").glob("*.yaml"))
+    attacks = config_groups().get("attack", [])
     if len(parts) >= 3 and parts[0] == "attack" and parts[1] in attacks:
         chosen = next((o.split("=", 1)[1] for o in overrides if o.startswith("attack=")), None)
         preset = next((o for o in overrides if o.startswith("experiment=")), None)

@@ -20,7 +20,7 @@ import torch
 from omegaconf import OmegaConf
 
 from robustcnn import __version__
-from robustcnn.config import conf_dir
+from robustcnn.config import conf_dir, config_groups
 from robustcnn.data import Dataset
 from robustcnn.defenses import Defense, build_defense, weights_identity
 from robustcnn.errors import ConfigError
@@ -62,7 +62,7 @@ def resolve_defense(spec: Mapping[str, Any], depth: int = 0) -> dict[str, Any]:
     if isinstance(base, str):
         preset = conf_dir() / "defense" / f"{base}.yaml"
         if not preset.is_file():
-            choices = sorted(p.stem for p in (conf_dir() / "defense").glob("*.yaml"))
+            choices = config_groups()["defense"]
             raise ConfigError(f"defense.base={base!r} is not a defense; choose one of {choices}")
         base = OmegaConf.to_container(OmegaConf.load(preset), resolve=True)
     if isinstance(base, Mapping):
