@@ -3,10 +3,12 @@
 Writes ``reports/benchmarks/audit_vs_autoattack.json``. Adversarially trained lenet5 models of
 different robustness (``MODELS``; from the weight cache, or trained once; each records its training
 settings): by default ``pgd_at_preset`` (mnist_defenses' pgd_at schedule: 12 epochs at a constant
-Adam lr 3e-3, batch 100, no augmentation: the issue's target) and ``pgd_at_finetune`` (the demo's:
-two epochs of PGD-10 training after standard training; less robust); ``pgd_at_20`` (``defense=pgd_at``,
+Adam lr 3e-3, batch 100, no augmentation: the issue's target), ``trades_preset`` (TRADES on the same
+schedule: the more robust one) and ``pgd_at_finetune`` (the demo's: two epochs of PGD-10 training
+after standard training; much less robust); ``pgd_at_20`` (``defense=pgd_at``,
 20 epochs, batch 100: the earlier reference) on request. The images are the first ``--images`` of
-mnist5k's test split; eps 0.3 (L-inf). Per model, four evaluations on the same images:
+mnist5k's test split; eps 0.3 (L-inf). Per model, four evaluations on the same images (imports,
+MLflow's and torchattacks' included, are counted once, in ``setup_cpu_seconds``):
 
 * ``pgd40``: a plain PGD-40 (step 0.01, cross-entropy, one random start): the weak reference;
 * ``autoattack``: AutoAttack, standard version, as torchattacks implements it (APGD-CE, APGD-T,
@@ -17,7 +19,7 @@ mnist5k's test split; eps 0.3 (L-inf). Per model, four evaluations on the same i
   (default: the same images), wall time of the whole command included.
 
 Targets (issue 18): the run defaults' and the audit's robust accuracy each within 1.0 point of
-AutoAttack's, in <= 10% of its CPU time, on both models. A benchmark, not a test: the figures are
+AutoAttack's, in <= 10% of its CPU time, on every model. A benchmark, not a test: the figures are
 recorded, not asserted.
 
     python benchmarks/audit_vs_autoattack.py [--images 1000] [--audit-images N] [--models A,B]
@@ -73,6 +75,17 @@ MODELS: dict[str, dict[str, Any]] = {
             "training.augment.shift=0",
         ],
     },
+    "trades_preset": {
+        "label": "lenet5 trades (beta 6), mnist_defenses' schedule (12 epochs, Adam lr 3e-3, batch 100)",
+        "overrides": [
+            "defense=trades",
+            "training.epochs=12",
+            "training.batch_size=100",
+            "training.optimizer.lr=0.003",
+            "training.scheduler.name=none",
+            "training.augment.shift=0",
+        ],
+    },
     "pgd_at_finetune": {
         "label": "lenet5 pgd_at_finetune (the demo's: 8 standard epochs, then 2 of PGD-10 training)",
         "overrides": ["defense=pgd_at_finetune"],
@@ -82,9 +95,12 @@ MODELS: dict[str, dict[str, Any]] = {
         "overrides": ["defense=pgd_at", "training.epochs=20", "training.batch_size=100"],
     },
 }
-#: Measured by default: the issue's mnist_defenses model and a cheap, less robust one (both train in
-#: minutes on 2 cores; pgd_at_20, the earlier reference, takes ~15 min more on a busy machine).
-DEFAULT_MODELS = ("pgd_at_preset", "pgd_at_finetune")
+#: Measured by default: the issue's mnist_defenses model, the most robust lenet5 we could train on
+#: mnist5k's 4,000 training images (trades on the same schedule; pgd_at for 30 epochs was less
+#: robust: 82.7% under APGD-100 + FGSM on these images, vs 84.4% for trades and 82.1% for the
+#: preset, measured once before this benchmark ran) and a cheap, much less robust one. Each trains
+#: in 2-11 minutes on 2 cores; pgd_at_20, the earlier reference, on request.
+DEFAULT_MODELS = ("pgd_at_preset", "trades_preset", "pgd_at_finetune")
 GAP_TARGET_POINTS = 1.0
 TIME_TARGET_FRACTION = 0.10
 T = TypeVar("T")
@@ -215,6 +231,10 @@ def parse_args() -> argparse.Namespace:
 def main() -> None:
     args = parse_args()
     device = resolve_device("auto")
+    # set-up, not evaluation time: AutoAttack's library and the MLflow the audit logs to
+    import mlflow  # noqa: F401
+    import torchattacks  # noqa: F401
+
     results: dict[str, Any] = {
         "images": args.images,
         "eps": EPS,

@@ -119,8 +119,8 @@ def test_the_strong_probe_takes_the_robust_samples_nearest_the_boundary_and_coun
     worst = worst_case(THREAT, results, {})
     # robust at 0.3: samples 0, 1, 3, 4; nearest the boundary (lowest true-class probability): 3, 4, 1
     assert near_boundary(results, THREAT, worst, 3).tolist() == [1, 3, 4]
-    # fewer robust than asked: the others fill up, so the effort check always has evidence
-    assert near_boundary(results, THREAT, worst, 6).tolist() == list(range(6))
+    # fewer robust than asked: only those (more effort cannot lower a sample already broken)
+    assert near_boundary(results, THREAT, worst, 6).tolist() == [0, 1, 3, 4]
     strong = result("apgd_strong", [[1, 1, 1], [1, 0, 1]], [[1.0] * 3, [0.6, 0.2, 0.5]], rows=[1, 3, 4])
     probes = {"apgd_strong": strong}
     assert worst_case(THREAT, results, probes)[1].tolist() == [True, True, False, False, True, False]

@@ -28,6 +28,7 @@ from robustcnn.tracking.records import battery_metric_rows
 THREAT = ThreatModel(norm="linf", eps=(0.0, 0.1, 0.2, 0.3), reference_eps=0.3)
 FAST = BatterySettings(probe_samples=32, monotone_samples=32, monotone_steps=5, eot_samples=4)
 N = 64
+SOUND_THREAT = ThreatModel(norm="linf", eps=(0.0, 0.1, 0.2, 0.3), reference_eps=0.1)
 
 
 class NoOp(PGD):
@@ -78,6 +79,9 @@ class Case:
     settings: BatterySettings = FAST
     undefended: bool = True
     patch: dict[str, Any] = field(default_factory=dict)  # attribute of attacks/base.py -> replacement
+    threat: ThreatModel = THREAT
+    #: attacks run last, on the samples the others left correct (the audit's square and noise)
+    survivors_only: tuple[str, ...] = ()
 
 
 def with_transfer(target: nn.Module) -> Transfer:
@@ -146,7 +150,14 @@ def run_case(case: Case, net: nn.Module, data: Any, monkeypatch: pytest.MonkeyPa
     model = case.model(net)
     x, y = data.x_test[:N], data.y_test[:N]
     battery = run_battery(
-        model, x, y, THREAT, case.attacks(model), undefended=case.undefended, settings=case.settings
+        model,
+        x,
+        y,
+        case.threat,
+        case.attacks(model),
+        undefended=case.undefended,
+        settings=case.settings,
+        survivors_only=case.survivors_only,
     )
     return battery.to_dict()
 
@@ -173,15 +184,29 @@ def test_each_check_fails_on_its_crafted_case(
 def test_a_sound_evaluation_passes_every_check(
     trained_lenet: nn.Module, mnist_small: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Every attack a check compares, on an undefended model: each check runs and passes."""
-    sound = Case(lambda net: [FGSM(), PGD(steps=10), build_attack(SQUARE, {"seed": 0}), with_transfer(net)])
+    """Every attack a check compares, on an undefended model: each check runs and passes.
+
+    Judged at eps 0.1, where the undefended lenet keeps most samples: at 0.3 none survives, and the
+    effort check (more steps on the samples the attacks left robust) has nothing to probe (skipped).
+    """
+    sound = Case(
+        lambda net: [FGSM(), PGD(steps=10), build_attack(SQUARE, {"seed": 0}), with_transfer(net)],
+        threat=SOUND_THREAT,
+    )
     results = run_case(sound, trained_lenet, mnist_small, monkeypatch)
     statuses = {c["name"]: c["status"] for c in results["checks"]}
     assert {name: statuses[name] for name in BREAKERS} == dict.fromkeys(BREAKERS, "passed"), results["checks"]
+    strong = results["probes"]["pgd_strong"]
+    assert (strong["params"]["steps"], strong["params"]["restarts"], strong["params"]["seed"]) == (
+        25,
+        2,
+        1,
+    ), "2.5x steps, +1 restart, seed+1"
+    assert strong["samples"] == "robust_near_boundary" and strong["n"] <= FAST.probe_samples
     enforced = {name for name, status in statuses.items() if status == "enforced"}
     assert "reported_curves_monotone_in_eps" in enforced, "the base's propagation is no pass"
     assert all(c["passed"] is None for c in results["checks"] if c["status"] == "enforced")
-    assert results["verdict"] == "not robust" and results["evidence"] == "white_box"
+    assert results["verdict"] == "robust" and results["evidence"] == "white_box"
     logged = {name for name, _, _ in battery_metric_rows(results)}
     assert "check/monotone_in_eps" in logged and "check/reported_curves_monotone_in_eps" not in logged
 
@@ -231,3 +256,46 @@ def test_an_attack_that_bypasses_the_base_fails_the_threat_check() -> None:
     assert result.passed is False and "library: only 0 of its 8 examples re-measured" in result.detail
     witness(x, x + float("nan"), 0.1)
     assert checks.within_threat({"pgd": witness}, {"pgd": 8}).passed is False, "NaN images are outside"
+
+
+@pytest.mark.parametrize(
+    ("follow_up", "attacks"),
+    [
+        ("noise", lambda net: [NoOp(steps=5)]),
+        ("square", lambda net: [NoOp(steps=5), build_attack(SQUARE, {"seed": 0})]),
+    ],
+)
+def test_a_follow_up_baseline_fails_when_it_breaks_what_gradients_left(
+    follow_up: str, attacks: Any, trained_lenet: nn.Module, mnist_small: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Run only on the survivors (as the audit runs Square and noise), a baseline that breaks many of
+    them fails its check; it attacked only those samples, and what it broke counts in the worst case."""
+    case = Case(attacks, survivors_only=("square", "noise"))
+    results = run_case(case, trained_lenet, mnist_small, monkeypatch)
+    check = {c["name"]: c for c in results["checks"]}[f"white_box_beats_{follow_up}"]
+    assert (
+        check["status"] == "failed" and "samples the white-box attacks left correct broke" in check["detail"]
+    )
+    summary = results["follow_ups"][follow_up]
+    assert summary["samples"] == "survivors" and follow_up not in results["robust_accuracy"]
+    clean_correct = round(results["worst_case_robust_accuracy"][0] * N)
+    assert summary["n"] == clean_correct  # the no-op attack broke nothing: every correct sample survived
+    assert max(summary["newly_broken"]) > 0.02 * N
+
+
+def test_follow_ups_attack_only_survivors_and_pass_on_a_sound_run(
+    trained_lenet: nn.Module, mnist_small: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """After a real PGD the follow-ups see only its survivors, break at most the tolerance, and pass."""
+    case = Case(
+        lambda net: [FGSM(), PGD(steps=10), build_attack(SQUARE, {"seed": 0})],
+        threat=SOUND_THREAT,
+        survivors_only=("square", "noise"),
+    )
+    results = run_case(case, trained_lenet, mnist_small, monkeypatch)
+    statuses = {c["name"]: c["status"] for c in results["checks"]}
+    both = statuses["white_box_beats_square"], statuses["white_box_beats_noise"]
+    assert both == ("passed", "passed"), results["checks"]
+    survivors = round(min(results["robust_accuracy"]["pgd"][1], results["robust_accuracy"]["fgsm"][1]) * N)
+    assert results["follow_ups"]["noise"]["n"] <= survivors < N
+    assert results["verdict"] != "unreliable"

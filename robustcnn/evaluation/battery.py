@@ -121,6 +121,10 @@ class BatteryResult:
     reference_eps: float
     #: white_box: a gradient attack on the model itself ran; black_box: only noise, Square, transfer
     evidence: str = "white_box"
+    #: Attacks run after the others, on the samples those left correct (:func:`run_follow_ups`).
+    follow_ups: dict[str, AttackResult] = field(default_factory=dict)
+    #: Per follow-up and eps it ran at: the samples it broke that every other attack left correct.
+    newly_broken: dict[str, list[int]] = field(default_factory=dict)
 
     def full_curve(self, name: str, values: Sequence[float] | None = None) -> list[float | None]:
         """Attack ``name``'s per-eps values on the threat's whole eps list (None where it did not run).
@@ -153,7 +157,7 @@ class BatteryResult:
 
         (Any: a JSON document of nested, mixed values, which the jobs extend with their own sections.)
         """
-        everything = {**self.attacks, **self.probes}
+        everything = {**self.attacks, **self.probes, **self.follow_ups}
         return {
             "threat": self.threat.to_dict(),
             "eps": list(self.threat.eps),
@@ -181,6 +185,8 @@ class BatteryResult:
                 }
                 for k, r in self.probes.items()
             },
+            # on the samples every other attack left correct: how many more each broke, per eps
+            "follow_ups": {k: follow_up_summary(r, self.newly_broken[k]) for k, r in self.follow_ups.items()},
             "attacks": {k: {"class": type_name(r), "params": r.params} for k, r in everything.items()},
             "timing": {
                 k: {
@@ -204,6 +210,18 @@ class BatteryResult:
 
 def type_name(result: AttackResult) -> str:
     return result.name
+
+
+def follow_up_summary(result: AttackResult, newly_broken: list[int]) -> dict[str, Any]:
+    """A follow-up attack in results.json: its samples, and what it broke of them per eps."""
+    return {
+        "samples": "survivors",
+        "n": result.n,
+        "eps": list(result.eps),
+        "newly_broken": newly_broken,
+        "robust_accuracy_on_samples": result.robust_accuracy(),
+        "params": result.params,
+    }
 
 
 #: The threat-model check's witness of an attack, by the name it reports under.
@@ -358,6 +376,80 @@ def run_selected(
     return results
 
 
+def split_follow_ups(
+    named: Mapping[str, Attack], survivors_only: Sequence[str]
+) -> tuple[dict[str, Attack], dict[str, Attack]]:
+    """(the main attacks, the follow-ups): those named in ``survivors_only`` (or their EOT variant).
+
+    Without a white-box gradient attack among the others there are no follow-ups: a black-box
+    model's Square and noise are its main attacks, run on every sample.
+    """
+    follow = {
+        k: a for k, a in named.items() if k in survivors_only or k.removeprefix("eot_") in survivors_only
+    }
+    main = {k: a for k, a in named.items() if k not in follow}
+    if not any(is_white_box_gradient(a) for a in main.values()):
+        return dict(named), {}
+    return main, follow
+
+
+def run_follow_ups(
+    follow: Mapping[str, Attack],
+    model: nn.Module,
+    x: Tensor,
+    y: Tensor,
+    threat: ThreatModel,
+    results: Mapping[str, AttackResult],
+    reference_only: Sequence[str],
+    progress: bool,
+    inspector_for: InspectorFor | None = None,
+) -> dict[str, AttackResult]:
+    """Each follow-up attack, on the samples every main attack left correct at its smallest eps (> 0).
+
+    Why (AutoAttack's cascade): noise and Square are there to catch what the gradient attacks
+    missed; on a sample the gradient attacks already broke they can change nothing, and on a
+    weakly robust model those are nearly all of the budget. Each result carries its ``rows`` and
+    counts in the worst case there; the baseline checks ask how many more samples it broke.
+    """
+    worst = worst_case(threat, results, {})
+    found: dict[str, AttackResult] = {}
+    for name, attack in follow.items():
+        sparse = name in reference_only or name.removeprefix("eot_") in reference_only
+        at = with_eps(threat, probe_eps(threat)) if sparse else threat
+        # eps 0 changes no image: the survivors of the smallest real radius are those worth attacking
+        smallest = min((value for value in at.eps if value > 0), default=at.eps[0])
+        rows = worst[list(threat.eps).index(smallest)].nonzero().flatten()
+        if rows.numel() == 0:
+            log.info("follow-up %s: every sample already broken, nothing to attack", name)
+            continue
+        log.info("follow-up %s on %d surviving samples: %r", name, rows.numel(), attack)
+        attack.progress = progress
+        picked = rows.to(x.device)
+        inspector = inspector_for(name) if inspector_for else None
+        result = attack.run(model, x[picked], y[picked], at, inspector=inspector)
+        found[name] = dataclasses.replace(result, rows=rows.cpu())
+    return found
+
+
+def newly_broken(
+    follow_ups: Mapping[str, AttackResult], threat: ThreatModel, main_worst: Tensor
+) -> dict[str, list[int]]:
+    """Per follow-up and eps it ran at: the samples it broke where every main attack had failed.
+
+    (A follow-up attacks the survivors of its smallest eps at each of its eps; at a larger eps some
+    of them had already fallen to the main attacks, and breaking those again adds nothing.)
+    """
+    eps_rows = {value: i for i, value in enumerate(threat.eps)}
+    return {
+        name: [
+            int((~correct & main_worst[eps_rows[value], result.rows]).sum())
+            for value, correct in zip(result.eps, result.correct, strict=True)
+        ]
+        for name, result in follow_ups.items()
+        if result.rows is not None
+    }
+
+
 def reference_attack(named: Mapping[str, Attack], stochastic: bool) -> tuple[str, PGD | APGD] | None:
     """The first PGD or APGD (with EOT on a stochastic model), by name: the attack the probes strengthen.
 
@@ -377,23 +469,21 @@ def reference_attack(named: Mapping[str, Attack], stochastic: bool) -> tuple[str
 def near_boundary(
     results: Mapping[str, AttackResult], threat: ThreatModel, worst: Tensor, count: int
 ) -> Tensor:
-    """``count`` samples: those every attack left robust at the verdict's eps, nearest the boundary
-    first, then (when fewer are robust) the first of the others. Returned in ascending order.
+    """At most ``count`` of the samples every attack left robust at the verdict's eps, nearest the
+    boundary first. Returned in ascending order (empty when no sample survived).
 
     Why these: more effort can only lower the worst case on a sample no attack broke yet, and it
     breaks first those that an attack already pushed close to another class. Nearness: the lowest
-    true-class probability that any attack's example reached there. The others fill the count so
-    the effort check always compares the two attacks on evidence (a broken sample falls fast).
+    true-class probability that any attack's example reached there.
     """
     ref = reference_eps(threat)
     robust = worst[list(threat.eps).index(ref)]
     prob = torch.ones(robust.shape[0])
     for result in results.values():
-        if ref in result.eps:
+        if ref in result.eps and result.rows is None:
             prob = torch.minimum(prob, result.true_prob_adv[list(result.eps).index(ref)].float())
     candidates = robust.nonzero().flatten()
-    nearest = candidates[prob[candidates].argsort(stable=True)]
-    return torch.cat([nearest, (~robust).nonzero().flatten()])[:count].sort().values
+    return candidates[prob[candidates].argsort(stable=True)][:count].sort().values
 
 
 def run_probes(
@@ -411,7 +501,7 @@ def run_probes(
 
     On the samples ``strong_rows`` (:func:`near_boundary`: where more effort can change the answer),
     ``<name>_strong`` (more steps and restarts, another seed) runs at the verdict's eps and the
-    largest one, where a too-weak attack would mislead most.
+    largest one, where a too-weak attack would mislead most (not at all when no sample survived).
     On the first ``probe_samples`` images, ``<name>_unbounded`` runs at a radius that admits any
     image, where every model must fall. On the first ``monotone_samples``, ``<name>_per_eps`` runs at
     each eps independently (probes.py).
@@ -425,9 +515,14 @@ def run_probes(
     unbounded = ThreatModel(norm=threat.norm, eps=(large_eps(threat, tuple(x.shape[1:])),), targeted=False)
     sub_x, sub_y, at_probe_eps = x[:probe_n], y[:probe_n], with_eps(threat, probe_eps(threat))
     picked = strong_rows.to(x.device)
-    found = strong.run(model, x[picked], y[picked], at_probe_eps, inspector=inspector_for(f"{name}_strong"))
+    found: dict[str, AttackResult] = {}
+    if picked.numel():  # none when every sample is already broken: more effort cannot lower 0 robust
+        result = strong.run(
+            model, x[picked], y[picked], at_probe_eps, inspector=inspector_for(f"{name}_strong")
+        )
+        found[f"{name}_strong"] = dataclasses.replace(result, rows=strong_rows.cpu())
     return {
-        f"{name}_strong": dataclasses.replace(found, rows=strong_rows.cpu()),
+        **found,
         f"{name}_unbounded": reference.run(
             model, sub_x, sub_y, unbounded, inspector=inspector_for(f"{name}_unbounded")
         ),
@@ -489,13 +584,15 @@ def strength_probes(
     y: Tensor,
     threat: ThreatModel,
     results: Mapping[str, AttackResult],
+    follow_ups: Mapping[str, AttackResult],
     settings: BatterySettings,
     inspector_for: InspectorFor,
 ) -> dict[str, AttackResult]:
     """The strength probes on the samples the attacks left robust nearest the boundary (none if off)."""
     if not settings.enabled or reference is None:
         return {}
-    attacked = near_boundary(results, threat, worst_case(threat, results, {}), settings.probe_samples)
+    worst = worst_case(threat, results, follow_ups)
+    attacked = near_boundary(results, threat, worst, settings.probe_samples)
     return run_probes(reference[1], reference[0], model, x, y, threat, settings, inspector_for, attacked)
 
 
@@ -512,12 +609,15 @@ def run_battery(
     device: torch.device | None = None,
     progress: bool = False,
     reference_only: Sequence[str] = (),
+    survivors_only: Sequence[str] = (),
 ) -> BatteryResult:
     """Run ``attacks`` (+ noise floor, EOT variants, probes) on ``model`` and judge the evaluation.
 
     Attacks named in ``reference_only`` run at the probe eps only (the reference eps and the largest):
     an expensive query attack (Square with a real budget) costs 2 eps instead of the whole list, and
-    still counts in the worst case and in the white-box-beats-it check where it ran.
+    still counts in the worst case and in the white-box-beats-it check where it ran. Attacks named in
+    ``survivors_only`` (e.g. square, noise) run last, on the samples the others left correct
+    (:func:`run_follow_ups`), when a white-box gradient attack is among the others.
     """
     settings = settings or BatterySettings()
     device = device or next(model.parameters()).device
@@ -528,11 +628,14 @@ def run_battery(
     named = select_attacks(attacks, stochastic, settings.eot_samples, batch_size)
     witnesses, inspector_for = witnesses_for(model, threat)
     inspecting = inspector_for if settings.enabled else None
-    results = run_selected(named, model, x, y, threat, reference_only, progress, inspecting)
-    reference = reference_attack(named, stochastic)
+    main, follow = split_follow_ups(named, survivors_only)
+    results = run_selected(main, model, x, y, threat, reference_only, progress, inspecting)
+    follow_ups = run_follow_ups(follow, model, x, y, threat, results, reference_only, progress, inspecting)
+    added = newly_broken(follow_ups, threat, worst_case(threat, results, {}))
+    reference = reference_attack(main, stochastic)
     reference_pgd = reference[0] if reference is not None else None
-    probes = strength_probes(reference, model, x, y, threat, results, settings, inspector_for)
-    worst = worst_case(threat, results, probes)
+    probes = strength_probes(reference, model, x, y, threat, results, follow_ups, settings, inspector_for)
+    worst = worst_case(threat, results, {**probes, **follow_ups})
     gradient: tuple[float | None, float | None] = (None, None)
     if settings.enabled and any(is_white_box_gradient(a) for a in named.values()):
         probe_n = min(n, settings.probe_samples)
@@ -554,6 +657,8 @@ def run_battery(
             settings=settings.checks,
             named=named,
             witnesses=witnesses,
+            # a follow-up that found no survivor to attack is judged as such (None)
+            follow_ups={k: (follow_ups[k], added[k]) if k in follow_ups else None for k in follow},
         )
         if settings.enabled
         else []
@@ -575,4 +680,6 @@ def run_battery(
         ),
         reference_eps=reference_eps(threat),
         evidence=checks.evidence([k for k, a in named.items() if is_white_box_gradient(a)]),
+        follow_ups=follow_ups,
+        newly_broken=added,
     )

@@ -111,8 +111,12 @@ def effort_check(
     boundary) is judged on every sample: the reference's accuracy against the reference's with the
     samples the stronger run broke counted as broken, so the gain is in points of the whole figure.
     """
-    if strong is None or reference_pgd is None:
+    if reference_pgd is None:
         return checks.skip("more_effort_no_gain", "needs a PGD attack")
+    if strong is None:
+        return checks.skip(
+            "more_effort_no_gain", "no sample survived the attacks: more effort cannot lower 0"
+        )
     reference = results[reference_pgd]
     rows = [list(eps).index(value) for value in strong.eps]
     if strong.rows is None:
@@ -135,13 +139,25 @@ def effort_check(
 
 
 def baseline_checks(
-    curves: Mapping[str, list[float]], white: Sequence[str], eps: Sequence[float], tol: float
+    curves: Mapping[str, list[float]],
+    white: Sequence[str],
+    eps: Sequence[float],
+    tol: float,
+    follow_ups: Mapping[str, tuple[AttackResult, list[int]] | None],
+    n: int,
 ) -> list[CheckResult]:
-    """The best white-box attack beats noise, Square and transfer (else the gradients are masked)."""
+    """The white-box attacks beat noise, Square and transfer (else the gradients are masked).
+
+    A baseline run on every sample is compared with the best white-box attack's accuracy. A
+    baseline run as a follow-up (on the samples the other attacks left correct) is judged by what
+    it adds: the samples it broke there, in points of the whole figure, must stay within ``tol``.
+    """
     best_white = [min(curves[k][i] for k in white) for i in range(len(eps))] if white else None
     best = ("best white-box", best_white) if best_white is not None else None
     return [
-        checks.not_above(
+        follow_up_check(f"white_box_beats_{baseline}", baseline, follow_ups[baseline], tol, n)
+        if baseline in follow_ups
+        else checks.not_above(
             f"white_box_beats_{baseline}",
             best,
             pick(curves, baseline),
@@ -151,6 +167,29 @@ def baseline_checks(
         )
         for baseline in ("noise", "square", "transfer")
     ]
+
+
+def follow_up_check(
+    name: str, baseline: str, ran: tuple[AttackResult, list[int]] | None, tol: float, n: int
+) -> CheckResult:
+    """A follow-up broke at most ``tol`` (fraction of all ``n`` samples) of what the others left robust.
+
+    ``ran``: its result and, per eps it ran at, the samples it broke that every other attack had
+    left correct; None when no sample survived the others (nothing was left for it to break).
+    """
+    if ran is None:
+        return checks.skip(
+            name, f"every sample fell to the other attacks: {baseline} had nothing left to attack"
+        )
+    result, added = ran
+    broken = dict(zip(result.eps, added, strict=True))
+    shown = ", ".join(f"{count} at eps {value:g}" for value, count in broken.items())
+    most = max(broken.values())
+    detail = (
+        f"{result.name} run on the {result.n} samples the white-box attacks left correct broke {shown} "
+        f"(allowed: {tol * n:.0f} of {n}, tolerance {tol:g})"
+    )
+    return checks.CheckResult(name, most <= tol * n, detail)
 
 
 def eot_attacks(named: Mapping[str, Attack], white: Sequence[str]) -> list[str]:
@@ -227,6 +266,7 @@ def judge(
     settings: CheckSettings,
     named: Mapping[str, Attack],
     witnesses: Mapping[str, ThreatWitness],
+    follow_ups: Mapping[str, tuple[AttackResult, list[int]] | None] | None = None,
 ) -> list[CheckResult]:
     """All sanity checks (README, "Attacks and the evaluation"), in a fixed order (each function says why);
     then the invariants the base enforces."""
@@ -245,9 +285,19 @@ def judge(
         *zero_checks(worst, eps, undefended, unbounded, settings),
         single_step_check(curves, stochastic, eps, tol),
         effort_check(results, strong, reference_pgd, eps, settings, stochastic),
-        *baseline_checks(curves, white, eps, tol),
+        *baseline_checks(curves, white, eps, tol, follow_ups or {}, n),
         checks.gradient_health(*gradient, settings.max_zero_gradient_fraction),
         checks.stochastic_handled(stochastic, white, eot, eot_pairs(curves, named, eot), eps, tol),
-        checks.within_threat(witnesses, {k: r.n * len(r.eps) for k, r in {**results, **probes}.items()}),
+        checks.within_threat(
+            witnesses,
+            {
+                k: r.n * len(r.eps)
+                for k, r in {
+                    **results,
+                    **probes,
+                    **{k: ran[0] for k, ran in (follow_ups or {}).items() if ran},
+                }.items()
+            },
+        ),
         *enforced_invariants(threat.targeted),
     ]

@@ -80,6 +80,7 @@ class AuditSettings:
     white_box_attacks: tuple[str, ...] = ("fgsm", "pgd", "apgd", "apgd_t", "square")
     black_box_attacks: tuple[str, ...] = ("square", "transfer")
     reference_eps_only: tuple[str, ...] = ("square",)
+    survivors_only: tuple[str, ...] = ("square", "noise")
     accept_black_box: bool = False
     out_dir: str | None = None
 
@@ -97,10 +98,9 @@ class AuditSettings:
         for flag in ("allow_pickle", "accept_black_box"):
             if not isinstance(section.get(flag), bool):
                 raise ConfigError(f"audit.{flag}={section.get(flag)!r} must be true or false")
-        if not isinstance(section.get("reference_eps_only"), list):
-            raise ConfigError(
-                "audit.reference_eps_only must be a list of attack names, e.g. [square] (or [])"
-            )
+        for key, example in (("reference_eps_only", "[square]"), ("survivors_only", "[square,noise]")):
+            if not isinstance(section.get(key), list):
+                raise ConfigError(f"audit.{key} must be a list of attack names, e.g. {example} (or [])")
         for key in ("white_box_attacks", "black_box_attacks"):
             if not isinstance(section.get(key), list) or not section[key]:
                 raise ConfigError(
@@ -117,6 +117,7 @@ class AuditSettings:
             white_box_attacks=tuple(section["white_box_attacks"]),
             black_box_attacks=tuple(section["black_box_attacks"]),
             reference_eps_only=tuple(section["reference_eps_only"]),
+            survivors_only=tuple(section["survivors_only"]),
             accept_black_box=section["accept_black_box"],
             out_dir=section.get("out_dir"),
         )
@@ -285,6 +286,7 @@ def audit_model(
         device=device,
         progress=progress,
         reference_only=settings.reference_eps_only if prepared.white_box else (),
+        survivors_only=settings.survivors_only,
     )
     results = audit_results(target, prepared, data, n, battery, clean.accuracy, settings, device)
     card = model_card(results)
