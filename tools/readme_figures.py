@@ -330,8 +330,7 @@ def audit_vs_autoattack(report: dict[str, Any]) -> str:
         f"{report['date'][:10]}): robust accuracy at eps {results['eps']} on {results['images']} mnist5k "
         f"test images ({', '.join(map(str, audit_images))} for the audit), and the CPU time (all threads) "
         f"as a share of AutoAttack's on the same model; {results['torch_threads']} torch threads on "
-        f"{results['cpu_count']} cores shared with other work (load average {load[0]} at the start, "
-        f"{load[1]} at the end){reuse}.",
+        f"{results['cpu_count']} cores (load average {load[0]} at the start, {load[1]} at the end){reuse}.",
         "",
         "| model | clean | AutoAttack (standard) | `robustcnn run` defaults | `robustcnn audit` | PGD-40 |",
         "|---|---|---|---|---|---|",
