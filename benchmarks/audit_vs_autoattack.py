@@ -27,7 +27,8 @@ recorded, not asserted.
 
 AutoAttack dominates the time (~15-20 min per model on 2 cores): ``--reuse-autoattack`` takes a
 model's AutoAttack figures from the existing output file when that file was written whole by this
-script (its digest matches) on the same weights, images and eps, and says so (``reused_from``).
+script (its digest matches) on the same weights (sha256 of the tensors), images and eps, and says so
+(``reused_from``).
 
 Every figure in the file is measured here: wall and CPU seconds (all threads, ``resource.getrusage``)
 and the load average before and after each evaluation, the torch threads, and (benchmarks/_report.py)
@@ -38,6 +39,7 @@ machine: waiting for a core is not counted in it.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import tempfile
@@ -125,6 +127,15 @@ def robust_mask(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, batch:
         return torch.cat(
             [model(x[i : i + batch]).argmax(1) == y[i : i + batch] for i in range(0, len(y), batch)]
         )
+
+
+def weights_digest(model: torch.nn.Module) -> str:
+    """sha256 of the model's parameters and buffers, in state-dict order."""
+    digest = hashlib.sha256()
+    for name, tensor in model.state_dict().items():
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()
 
 
 def autoattack(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, batch: int) -> dict[str, Any]:
@@ -269,12 +280,15 @@ def compare(name: str, args: argparse.Namespace, device: torch.device) -> dict[s
             **({} if trained.cache_hit else training),
         },
         "weights_key": trained.key,
+        # the cache key hashes the training config, not the weights: a retrain elsewhere gives other
+        # weights under the same key, so AutoAttack figures are reused only for the same digest
+        "weights_sha256": weights_digest(model),
         "images": len(y),
         "eps": EPS,
         "clean_accuracy": float(robust_mask(model, x, y).float().mean()),
     }
     found["pgd40"] = pgd40(model, x, y)
-    header = {key: found[key] for key in ("weights_key", "images", "eps")}
+    header = {key: found[key] for key in ("weights_key", "weights_sha256", "images", "eps")}
     reused = reusable_autoattack(args.out, name, header) if args.reuse_autoattack else None
     if not args.only_autoattack:
         found["run_defaults"] = run_defaults(model, x, y)

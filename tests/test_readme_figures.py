@@ -129,7 +129,7 @@ def test_audit_benchmark_reuses_autoattack_only_from_its_own_unedited_output(tmp
     import _report
     import audit_vs_autoattack as bench
 
-    header = {"weights_key": "k", "images": 10, "eps": bench.EPS}
+    header = {"weights_key": "k", "weights_sha256": "a" * 64, "images": 10, "eps": bench.EPS}
     figures = {"robust_accuracy": 0.6, "seconds": 100.0, "cpu_seconds": 150.0}
     out = tmp_path / "audit_vs_autoattack.json"
     models = {"pgd_at_20": {**header, "autoattack": figures}}
@@ -139,6 +139,8 @@ def test_audit_benchmark_reuses_autoattack_only_from_its_own_unedited_output(tmp
     assert reused["reused_from"]["sha256"] == json.loads(out.read_text())["sha256"]
     assert bench.reusable_autoattack(out, "pgd_at_20", {**header, "images": 20}) is None  # other images
     assert bench.reusable_autoattack(out, "pgd_at_preset", header) is None  # another model
+    # the same training config retrained elsewhere: same cache key, other weights
+    assert bench.reusable_autoattack(out, "pgd_at_20", {**header, "weights_sha256": "b" * 64}) is None
 
     edited = json.loads(out.read_text())
     edited["results"]["models"]["pgd_at_20"]["autoattack"]["cpu_seconds"] = 2195.0  # a figure typed in
