@@ -347,6 +347,11 @@ def is_fixed_step(attack: Attack) -> bool:
     return isinstance(attack, PGD) and is_white_box_gradient(attack)
 
 
+def listed(name: str, names: Sequence[str]) -> bool:
+    """``name`` (or the attack it is the EOT variant of) is one of ``names``."""
+    return name in names or name.removeprefix("eot_") in names
+
+
 def run_selected(
     named: Mapping[str, Attack],
     model: nn.Module,
@@ -365,7 +370,7 @@ def run_selected(
     for name, attack in named.items():
         log.info("attack %s: %r", name, attack)
         attack.progress = progress
-        sparse = name in reference_only or name.removeprefix("eot_") in reference_only
+        sparse = listed(name, reference_only)
         results[name] = attack.run(
             model,
             x,
@@ -384,9 +389,7 @@ def split_follow_ups(
     Without a white-box gradient attack among the others there are no follow-ups: a black-box
     model's Square and noise are its main attacks, run on every sample.
     """
-    follow = {
-        k: a for k, a in named.items() if k in survivors_only or k.removeprefix("eot_") in survivors_only
-    }
+    follow = {k: a for k, a in named.items() if listed(k, survivors_only)}
     main = {k: a for k, a in named.items() if k not in follow}
     if not any(is_white_box_gradient(a) for a in main.values()):
         return dict(named), {}
@@ -399,26 +402,27 @@ def run_follow_ups(
     x: Tensor,
     y: Tensor,
     threat: ThreatModel,
-    results: Mapping[str, AttackResult],
+    main_worst: Tensor,
     reference_only: Sequence[str],
     progress: bool,
     inspector_for: InspectorFor | None = None,
 ) -> dict[str, AttackResult]:
     """Each follow-up attack, on the samples every main attack left correct at its smallest eps (> 0).
 
+    ``main_worst``: :func:`worst_case` of the main attacks' results.
+
     Why (AutoAttack's cascade): noise and Square are there to catch what the gradient attacks
     missed; on a sample the gradient attacks already broke they can change nothing, and on a
     weakly robust model those are nearly all of the budget. Each result carries its ``rows`` and
     counts in the worst case there; the baseline checks ask how many more samples it broke.
     """
-    worst = worst_case(threat, results, {})
     found: dict[str, AttackResult] = {}
     for name, attack in follow.items():
-        sparse = name in reference_only or name.removeprefix("eot_") in reference_only
+        sparse = listed(name, reference_only)
         at = with_eps(threat, probe_eps(threat)) if sparse else threat
         # eps 0 changes no image: the survivors of the smallest real radius are those worth attacking
         smallest = min((value for value in at.eps if value > 0), default=at.eps[0])
-        rows = worst[list(threat.eps).index(smallest)].nonzero().flatten()
+        rows = main_worst[list(threat.eps).index(smallest)].nonzero().flatten()
         if rows.numel() == 0:
             log.info("follow-up %s: every sample already broken, nothing to attack", name)
             continue
@@ -596,6 +600,22 @@ def strength_probes(
     return run_probes(reference[1], reference[0], model, x, y, threat, settings, inspector_for, attacked)
 
 
+def gradient_figures(
+    model: nn.Module,
+    x: Tensor,
+    y: Tensor,
+    named: Mapping[str, Attack],
+    settings: BatterySettings,
+    batch_size: int,
+) -> tuple[float | None, float | None]:
+    """:func:`gradient_stats` on the first ``probe_samples`` images when the checks are on and a
+    white-box gradient attack ran (the gradient check concerns those); (None, None) otherwise."""
+    if not settings.enabled or not any(is_white_box_gradient(a) for a in named.values()):
+        return None, None
+    probe_n = min(int(x.shape[0]), settings.probe_samples)
+    return gradient_stats(model, x[:probe_n], y[:probe_n], batch_size)
+
+
 def run_battery(
     model: nn.Module,
     x: Tensor,
@@ -630,16 +650,14 @@ def run_battery(
     inspecting = inspector_for if settings.enabled else None
     main, follow = split_follow_ups(named, survivors_only)
     results = run_selected(main, model, x, y, threat, reference_only, progress, inspecting)
-    follow_ups = run_follow_ups(follow, model, x, y, threat, results, reference_only, progress, inspecting)
-    added = newly_broken(follow_ups, threat, worst_case(threat, results, {}))
+    main_worst = worst_case(threat, results, {})
+    follow_ups = run_follow_ups(follow, model, x, y, threat, main_worst, reference_only, progress, inspecting)
+    added = newly_broken(follow_ups, threat, main_worst)
     reference = reference_attack(main, stochastic)
     reference_pgd = reference[0] if reference is not None else None
     probes = strength_probes(reference, model, x, y, threat, results, follow_ups, settings, inspector_for)
     worst = worst_case(threat, results, {**probes, **follow_ups})
-    gradient: tuple[float | None, float | None] = (None, None)
-    if settings.enabled and any(is_white_box_gradient(a) for a in named.values()):
-        probe_n = min(n, settings.probe_samples)
-        gradient = gradient_stats(model, x[:probe_n], y[:probe_n], batch_size)
+    gradient = gradient_figures(model, x, y, named, settings, batch_size)
     if clean_accuracy is None:
         clean_accuracy = float(results[next(iter(results))].clean_correct.float().mean())
     eps = list(threat.eps)
