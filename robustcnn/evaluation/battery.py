@@ -616,6 +616,95 @@ def gradient_figures(
     return gradient_stats(model, x[:probe_n], y[:probe_n], batch_size)
 
 
+@dataclass
+class _Evidence:
+    """Everything the attacks of one battery produced, before it is judged.
+
+    Why apart from :class:`BatteryResult`: the judge needs the follow-ups' own list and the main
+    attacks' ``reference_pgd``, which the result does not keep; the result needs the verdict, which
+    only the judge gives.
+    """
+
+    named: dict[str, Attack]
+    stochastic: bool
+    witnesses: dict[str, ThreatWitness]
+    results: dict[str, AttackResult]
+    follow: dict[str, Attack]
+    follow_ups: dict[str, AttackResult]
+    added: dict[str, list[int]]
+    reference_pgd: str | None
+    probes: dict[str, AttackResult]
+    worst: Tensor
+    gradient: tuple[float | None, float | None]
+
+
+def _attack_all(
+    model: nn.Module,
+    x: Tensor,
+    y: Tensor,
+    threat: ThreatModel,
+    attacks: Sequence[Attack],
+    settings: BatterySettings,
+    progress: bool,
+    reference_only: Sequence[str],
+    survivors_only: Sequence[str],
+) -> _Evidence:
+    """The main attacks, then the follow-ups on their survivors, then the strength probes on what
+    every attack left robust, and the gradient figures (see :func:`run_battery`)."""
+    batch_size = attacks[0].batch_size if attacks else 256
+    stochastic = is_stochastic(model, x[: min(int(x.shape[0]), 64)], batch_size)
+    named = select_attacks(attacks, stochastic, settings.eot_samples, batch_size)
+    witnesses, inspector_for = witnesses_for(model, threat)
+    inspecting = inspector_for if settings.enabled else None
+    main, follow = split_follow_ups(named, survivors_only)
+    results = run_selected(main, model, x, y, threat, reference_only, progress, inspecting)
+    main_worst = worst_case(threat, results, {})
+    follow_ups = run_follow_ups(follow, model, x, y, threat, main_worst, reference_only, progress, inspecting)
+    reference = reference_attack(main, stochastic)
+    probes = strength_probes(reference, model, x, y, threat, results, follow_ups, settings, inspector_for)
+    return _Evidence(
+        named=dict(named),
+        stochastic=stochastic,
+        witnesses=witnesses,
+        results=results,
+        follow=dict(follow),
+        follow_ups=follow_ups,
+        added=newly_broken(follow_ups, threat, main_worst),
+        reference_pgd=reference[0] if reference is not None else None,
+        probes=probes,
+        worst=worst_case(threat, results, {**probes, **follow_ups}),
+        gradient=gradient_figures(model, x, y, named, settings, batch_size),
+    )
+
+
+def _judged(
+    evidence: _Evidence,
+    worst_curve: list[float],
+    threat: ThreatModel,
+    settings: BatterySettings,
+    undefended: bool,
+) -> list[CheckResult]:
+    """The sanity checks of the battery (none when ``checks.enabled`` is false)."""
+    if not settings.enabled:
+        return []
+    e = evidence
+    return judge(
+        e.results,
+        e.probes,
+        worst_curve,
+        threat,
+        undefended=undefended,
+        stochastic=e.stochastic,
+        gradient=e.gradient,
+        reference_pgd=e.reference_pgd,
+        settings=settings.checks,
+        named=e.named,
+        witnesses=e.witnesses,
+        # a follow-up that found no survivor to attack is judged as such (None)
+        follow_ups={k: (e.follow_ups[k], e.added[k]) if k in e.follow_ups else None for k in e.follow},
+    )
+
+
 def run_battery(
     model: nn.Module,
     x: Tensor,
@@ -642,62 +731,28 @@ def run_battery(
     settings = settings or BatterySettings()
     device = device or next(model.parameters()).device
     x, y = x.to(device), y.to(device).long()
-    n = int(x.shape[0])
-    batch_size = attacks[0].batch_size if attacks else 256
-    stochastic = is_stochastic(model, x[: min(n, 64)], batch_size)
-    named = select_attacks(attacks, stochastic, settings.eot_samples, batch_size)
-    witnesses, inspector_for = witnesses_for(model, threat)
-    inspecting = inspector_for if settings.enabled else None
-    main, follow = split_follow_ups(named, survivors_only)
-    results = run_selected(main, model, x, y, threat, reference_only, progress, inspecting)
-    main_worst = worst_case(threat, results, {})
-    follow_ups = run_follow_ups(follow, model, x, y, threat, main_worst, reference_only, progress, inspecting)
-    added = newly_broken(follow_ups, threat, main_worst)
-    reference = reference_attack(main, stochastic)
-    reference_pgd = reference[0] if reference is not None else None
-    probes = strength_probes(reference, model, x, y, threat, results, follow_ups, settings, inspector_for)
-    worst = worst_case(threat, results, {**probes, **follow_ups})
-    gradient = gradient_figures(model, x, y, named, settings, batch_size)
+    e = _attack_all(model, x, y, threat, attacks, settings, progress, reference_only, survivors_only)
     if clean_accuracy is None:
-        clean_accuracy = float(results[next(iter(results))].clean_correct.float().mean())
-    eps = list(threat.eps)
-    worst_curve = [float(v) for v in worst.float().mean(1)]
-    check_list = (
-        judge(
-            results,
-            probes,
-            worst_curve,
-            threat,
-            undefended=undefended,
-            stochastic=stochastic,
-            gradient=gradient,
-            reference_pgd=reference_pgd,
-            settings=settings.checks,
-            named=named,
-            witnesses=witnesses,
-            # a follow-up that found no survivor to attack is judged as such (None)
-            follow_ups={k: (follow_ups[k], added[k]) if k in follow_ups else None for k in follow},
-        )
-        if settings.enabled
-        else []
-    )
-    reference_accuracy = worst_curve[eps.index(reference_eps(threat))]
+        clean_accuracy = float(e.results[next(iter(e.results))].clean_correct.float().mean())
+    worst_curve = [float(v) for v in e.worst.float().mean(1)]
+    check_list = _judged(e, worst_curve, threat, settings, undefended)
+    reference_accuracy = worst_curve[list(threat.eps).index(reference_eps(threat))]
     return BatteryResult(
         threat=threat,
         clean_accuracy=clean_accuracy,
-        n=n,
-        attacks=results,
-        probes=probes,
-        worst_correct=worst,
-        stochastic=stochastic,
-        gradient_zero_fraction=gradient[0],
-        gradient_nan_fraction=gradient[1],
+        n=int(x.shape[0]),
+        attacks=e.results,
+        probes=e.probes,
+        worst_correct=e.worst,
+        stochastic=e.stochastic,
+        gradient_zero_fraction=e.gradient[0],
+        gradient_nan_fraction=e.gradient[1],
         checks=check_list,
         verdict=checks.verdict(
             check_list, reference_accuracy, settings.checks.robust_threshold, enabled=settings.enabled
         ),
         reference_eps=reference_eps(threat),
-        evidence=checks.evidence([k for k, a in named.items() if is_white_box_gradient(a)]),
-        follow_ups=follow_ups,
-        newly_broken=added,
+        evidence=checks.evidence([k for k, a in e.named.items() if is_white_box_gradient(a)]),
+        follow_ups=e.follow_ups,
+        newly_broken=e.added,
     )
