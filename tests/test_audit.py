@@ -460,11 +460,13 @@ def test_bad_input_through_the_cli_exits_2_without_traceback_and_keeps_earlier_r
 
 # ---------------------------------------------------------------- the acceptance pair: defended vs undefended
 
-#: An adversarially trained lenet5: PGD-10 adversarial training as the mnist_defenses preset trains it
-#: (constant Adam 3e-3, batch 100, no shifts) for 4 epochs instead of 12: ~61% robust at eps 0.3 under
-#: APGD-50 (measured on 300 test images), about a minute of training on 2 cores.
+#: An adversarially trained lenet5: PGD adversarial training as the mnist_defenses preset trains it
+#: (constant Adam 3e-3, batch 100, no shifts) for 4 epochs instead of 12, with PGD-5 (step 2.5 eps / 5)
+#: instead of PGD-10: 60.7% worst-case robust at eps 0.3 under this test's audit (300 test images;
+#: PGD-10 gave 64.0%), well above the 0.5 gate, in 43 s of training on 2 cores instead of 75 s.
 PGD_AT = (
     "defense=pgd_at",
+    "defense.steps=5",
     "defense.warmup_epochs=1",
     "training.epochs=4",
     "training.batch_size=100",
