@@ -9,7 +9,8 @@ import torch
 from torch import Tensor, nn
 
 from robustcnn.attacks import FMN, PGD, build_attack
-from robustcnn.attacks.base import AttackInvariantError, PerturbContext
+from robustcnn.attacks.context import PerturbContext
+from robustcnn.attacks.contract import AttackInvariantError
 from robustcnn.errors import ConfigError
 from robustcnn.evaluation.battery import BatterySettings, run_battery
 from robustcnn.threat import ThreatModel

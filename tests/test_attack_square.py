@@ -13,7 +13,7 @@ import pytest
 import torch
 from torch import Tensor, nn
 
-from robustcnn.attacks.base import AttackResult
+from robustcnn.attacks.result import AttackResult
 from robustcnn.attacks.square import Square, p_selection, square_pattern
 from robustcnn.data import load_dataset
 from robustcnn.errors import ConfigError

@@ -18,13 +18,9 @@ from robustcnn.attacks import (
     build_attack,
     with_eot,
 )
-from robustcnn.attacks.base import (
-    Attack,
-    AttackInvariantError,
-    AttackOptions,
-    PerturbContext,
-    constructor_parameters,
-)
+from robustcnn.attacks.base import Attack, AttackOptions, constructor_parameters
+from robustcnn.attacks.context import PerturbContext
+from robustcnn.attacks.contract import AttackInvariantError
 from robustcnn.attacks.gradient import GradientAttack, GradientOptions
 from robustcnn.attacks.pgd import PGDOptions
 from robustcnn.attacks.restarts import Restarts, SampleRows

@@ -18,7 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from robustcnn.attacks import FGSM, PGD, Transfer, build_attack
-from robustcnn.attacks import base as attack_base
+from robustcnn.attacks import batches as attack_batches
 from robustcnn.evaluation import checks
 from robustcnn.evaluation.battery import BatterySettings, run_battery
 from robustcnn.models import Classifier, build_model, set_inference_dropout
@@ -78,7 +78,7 @@ class Case:
     model: Callable[[nn.Module], nn.Module] = lambda net: net
     settings: BatterySettings = FAST
     undefended: bool = True
-    patch: dict[str, Any] = field(default_factory=dict)  # attribute of attacks/base.py -> replacement
+    patch: dict[str, Any] = field(default_factory=dict)  # attribute of attacks/batches.py -> replacement
     threat: ThreatModel = THREAT
     #: attacks run last, on the samples the others left correct (the audit's square and noise)
     survivors_only: tuple[str, ...] = ()
@@ -146,7 +146,7 @@ BREAKERS: dict[str, tuple[Case, str]] = {
 
 def run_case(case: Case, net: nn.Module, data: Any, monkeypatch: pytest.MonkeyPatch) -> dict[str, Any]:
     for name, replacement in case.patch.items():
-        monkeypatch.setattr(attack_base, name, replacement)
+        monkeypatch.setattr(attack_batches, name, replacement)
     model = case.model(net)
     x, y = data.x_test[:N], data.y_test[:N]
     battery = run_battery(

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 from robustcnn.attacks.apgd import APGD, APGDT
-from robustcnn.attacks.base import Attack, AttackInvariantError, AttackResult, PerturbContext
+from robustcnn.attacks.base import Attack
+from robustcnn.attacks.context import PerturbContext
+from robustcnn.attacks.contract import AttackInvariantError
 from robustcnn.attacks.eot import make_eot, with_eot
 from robustcnn.attacks.fgsm import FGSM
 from robustcnn.attacks.fmn import FMN
@@ -18,6 +20,7 @@ from robustcnn.attacks.registry import (
     register_attack,
     register_backend,
 )
+from robustcnn.attacks.result import AttackResult
 from robustcnn.attacks.square import Square
 from robustcnn.attacks.transfer import Transfer
 

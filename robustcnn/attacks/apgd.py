@@ -25,10 +25,12 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor, nn
 
-from robustcnn.attacks.base import AttackOptions, PerturbContext, SettingValue, goal_reached
+from robustcnn.attacks.base import AttackOptions
+from robustcnn.attacks.context import PerturbContext, goal_reached
 from robustcnn.attacks.gradient import GradientAttack, GradientOptions, objective, step_direction
 from robustcnn.attacks.pgd import start_point
 from robustcnn.attacks.restarts import Restarts, SampleRows, optional_rows
+from robustcnn.attacks.result import SettingValue
 from robustcnn.errors import ConfigError
 from robustcnn.threat import ThreatModel, project
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-from robustcnn.attacks.base import PerturbContext
+from robustcnn.attacks.context import PerturbContext
 from robustcnn.attacks.gradient import GradientAttack, step_direction
 from robustcnn.threat import ThreatModel
 

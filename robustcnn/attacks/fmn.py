@@ -22,7 +22,7 @@ Both rates decay by cosine annealing over the steps: alpha from ``step_size`` to
 iterate is checked too.
 
 Per eps, nothing is searched again: the base verifies each sample's smallest example with its own
-forward pass (:class:`robustcnn.attacks.base.SmallestFound`), and at every eps whose ball holds it
+forward pass (:class:`robustcnn.attacks.result.SmallestFound`), and at every eps whose ball holds it
 the sample reports that very example (its verified logits are vouched for, so the answer is exactly
 "minimal perturbation <= eps"); a sample whose example lies outside the ball reports the example's
 projection onto it, measured like any candidate (it rarely still fools the model).
@@ -45,14 +45,11 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor, nn
 
-from robustcnn.attacks.base import (
-    AttackInvariantError,
-    AttackOptions,
-    PerturbContext,
-    SettingValue,
-    goal_reached,
-)
+from robustcnn.attacks.base import AttackOptions
+from robustcnn.attacks.context import PerturbContext, goal_reached
+from robustcnn.attacks.contract import AttackInvariantError
 from robustcnn.attacks.gradient import GradientAttack, objective
+from robustcnn.attacks.result import SettingValue
 from robustcnn.errors import ConfigError
 from robustcnn.threat import ThreatModel, perturbation_norms, project
 

@@ -16,7 +16,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from robustcnn.attacks.base import Attack, AttackOptions, PerturbContext, SettingValue
+from robustcnn.attacks.base import Attack, AttackOptions
+from robustcnn.attacks.context import PerturbContext
+from robustcnn.attacks.result import SettingValue
 from robustcnn.errors import ConfigError
 
 if TYPE_CHECKING:

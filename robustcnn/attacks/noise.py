@@ -12,7 +12,9 @@ from typing import TYPE_CHECKING
 
 from torch import Tensor, nn
 
-from robustcnn.attacks.base import Attack, AttackOptions, PerturbContext, SettingValue, goal_reached
+from robustcnn.attacks.base import Attack, AttackOptions
+from robustcnn.attacks.context import PerturbContext, goal_reached
+from robustcnn.attacks.result import SettingValue
 from robustcnn.errors import ConfigError
 from robustcnn.threat import ThreatModel, project
 

@@ -23,9 +23,10 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor, nn
 
-from robustcnn.attacks.base import PerturbContext, SettingValue, goal_reached
+from robustcnn.attacks.context import PerturbContext, goal_reached
 from robustcnn.attacks.gradient import GradientAttack, GradientOptions, step_direction
 from robustcnn.attacks.restarts import Restarts, SampleRows, optional_rows
+from robustcnn.attacks.result import SettingValue
 from robustcnn.errors import ConfigError
 from robustcnn.threat import ThreatModel, project
 

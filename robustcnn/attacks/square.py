@@ -49,9 +49,11 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor, nn
 
-from robustcnn.attacks.base import Attack, AttackOptions, PerturbContext, SettingValue, goal_reached
+from robustcnn.attacks.base import Attack, AttackOptions
+from robustcnn.attacks.context import PerturbContext, goal_reached
 from robustcnn.attacks.gradient import LOSSES, objective
 from robustcnn.attacks.restarts import Restarts, SampleRows, optional_rows
+from robustcnn.attacks.result import SettingValue
 from robustcnn.config import config_int
 from robustcnn.errors import ConfigError
 from robustcnn.threat import ThreatModel

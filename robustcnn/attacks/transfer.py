@@ -11,9 +11,11 @@ from typing import TYPE_CHECKING
 
 from torch import Tensor, nn
 
-from robustcnn.attacks.base import PerturbContext, SettingValue, attack_mode
+from robustcnn.attacks.context import PerturbContext
+from robustcnn.attacks.contract import attack_mode
 from robustcnn.attacks.gradient import GradientAttack, GradientOptions
 from robustcnn.attacks.pgd import PGD
+from robustcnn.attacks.result import SettingValue
 from robustcnn.errors import ConfigError
 from robustcnn.threat import ThreatModel
 

@@ -7,7 +7,7 @@ the loss, i.e. the settings (eps, norm, steps, step rule), their validation, the
 warm-up and the bookkeeping, which :class:`AdversarialSettings` and :class:`AdversarialHook`
 hold once.
 
-The inner maximisation always runs inside :func:`~robustcnn.attacks.base.attack_mode` (eval mode,
+The inner maximisation always runs inside :func:`~robustcnn.attacks.contract.attack_mode` (eval mode,
 frozen parameters, verified), so the only backward pass that reaches the parameters is the one
 the loop runs on the returned loss. The examples come from the attack code itself
 (:meth:`PGD.ascend <robustcnn.attacks.pgd.PGD.ascend>`; FGSM with a random start is PGD with one
@@ -34,7 +34,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from robustcnn.attacks.base import PerturbContext, attack_mode
+from robustcnn.attacks.context import PerturbContext
+from robustcnn.attacks.contract import attack_mode
 from robustcnn.attacks.fgsm import FGSM
 from robustcnn.attacks.gradient import step_direction
 from robustcnn.attacks.pgd import PGD

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from robustcnn.attacks import APGD, PGD, Attack, AttackResult, RandomNoise, with_eot
-from robustcnn.attacks.base import ExampleInspector, attack_mode, input_bounds
+from robustcnn.attacks.contract import ExampleInspector, attack_mode, input_bounds
 from robustcnn.batching import in_batches
 from robustcnn.config import config_bool, config_float, config_int, config_section
 from robustcnn.evaluation import checks, minimal

@@ -229,7 +229,8 @@ def monotone_check(
 
 
 def enforced_invariants(targeted: bool) -> list[CheckResult]:
-    """What the attack base guarantees by construction (attacks/base.py): listed, never a pass."""
+    """What the attack base guarantees by construction (attacks/contract.py, attacks/batches.py):
+    listed, never a pass."""
     listed = [
         checks.enforced(
             "model_unchanged_by_attacks",

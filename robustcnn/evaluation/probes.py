@@ -17,7 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from robustcnn.attacks import APGD, PGD, AttackResult
-from robustcnn.attacks.base import ExampleInspector
+from robustcnn.attacks.contract import ExampleInspector
 from robustcnn.threat import ThreatModel
 
 #: The suffix the probe reports under: ``<reference attack>_per_eps``.

@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from robustcnn.attacks.base import attack_mode
+from robustcnn.attacks.contract import attack_mode
 from robustcnn.batching import autocast_for
 from robustcnn.errors import ConfigError
 from robustcnn.face.masks import check_mask

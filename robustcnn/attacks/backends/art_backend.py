@@ -50,7 +50,7 @@ from robustcnn.attacks.backends.common import (
     preserved_model_state,
     seeded_rng,
 )
-from robustcnn.attacks.base import PerturbContext
+from robustcnn.attacks.context import PerturbContext
 from robustcnn.attacks.fgsm import FGSM
 from robustcnn.attacks.gradient import GradientOptions
 from robustcnn.attacks.pgd import PGD, PGDOptions

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from robustcnn.attacks.base import PerturbContext
+from robustcnn.attacks.context import PerturbContext
 from robustcnn.errors import ConfigError
 
 

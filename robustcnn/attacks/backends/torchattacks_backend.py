@@ -46,7 +46,7 @@ from robustcnn.attacks.backends.common import (
     preserved_model_state,
     seeded_rng,
 )
-from robustcnn.attacks.base import PerturbContext, goal_reached
+from robustcnn.attacks.context import PerturbContext, goal_reached
 from robustcnn.attacks.fgsm import FGSM
 from robustcnn.attacks.gradient import GradientOptions
 from robustcnn.attacks.pgd import PGD, PGDOptions
