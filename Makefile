@@ -46,7 +46,7 @@ PYTEST_PARALLEL ?= -n 2 --dist worksteal
 test: $(STAMP) lint assets
 	ROBUSTCNN_REQUIRE_ASSETS=1 $(BIN)/python -m pytest -q $(PYTEST_PARALLEL) --durations=15
 
-## The edit loop (< 3 minutes): everything but the tests marked slow.
+## The edit loop (a few minutes on 2 cores): everything but the tests marked slow.
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -q $(PYTEST_PARALLEL) -m "not slow" --durations=10
 
