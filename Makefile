@@ -63,14 +63,16 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/defenses.py
 	$(BIN)/python benchmarks/sweep_overhead.py
 
-## The audit and the run defaults against AutoAttack on two adversarially trained lenet5 (~15 min on 2 quiet cores; not in `bench`).
+## The audit and the run defaults against AutoAttack on three adversarially trained lenet5 (about an hour on 2 quiet cores; not in `bench`).
 bench-audit: $(STAMP)
 	$(BIN)/python benchmarks/audit_vs_autoattack.py
 
 ## Face patch speed: ms per optimisation step of the code before the faster loop against the current code
-## (a couple of minutes; needs `make assets`); figures to reports/benchmarks/face_patch.json.
+## (a couple of minutes; needs `make assets`); figures to reports/benchmarks/face_patch.json. Then face_smoke once
+## per shipped mask, judged on the held-out recognizers (a few minutes): reports/benchmarks/face_transfer_masks.json.
 bench-face: $(STAMP)
 	$(BIN)/python benchmarks/face_patch.py
+	$(BIN)/python benchmarks/face_transfer_masks.py
 
 ## The load test: 50 tiny jobs through joblib with 2 workers, then 50 with 4 workers while `robustcnn report`
 ## reads the same sqlite store in a loop; figures to reports/benchmarks/soak.json.

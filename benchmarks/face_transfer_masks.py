@@ -36,6 +36,8 @@ ROOT = Path(__file__).resolve().parent.parent
 MASKS = ("eyeglasses", "sticker", "hat_band")
 #: What each run keeps from its results.json.
 KEPT = ("mask", "mask_area_percent", "figures", "transfer", "photo_split", "job_seconds", "threshold")
+#: What it keeps of each patch: its evaluations in sample, on held-out photos and on each held-out recognizer.
+PATCH_KEPT = ("goal", "attacker", "target", "held_out", "in_sample", "held_out_photos", "transfer")
 
 
 def main() -> None:
@@ -61,10 +63,7 @@ def run_mask(mask: str, eval_draws: int, folder: Path) -> dict[str, Any]:
     if not results_file.is_file():
         raise SystemExit(f"face_smoke with face.mask={mask} wrote no results.json:\n{done.stderr[-3000:]}")
     results = json.loads(results_file.read_text())
-    patches = [
-        {key: patch[key] for key in ("goal", "attacker", "target", "held_out", "transfer")}
-        for patch in results["patches"]
-    ]
+    patches = [{key: patch[key] for key in PATCH_KEPT} for patch in results["patches"]]
     print(f"{mask}: exit {done.returncode}, {results['job_seconds']:.0f} s", flush=True)
     return {
         "command": "robustcnn " + " ".join(command),
