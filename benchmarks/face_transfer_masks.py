@@ -35,7 +35,10 @@ from _report import write_report
 ROOT = Path(__file__).resolve().parent.parent
 MASKS = ("eyeglasses", "sticker", "hat_band")
 #: What each run keeps from its results.json.
-KEPT = ("mask", "mask_area_percent", "figures", "transfer", "photo_split", "job_seconds", "threshold")
+KEPT = (
+    "recognizer", "holdout_recognizers", "mask", "mask_area_percent", "figures", "transfer", "photo_split",
+    "job_seconds", "threshold",
+)  # fmt: skip
 #: What it keeps of each patch: its evaluations in sample, on held-out photos and on each held-out recognizer.
 PATCH_KEPT = ("goal", "attacker", "target", "held_out", "in_sample", "held_out_photos", "transfer")
 
