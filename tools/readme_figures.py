@@ -202,49 +202,70 @@ def face_transfer(run: dict[str, Any]) -> str:
     return "\n".join(rows)
 
 
-def _transfer_row(mask: str, recognizer: str, evaluation: dict[str, Any], random_rate: float) -> str:
-    """One dodging evaluation: success next to the random patch and the bare face, and the paired test."""
-    verdict = "yes" if evaluation["beats_baseline"] else "no"
+def _per_seed(values: list[float]) -> str:
+    return " / ".join(_pct(value) for value in values)
+
+
+def _transfer_row(mask: str, recognizer: str, evaluations: list[dict[str, Any]], random_key: str) -> str:
+    """One recognizer's dodging evaluations, one per seed: success next to the random patch and the bare
+    face, and how many beat their random patch (the paired test, p < 0.05)."""
+    random_rates = [e["random_patch"]["success_rate"] if random_key == "random_patch" else e[random_key]
+                    for e in evaluations]  # fmt: skip
+    beats = sum(bool(e["beats_baseline"]) for e in evaluations)
     return (
-        f"| {mask} | {recognizer} | {evaluation['held_out']} | {_pct(evaluation['success_rate'])} "
-        f"| {_pct(random_rate)} | {_pct(evaluation['clean_success_rate'])} "
-        f"| {verdict} (p = {evaluation['p_value']:.2g}) |"
+        f"| {mask} | {recognizer} | {evaluations[0]['held_out']} "
+        f"| {_per_seed([e['success_rate'] for e in evaluations])} | {_per_seed(random_rates)} "
+        f"| {_per_seed([e['clean_success_rate'] for e in evaluations])} | {beats} of {len(evaluations)} |"
     )
 
 
+def _dodging(run: dict[str, Any]) -> dict[str, Any]:
+    return next(patch for patch in run["patches"] if patch["goal"] == "dodging")
+
+
 def face_transfer_masks(report: dict[str, Any]) -> str:
-    """The face_smoke study per shipped mask: the dodging patch on held-out photos, on the recognizer
-    it was optimised against and on those it never saw."""
-    runs, machine = report["results"], report["machine"]
-    first = next(iter(runs.values()))
+    """The face_smoke study per shipped mask and seed: the dodging patch on the held-out photo, on the
+    recognizer it was optimised against and on those it never saw."""
+    masks, machine, seeds = report["results"], report["machine"], report["seeds"]
+    first = next(iter(next(iter(masks.values())).values()))
+    photos = [
+        split["evaluation"][0]
+        for run in next(iter(masks.values())).values()
+        for split in run["photo_split"]["identities"].values()
+    ]
+    chosen = (
+        ", the first whose photo splits hold out a different photo of the attacker each"
+        if report["seed_choice"] == "distinct_held_out_photos"
+        else ""
+    )
     rows = [
         f"`benchmarks/face_transfer_masks.py` (`reports/benchmarks/face_transfer_masks.json`; "
         f"{report['date'][:10]}; {machine['cpu_threads']} CPU threads): `robustcnn run "
-        f"experiment=face_smoke face.mask=M face.eval_draws={report['eval_draws']}` for every shipped "
-        f"mask M, each with its default shape. Each dodging patch is optimised against "
-        f"{first['recognizer']} alone and judged on the attacker's photo the "
-        f"optimisation never saw, against the enrolled template, on {report['eval_draws']} held-out "
-        "draws, by the recognizer it was optimised against and by each recognizer it never saw (each "
-        "with its own threshold fitted at the same FAR apart from the study), next to a random patch of "
-        "the same mask on the same draws and the bare face:",
+        f"experiment=face_smoke face.mask=M face.eval_draws={report['eval_draws']} seed=S` for every "
+        f"shipped mask M (its default shape) and the seeds S = {', '.join(map(str, seeds))}"
+        f"{chosen}, holding out {', '.join(photos)}. "
+        f"Each dodging patch is optimised against {first['recognizer']} alone and judged on the photo the "
+        f"optimisation never saw, against the enrolled template, on {report['eval_draws']} held-out draws, "
+        "by the recognizer it was optimised against and by each recognizer it never saw (each with its own "
+        "threshold fitted at the same FAR apart from the study), next to a random patch of the same mask "
+        "on the same draws and the bare face. Each cell lists the seeds in order:",
         "",
         "| mask (share of the crop) | recognizer | held out | dodging success | random patch | no patch "
-        "| beats its random patch |",
+        "| beating their random patch |",
         "|---|---|---|---|---|---|---|",
     ]
     impersonation = 0.0
-    for run in runs.values():
-        mask = f"{run['mask']} ({run['mask_area_percent']:.1f}%)"
-        for patch in run["patches"]:
-            if patch["goal"] != "dodging":
-                for evaluation in patch["transfer"].values():
-                    impersonation = max(impersonation, evaluation["success_rate"])
-                continue
-            held = patch["held_out_photos"]
-            attacked = f"{run['recognizer']} (attacked)"
-            rows.append(_transfer_row(mask, attacked, held, held["random_patch"]["success_rate"]))
-            for name, evaluation in patch["transfer"].items():
-                rows.append(_transfer_row(mask, name, evaluation, evaluation["random_patch_success_rate"]))
+    for runs in masks.values():
+        ordered = [runs[str(seed)] for seed in seeds]
+        mask = f"{ordered[0]['mask']} ({ordered[0]['mask_area_percent']:.1f}%)"
+        held = [_dodging(run)["held_out_photos"] for run in ordered]
+        rows.append(_transfer_row(mask, f"{ordered[0]['recognizer']} (attacked)", held, "random_patch"))
+        for name in ordered[0]["holdout_recognizers"]:
+            moved = [_dodging(run)["transfer"][name] for run in ordered]
+            rows.append(_transfer_row(mask, name, moved, "random_patch_success_rate"))
+        others = [patch for run in ordered for patch in run["patches"] if patch["goal"] != "dodging"]
+        for patch in others:
+            impersonation = max([impersonation, *(e["success_rate"] for e in patch["transfer"].values())])
     rows += [
         "",
         f"The impersonation patches of the same runs reach at most {_pct(impersonation)} on the "
