@@ -3,11 +3,15 @@
 Writes ``reports/benchmarks/face_patch.json``. One dodging eyeglass patch on the shipped face-api
 recognizer and the shipped photos (the first gallery identity's optimisation photos, the
 face_patch experiment's settings: physical variation, TV and NPS on, early stop off so every run
-makes the same number of steps), ``--eot-samples`` draws a step, for three contenders:
+makes the same number of steps), ``--eot-samples`` draws a step, for four contenders:
 
 * ``before``: the code at ``--before`` (default: main's HEAD when the work began);
 * ``after``: this checkout, all of a step's draws in one recognizer pass (``eot_batch`` None);
-* ``after_eot_batch_1``: this checkout, one draw per pass (what ``face.eot_batch=1`` costs).
+* ``after_eot_batch_1``: this checkout, one draw per pass (what ``face.eot_batch=1`` costs);
+* ``recognizer_only``: this checkout's recognizer alone, its forward pass and input gradient on a
+  step's batch of crops: the floor of a step (a loop whose warps, blur, penalties and update cost
+  nothing would still take this long), so ``recognizer_only_vs_before`` is the best ``after_vs_before``
+  any rewrite of the loop around this recognizer can reach.
 
 Why "before" is the old code and not ``eot_batch=1``: the old loop already put all of a step's EOT
 draws through one warp call and one recognizer forward; there was no per-draw path to compare with.
@@ -38,10 +42,15 @@ import sys
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from _report import write_report
 from _timing import Measured, interleaved
+
+if TYPE_CHECKING:  # the workers import torch and the package under test themselves (PYTHONPATH)
+    from torch import Tensor
+
+    from robustcnn.models.face.recognizer import FaceRecognizer
 
 ROOT = Path(__file__).resolve().parent.parent
 #: main's HEAD when the faster loop began (issue 19 item 6): the code "before".
@@ -136,10 +145,13 @@ class Worker:
         reply: dict[str, Any] = json.loads(line)
         return reply
 
-    def run(self, steps: int, eot_batch: int | None = None) -> dict[str, Any]:
-        """``steps`` steps of one patch (the same seed every time): its own seconds and losses."""
+    def run(self, steps: int, eot_batch: int | None = None, recognizer_only: bool = False) -> dict[str, Any]:
+        """``steps`` steps of one patch (the same seed every time): its own seconds and losses; or, with
+        ``recognizer_only``, just the recognizer's part of as many steps."""
         assert self.process.stdin is not None
-        request = {"steps": steps} if eot_batch is None else {"steps": steps, "eot_batch": eot_batch}
+        request: dict[str, Any] = {"steps": steps, "recognizer_only": recognizer_only}
+        if eot_batch is not None:
+            request["eot_batch"] = eot_batch
         self.process.stdin.write(json.dumps(request) + "\n")
         self.process.stdin.flush()
         return self._read()
@@ -151,12 +163,14 @@ class Worker:
 
 
 def measure(workers: dict[str, Worker], args: argparse.Namespace) -> dict[str, Any]:
-    """The three contenders interleaved; ms per step (median, min, max), ratios, the loss histories."""
+    """The four contenders interleaved; ms per step (median, min, max), ratios, the loss histories."""
     last: dict[str, dict[str, Any]] = {}
 
-    def contender(name: str, worker: Worker, eot_batch: int | None = None) -> Callable[[], Measured]:
+    def contender(
+        name: str, worker: Worker, eot_batch: int | None = None, recognizer_only: bool = False
+    ) -> Callable[[], Measured]:
         def run() -> Measured:
-            last[name] = worker.run(args.steps, eot_batch)
+            last[name] = worker.run(args.steps, eot_batch, recognizer_only)
             return Measured(last[name]["wall"], last[name]["cpu"])
 
         return run
@@ -165,6 +179,7 @@ def measure(workers: dict[str, Worker], args: argparse.Namespace) -> dict[str, A
         "before": contender("before", workers["before"]),
         "after": contender("after", workers["after"]),
         "after_eot_batch_1": contender("after_eot_batch_1", workers["after"], eot_batch=1),
+        "recognizer_only": contender("recognizer_only", workers["after"], recognizer_only=True),
     }
     timings = interleaved(contenders, args.rounds)
     results: dict[str, Any] = {}
@@ -179,17 +194,20 @@ def measure(workers: dict[str, Worker], args: argparse.Namespace) -> dict[str, A
             },
             "cpu_ms_per_step_median": round(cpu[len(cpu) // 2], 2),
         }
-    losses = {name: last[name]["history"] for name in contenders}
+    losses = {name: last[name]["history"] for name in contenders if name != "recognizer_only"}
     gap = max(abs(a - b) for a, b in zip(losses["after"], losses["before"], strict=True))
     results.update(
         after_vs_before=timings.ratio("after", "before"),
         after_eot_batch_1_vs_after=timings.ratio("after_eot_batch_1", "after"),
+        recognizer_only_vs_before=timings.ratio("recognizer_only", "before"),
+        recognizer_only_vs_after=timings.ratio("recognizer_only", "after"),
         same_results={"max_abs_loss_difference_after_vs_before": gap, "losses": losses},
         workers={name: worker.ready for name, worker in workers.items()},
         timings=timings.summary(),
     )
     print(f"after vs before: {results['after_vs_before']}", flush=True)
     print(f"eot_batch=1 vs after: {results['after_eot_batch_1_vs_after']}", flush=True)
+    print(f"recognizer only vs before: {results['recognizer_only_vs_before']}", flush=True)
     return results
 
 
@@ -217,6 +235,10 @@ def serve(threads: int, eot_samples: int) -> None:
     print(json.dumps(ready), flush=True)
     for line in sys.stdin:
         request = json.loads(line)
+        if request.get("recognizer_only"):
+            print(json.dumps(recognizer_part(recognizer, faces, gallery, eot_samples, int(request["steps"]))))
+            sys.stdout.flush()
+            continue
         settings = dataclasses.replace(plan.patch, steps=int(request["steps"]))
         if "eot_batch" in request:
             settings = dataclasses.replace(settings, eot_batch=request["eot_batch"])
@@ -227,6 +249,28 @@ def serve(threads: int, eot_samples: int) -> None:
         usage = resource.getrusage(resource.RUSAGE_SELF)
         reply = {"wall": wall, "cpu": usage.ru_utime + usage.ru_stime - cpu, "history": found.history}
         print(json.dumps(reply), flush=True)
+
+
+def recognizer_part(
+    recognizer: FaceRecognizer, faces: Tensor, gallery: Tensor, eot_samples: int, steps: int
+) -> dict[str, Any]:
+    """The recognizer's share of ``steps`` steps: its forward pass and input gradient on a batch of
+    ``eot_samples`` crops (what a step feeds it), nothing else. The floor of a step's time: a loop whose
+    warps, blur, penalties and update cost nothing would still take this long."""
+    import resource
+    import time
+
+    import torch
+
+    x = faces[torch.arange(eot_samples) % faces.shape[0]].clone()
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    cpu, wall = usage.ru_utime + usage.ru_stime, time.perf_counter()
+    for _ in range(steps):
+        crops = x.clone().requires_grad_(True)
+        recognizer.distance(recognizer.embed(crops), gallery[:1]).sum().backward()
+    wall = time.perf_counter() - wall
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return {"wall": wall, "cpu": usage.ru_utime + usage.ru_stime - cpu, "history": []}
 
 
 if __name__ == "__main__":
