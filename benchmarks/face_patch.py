@@ -37,9 +37,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import subprocess
 import sys
 import tempfile
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -214,8 +216,6 @@ def measure(workers: dict[str, Worker], args: argparse.Namespace) -> dict[str, A
 def serve(threads: int, eot_samples: int) -> None:
     """The worker: load the recognizer and the photos once, then answer one request per stdin line."""
     import dataclasses
-    import resource
-    import time
 
     import torch
 
@@ -235,42 +235,43 @@ def serve(threads: int, eot_samples: int) -> None:
     print(json.dumps(ready), flush=True)
     for line in sys.stdin:
         request = json.loads(line)
+        steps = int(request["steps"])
+        start = clock()
         if request.get("recognizer_only"):
-            print(json.dumps(recognizer_part(recognizer, faces, gallery, eot_samples, int(request["steps"]))))
-            sys.stdout.flush()
+            recognizer_part(recognizer, faces, gallery, eot_samples, steps)
+            print(json.dumps({**elapsed(start), "history": []}), flush=True)
             continue
-        settings = dataclasses.replace(plan.patch, steps=int(request["steps"]))
+        settings = dataclasses.replace(plan.patch, steps=steps)
         if "eot_batch" in request:
             settings = dataclasses.replace(settings, eot_batch=request["eot_batch"])
-        usage = resource.getrusage(resource.RUSAGE_SELF)
-        cpu, wall = usage.ru_utime + usage.ru_stime, time.perf_counter()
         found = attack_face(recognizer, faces, gallery, 0, None, plan.mask, settings)
-        wall = time.perf_counter() - wall
-        usage = resource.getrusage(resource.RUSAGE_SELF)
-        reply = {"wall": wall, "cpu": usage.ru_utime + usage.ru_stime - cpu, "history": found.history}
-        print(json.dumps(reply), flush=True)
+        print(json.dumps({**elapsed(start), "history": found.history}), flush=True)
+
+
+def clock() -> tuple[float, float]:
+    """Now, as wall seconds and this process's CPU seconds (user + system): a start for :func:`elapsed`."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return time.perf_counter(), usage.ru_utime + usage.ru_stime
+
+
+def elapsed(start: tuple[float, float]) -> dict[str, float]:
+    """Wall and CPU seconds since ``start`` (a :func:`clock` reading)."""
+    wall, cpu = clock()
+    return {"wall": wall - start[0], "cpu": cpu - start[1]}
 
 
 def recognizer_part(
     recognizer: FaceRecognizer, faces: Tensor, gallery: Tensor, eot_samples: int, steps: int
-) -> dict[str, Any]:
+) -> None:
     """The recognizer's share of ``steps`` steps: its forward pass and input gradient on a batch of
     ``eot_samples`` crops (what a step feeds it), nothing else. The floor of a step's time: a loop whose
     warps, blur, penalties and update cost nothing would still take this long."""
-    import resource
-    import time
-
     import torch
 
     x = faces[torch.arange(eot_samples) % faces.shape[0]].clone()
-    usage = resource.getrusage(resource.RUSAGE_SELF)
-    cpu, wall = usage.ru_utime + usage.ru_stime, time.perf_counter()
     for _ in range(steps):
         crops = x.clone().requires_grad_(True)
         recognizer.distance(recognizer.embed(crops), gallery[:1]).sum().backward()
-    wall = time.perf_counter() - wall
-    usage = resource.getrusage(resource.RUSAGE_SELF)
-    return {"wall": wall, "cpu": usage.ru_utime + usage.ru_stime - cpu, "history": []}
 
 
 if __name__ == "__main__":

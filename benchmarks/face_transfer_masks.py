@@ -71,18 +71,18 @@ def main() -> None:
 
 
 def distinct_seeds(count: int) -> list[int]:
-    """The first ``count`` seeds whose photo splits hold out a different photo of face_smoke's attacker
-    (the gallery's first identity) each; fewer when the attacker has fewer photos."""
-    from robustcnn.face.enrolment import load_faces
-    from robustcnn.face.splits import split_photos
+    """The first ``count`` seeds whose photo splits (the job's own: :func:`enrol` on face_smoke's data)
+    hold out a different photo of face_smoke's attacker (its first identity) each; fewer when the
+    attacker has fewer photos."""
+    from robustcnn.config import compose
+    from robustcnn.face.enrolment import enrol, load_faces
+    from robustcnn.jobs.inputs import to_container
 
-    gallery = load_faces({"name": "faces", "boxes": "aligned", "margin": 0.0})
-    attacker = gallery.identities[0]
-    rows = [i for i, name in enumerate(gallery.identities) if name == attacker]
+    gallery = load_faces(to_container(compose(["experiment=face_smoke"]))["data"])
     seeds: list[int] = []
     held: set[tuple[int, ...]] = set()
     for seed in range(100):
-        evaluation = split_photos(rows, seed, attacker).evaluation
+        evaluation = enrol(gallery, seed).splits[0].evaluation
         if evaluation and evaluation not in held:
             held.add(evaluation)
             seeds.append(seed)

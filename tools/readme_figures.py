@@ -206,11 +206,11 @@ def _per_seed(values: list[float]) -> str:
     return " / ".join(_pct(value) for value in values)
 
 
-def _transfer_row(mask: str, recognizer: str, evaluations: list[dict[str, Any]], random_key: str) -> str:
+def _transfer_row(
+    mask: str, recognizer: str, evaluations: list[dict[str, Any]], random_rates: list[float]
+) -> str:
     """One recognizer's dodging evaluations, one per seed: success next to the random patch and the bare
     face, and how many beat their random patch (the paired test, p < 0.05)."""
-    random_rates = [e["random_patch"]["success_rate"] if random_key == "random_patch" else e[random_key]
-                    for e in evaluations]  # fmt: skip
     beats = sum(bool(e["beats_baseline"]) for e in evaluations)
     return (
         f"| {mask} | {recognizer} | {evaluations[0]['held_out']} "
@@ -259,10 +259,11 @@ def face_transfer_masks(report: dict[str, Any]) -> str:
         ordered = [runs[str(seed)] for seed in seeds]
         mask = f"{ordered[0]['mask']} ({ordered[0]['mask_area_percent']:.1f}%)"
         held = [_dodging(run)["held_out_photos"] for run in ordered]
-        rows.append(_transfer_row(mask, f"{ordered[0]['recognizer']} (attacked)", held, "random_patch"))
+        attacked = f"{ordered[0]['recognizer']} (attacked)"
+        rows.append(_transfer_row(mask, attacked, held, [e["random_patch"]["success_rate"] for e in held]))
         for name in ordered[0]["holdout_recognizers"]:
             moved = [_dodging(run)["transfer"][name] for run in ordered]
-            rows.append(_transfer_row(mask, name, moved, "random_patch_success_rate"))
+            rows.append(_transfer_row(mask, name, moved, [e["random_patch_success_rate"] for e in moved]))
         others = [patch for run in ordered for patch in run["patches"] if patch["goal"] != "dodging"]
         for patch in others:
             impersonation = max([impersonation, *(e["success_rate"] for e in patch["transfer"].values())])
